@@ -1,0 +1,198 @@
+"""The projector contract shared by every basis (SVD, DCT, polar).
+
+A projector holds an orthonormal basis B (d x r) on one side of a gradient G (m x n):
+right side (d = n): ``project(G) = G B`` and ``project_back(L) = L B^T``;
+left side (d = m):  ``project(G) = B^T G`` and ``project_back(L) = B L``.
+GaLore (Zhao et al., 2024) calls the default side choice, the smaller dimension, "std".
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+SIDES = ("left", "right")
+
+
+def check_rank(rank: Any) -> int:
+    """Return ``rank`` as an int, or raise ValueError for anything that is not an integer >= 1."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    return rank
+
+
+def check_matrix(G: Tensor, name: str = "G") -> Tensor:
+    """Raise if ``G`` is not a finite, real, dense 2-D floating-point tensor."""
+    if not isinstance(G, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(G).__name__}")
+    if G.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(G.shape)}")
+    if G.is_sparse or G.is_complex() or not G.is_floating_point():
+        raise ValueError(f"{name} must be a dense real floating-point matrix, got {G.dtype}"
+                         f"{' (sparse)' if G.is_sparse else ''}")
+    if not bool(torch.isfinite(G).all()):
+        raise FloatingPointError(f"{name} has non-finite entries (inf or nan)")
+    return G
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Bases are built and stored in fp32, or fp64 for fp64 input (bf16 / fp16 are too coarse)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def resolve_side(requested: str, shape: tuple[int, int]) -> str:
+    """"auto" picks the smaller dimension of (m, n): m >= n -> "right", m < n -> "left"."""
+    if requested != "auto":
+        return requested
+    m, n = shape
+    return "right" if m >= n else "left"
+
+
+def project_onto(G: Tensor, B: Tensor, side: str) -> Tensor:
+    """Low-rank coordinates of G in basis B: G B (right, m x r) or B^T G (left, r x n)."""
+    G = G.to(B.dtype)
+    return G @ B if side == "right" else B.mT @ G
+
+
+def lift(L: Tensor, B: Tensor, side: str) -> Tensor:
+    """Back to full size: L B^T (right) or B L (left); the adjoint of :func:`project_onto`."""
+    L = L.to(B.dtype)
+    return L @ B.mT if side == "right" else B @ L
+
+
+class Projector(ABC):
+    """Base class: an orthonormal rank-r basis on one side of a 2-D gradient.
+
+    Subclasses implement ``_fit(G, side, dim, r)`` (build the new basis from a validated
+    G in the compute dtype; must not touch ``self`` until the result is ready) and
+    ``basis()``. ``rank >= dim`` means the full space; ``rank < 1`` is a ValueError.
+
+    Args:
+        rank: number of basis vectors r (>= 1).
+        side: "auto" (the smaller dimension), "left" or "right".
+    """
+
+    #: registry name ("svd", "dct", "polar"), set by subclasses
+    name = "base"
+
+    def __init__(self, rank: int, side: str = "auto") -> None:
+        self.rank = check_rank(rank)
+        if side not in ("auto",) + SIDES:
+            raise ValueError(f"side must be 'auto', 'left' or 'right', got {side!r}")
+        self.requested_side = side
+        self.side: str | None = None if side == "auto" else side
+        self.shape: tuple[int, int] | None = None
+        self.num_updates = 0
+
+    # ----------------------------------------------------------------- public API
+    def update(self, G: Tensor) -> "Projector":
+        """Build a new basis from G (m x n). Validates G before anything changes."""
+        check_matrix(G)
+        side = resolve_side(self.requested_side, tuple(G.shape))
+        dim = G.shape[1] if side == "right" else G.shape[0]
+        with torch.no_grad():
+            self._fit(G.detach().to(compute_dtype(G.dtype)), side, dim, min(self.rank, dim))
+        self.side, self.shape = side, (int(G.shape[0]), int(G.shape[1]))
+        self.num_updates += 1
+        return self
+
+    def project(self, G: Tensor) -> Tensor:
+        """G B (right) or B^T G (left), in the basis dtype."""
+        self._check_operand(G, "G", full=True)
+        return project_onto(G, self.basis(), self.side)
+
+    def project_back(self, L: Tensor) -> Tensor:
+        """L B^T (right) or B L (left), in the basis dtype. No scale: that is the optimizer's."""
+        self._check_operand(L, "L", full=False)
+        return lift(L, self.basis(), self.side)
+
+    @property
+    def dim(self) -> int:
+        """Length d of the basis vectors (n for a right basis, m for a left one)."""
+        self._check_fitted()
+        return self.shape[1] if self.side == "right" else self.shape[0]
+
+    @property
+    def effective_rank(self) -> int:
+        """min(rank, d): the number of columns of ``basis()``."""
+        return min(self.rank, self.dim)
+
+    @abstractmethod
+    def basis(self) -> Tensor:
+        """The orthonormal basis as a dense (d x r) tensor."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Flat dict of tensors and plain numbers; loads with ``torch.load(weights_only=True)``."""
+        self._check_fitted()
+        return {"side": SIDES.index(self.side), "rows": self.shape[0], "cols": self.shape[1],
+                "num_updates": self.num_updates, **self._basis_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (tensors are moved to their saved device)."""
+        side = SIDES[int(state["side"])]
+        if self.requested_side != "auto" and side != self.requested_side:
+            raise ValueError(f"state was saved for side={side!r} but this projector has "
+                             f"side={self.requested_side!r}")
+        self._load_basis_state(state)
+        self.side, self.shape = side, (int(state["rows"]), int(state["cols"]))
+        self.num_updates = int(state["num_updates"])
+
+    def __repr__(self) -> str:
+        where = f", side={self.side!r}, shape={self.shape}" if self.shape else ""
+        return f"{type(self).__name__}(rank={self.rank}{where})"
+
+    # ------------------------------------------------------------ subclass hooks
+    @abstractmethod
+    def _fit(self, G: Tensor, side: str, dim: int, r: int) -> None:
+        """Build the basis of ``r`` vectors of length ``dim`` from G (compute dtype)."""
+
+    @abstractmethod
+    def _basis_state(self) -> dict[str, Any]:
+        """The subclass's part of :meth:`state_dict` (tensors and numbers)."""
+
+    @abstractmethod
+    def _load_basis_state(self, state: dict[str, Any]) -> None:
+        """Restore the subclass's part of the state."""
+
+    # ------------------------------------------------------------------- helpers
+    def _check_fitted(self) -> None:
+        if self.shape is None:
+            raise RuntimeError(f"{type(self).__name__} has no basis yet: call update(G) first")
+
+    def _check_operand(self, X: Tensor, name: str, full: bool) -> None:
+        self._check_fitted()
+        if X.ndim != 2:
+            raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(X.shape)}")
+        m, n = self.shape
+        r = self.effective_rank
+        if full:
+            expected = (m, n)
+        else:
+            expected = (m, r) if self.side == "right" else (r, n)
+        if tuple(X.shape) != expected:
+            raise ValueError(f"{name} has shape {tuple(X.shape)}, expected {expected} for a "
+                             f"{self.side} basis of rank {r} on a {m} x {n} matrix")
+
+
+def orthonormality_error(B: Tensor) -> float:
+    """max |B^T B - I|, in float64: how far the columns of B are from orthonormal."""
+    B64 = B.detach().to(torch.float64)
+    eye = torch.eye(B64.shape[-1], dtype=torch.float64, device=B64.device)
+    return float((B64.mT @ B64 - eye).abs().max())
+
+
+def seeded_gaussian(shape: tuple[int, ...], seed: int, draw: int, device: torch.device,
+                    dtype: torch.dtype) -> Tensor:
+    """A standard Gaussian test matrix that depends only on (seed, draw).
+
+    Drawn on the CPU and then moved, so a run resumed on another device, and every
+    data-parallel rank, gets the same numbers.
+    """
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed((int(seed) * 1_000_003 + int(draw) * 7_919) % (2**63 - 1))
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)

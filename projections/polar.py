@@ -1,0 +1,250 @@
+"""Polar factors U V^T and the SVD-free polar projector.
+
+For G = U S V^T, polar(G) = U V^T is the orthogonal matrix nearest to G. Muon (Jordan et al.,
+2024) approximates it with a fixed quintic Newton-Schulz map; Polar Express (Amsel, Persson,
+Musco, Gower, 2025) changes the polynomial at every step to the minimax-optimal one. Both are
+matrix products only, so they run in bf16 on a GPU and batch over same-shape matrices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Projector, seeded_gaussian
+
+Coefficients = tuple[float, float, float]
+
+#: Muon's quintic p(x) = a x + b x^3 + c x^5 (Jordan et al., 2024): steepest slope at zero,
+#: so five steps push every singular value into roughly [0.7, 1.2] instead of exactly 1.
+NEWTON_SCHULZ_COEFFICIENTS: Coefficients = (3.4445, -4.7750, 2.0315)
+
+#: Polar Express degree-5 schedule for l = 1e-3 (Amsel et al., 2025, Algorithm 1). Each step
+#: is the minimax-optimal odd quintic for the interval the previous step left behind; the
+#: last one repeats. All but the last are divided by a safety factor 1.01 (a / s, b / s^3,
+#: c / s^5) so that bf16 rounding cannot push a singular value past the point of divergence.
+_POLAR_EXPRESS_RAW: tuple[Coefficients, ...] = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+POLAR_EXPRESS_SAFETY = 1.01
+POLAR_EXPRESS_COEFFICIENTS: tuple[Coefficients, ...] = tuple(
+    (a / POLAR_EXPRESS_SAFETY, b / POLAR_EXPRESS_SAFETY**3, c / POLAR_EXPRESS_SAFETY**5)
+    for a, b, c in _POLAR_EXPRESS_RAW[:-1]
+) + (_POLAR_EXPRESS_RAW[-1],)
+
+#: Classic cubic Newton-Schulz, p(x) = 1.5 x - 0.5 x^3: converges quadratically to exactly 1
+#: once singular values are near it. Used to polish a basis to working precision.
+CUBIC_NEWTON_SCHULZ: Coefficients = (1.5, -0.5, 0.0)
+
+DEFAULT_STEPS = {"newton_schulz": 5, "polar_express": 5}
+METHODS = ("newton_schulz", "polar_express", "svd")
+
+
+def polynomial_iteration(X: Tensor, coefficients: Sequence[Coefficients]) -> Tensor:
+    """Apply X <- a X + (b A + c A^2) X, A = X X^T, for each (a, b, c) in turn.
+
+    X has shape (batch, m, n) with m <= n, so A is the small (m x m) Gram matrix. Each step
+    maps every singular value s of X to p(s) = a s + b s^3 + c s^5 and keeps the vectors.
+    """
+    for a, b, c in coefficients:
+        A = torch.bmm(X, X.mT)
+        if c != 0.0:
+            A = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        else:
+            A = A * b
+        X = torch.baddbmm(X, A, X, beta=a)
+    return X
+
+
+def _schedule(method: str, steps: int) -> list[Coefficients]:
+    if method == "newton_schulz":
+        return [NEWTON_SCHULZ_COEFFICIENTS] * steps
+    table = POLAR_EXPRESS_COEFFICIENTS
+    return list(table[:steps]) + [table[-1]] * max(0, steps - len(table))
+
+
+def _default_iteration_dtype(G: Tensor) -> torch.dtype:
+    """bf16 on CUDA (the matrix units' fast path), fp32 elsewhere, fp64 kept as fp64."""
+    if G.dtype == torch.float64:
+        return torch.float64
+    return torch.bfloat16 if G.is_cuda else torch.float32
+
+
+def orthogonalize(G: Tensor, method: str = "newton_schulz", steps: int | None = None,
+                  dtype: torch.dtype | None = None, check_finite: bool = True) -> Tensor:
+    """Polar factor U V^T of G (..., m, n), exactly ("svd") or approximately.
+
+    ``newton_schulz``: Muon's quintic, 5 steps; singular values land in about [0.7, 1.2].
+    ``polar_express``: per-step optimal quintics (Amsel et al., 2025), 5 steps by default;
+    singular values land closer to 1 for the same cost. ``svd``: exact, with singular values
+    that are zero (to rounding) mapped to zero rather than an arbitrary completion.
+
+    A leading batch of same-shape matrices is done in one call. The iterative methods run in
+    ``dtype`` (default bf16 on CUDA, fp32 on the CPU, fp64 for fp64 input); the result has
+    G's dtype. ``check_finite=False`` skips the finiteness check (one device sync) for
+    callers that have checked already.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(G, Tensor) or G.ndim < 2:
+        shape = tuple(G.shape) if isinstance(G, Tensor) else type(G).__name__
+        raise ValueError(f"G must be a matrix or a batch of matrices (..., m, n), got {shape}")
+    if G.is_complex() or not G.is_floating_point():
+        raise ValueError(f"G must be real floating point, got {G.dtype}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if check_finite and not bool(torch.isfinite(G).all()):
+        raise FloatingPointError("G has non-finite entries (inf or nan)")
+    if G.numel() == 0:
+        return G.clone()
+    if method == "svd":
+        return _exact_polar(G).to(G.dtype)
+
+    batch, (m, n) = G.shape[:-2], G.shape[-2:]
+    X = G.reshape(-1, m, n).to(dtype or _default_iteration_dtype(G))
+    transposed = m > n
+    if transposed:
+        X = X.mT
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    if method == "newton_schulz":
+        X = X / norm.clamp(min=1e-7)                       # torch.optim.Muon's normalization
+    else:
+        X = X / (norm * POLAR_EXPRESS_SAFETY + 1e-7)       # Algorithm 1 of Amsel et al.
+    X = polynomial_iteration(X, _schedule(method, steps or DEFAULT_STEPS[method]))
+    if transposed:
+        X = X.mT
+    return X.reshape(*batch, m, n).to(G.dtype)
+
+
+def _exact_polar(G: Tensor) -> Tensor:
+    """U V^T from the thin SVD in fp32 (fp64 for fp64), null directions mapped to zero."""
+    work = G.to(torch.float64 if G.dtype == torch.float64 else torch.float32)
+    U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+    tol = S.amax(dim=-1, keepdim=True) * max(work.shape[-2:]) * torch.finfo(work.dtype).eps
+    keep = (S > tol).to(work.dtype)
+    return (U * keep.unsqueeze(-2)) @ Vh
+
+
+@contextlib.contextmanager
+def full_fp32_matmul() -> Iterator[None]:
+    """Run fp32 matrix products in full fp32 (no TF32) inside the block, then restore."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def approximate_polar(Y: Tensor) -> Tensor:
+    """Columns of a tall Y (d x r) made approximately orthonormal by Polar Express (8 steps).
+
+    Good enough to condition an intermediate sketch; :func:`orthonormal_columns` polishes
+    the result to working precision.
+    """
+    with full_fp32_matmul():
+        X = Y.mT.unsqueeze(0)
+        X = X / (torch.linalg.vector_norm(X) * POLAR_EXPRESS_SAFETY + torch.finfo(Y.dtype).tiny)
+        X = polynomial_iteration(X, _schedule("polar_express", len(POLAR_EXPRESS_COEFFICIENTS)))
+        return X[0].mT
+
+
+def orthonormal_columns(Y: Tensor, polish_steps: int = 8) -> Tensor:
+    """Orthonormal basis of range(Y) for a tall Y (d x r, d >= r): the polar factor of Y.
+
+    Polar Express, then cubic Newton-Schulz polishing until max|Q^T Q - I| is at working
+    precision (32 sqrt(r) eps). Only when Y is rank-deficient or so ill-conditioned that the
+    iteration cannot finish (a direction with no energy has no polar factor) does it fall
+    back to the exact SVD, whose U completes the null space.
+    """
+    r = Y.shape[1]
+    tol = 32.0 * math.sqrt(r) * torch.finfo(Y.dtype).eps
+    eye = torch.eye(r, dtype=Y.dtype, device=Y.device)
+    X = approximate_polar(Y).mT.unsqueeze(0)
+    with full_fp32_matmul():
+        for _ in range(polish_steps):
+            X = polynomial_iteration(X, [CUBIC_NEWTON_SCHULZ])
+            err = float((torch.bmm(X, X.mT)[0] - eye).abs().max())
+            if err <= tol:
+                return X[0].mT.contiguous()
+        U, _, _ = torch.linalg.svd(Y, full_matrices=False)
+        return U
+
+
+class PolarProjector(Projector):
+    """SVD-free, QR-free basis: a range-finder sketch orthonormalized by a polar step.
+
+    Right basis (row space of G): Q = polar(G^T Z) with Z = G Q_prev (warm start: one power
+    step from the previous basis) or a seeded Gaussian (first update); the left basis is the
+    same on G^T. ``power_iters`` extra half-steps sharpen the subspace; each is conditioned
+    by an approximate polar step instead of QR. Halko, Martinsson, Tropp (2011) for the
+    range finder; the polar step is Polar Express plus Newton-Schulz polishing.
+
+    Args:
+        rank: r (>= 1).
+        side: "auto", "left" or "right".
+        power_iters: extra power iterations per update (default 1).
+        warm_start: start from the previous basis when it has the right shape (default True).
+        seed: seed of the Gaussian test matrix; saved in ``state_dict``.
+    """
+
+    name = "polar"
+
+    def __init__(self, rank: int, side: str = "auto", power_iters: int = 1,
+                 warm_start: bool = True, seed: int = 0) -> None:
+        super().__init__(rank, side)
+        if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0:
+            raise ValueError(f"power_iters must be an integer >= 0, got {power_iters!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.power_iters = power_iters
+        self.warm_start = bool(warm_start)
+        self.seed = seed
+        self.draws = 0
+        self._basis: Tensor | None = None
+
+    def _fit(self, G: Tensor, side: str, dim: int, r: int) -> None:
+        A = G if side == "left" else G.mT          # the basis spans A's column space
+        prev = self._basis
+        with full_fp32_matmul():
+            if self.warm_start and prev is not None and prev.shape == (dim, r):
+                Z = approximate_polar(A.mT @ prev.to(device=A.device, dtype=A.dtype))
+                draws = self.draws
+            else:
+                Z = seeded_gaussian((A.shape[1], r), self.seed, self.draws, A.device, A.dtype)
+                draws = self.draws + 1
+            Y = A @ Z
+            for _ in range(self.power_iters):
+                Y = A @ approximate_polar(A.mT @ approximate_polar(Y))
+        self._basis = orthonormal_columns(Y)
+        self.draws = draws
+
+    def basis(self) -> Tensor:
+        self._check_fitted()
+        return self._basis
+
+    def _basis_state(self) -> dict[str, Any]:
+        return {"basis": self._basis, "seed": self.seed, "draws": self.draws}
+
+    def _load_basis_state(self, state: dict[str, Any]) -> None:
+        self._basis = state["basis"]
+        self.seed, self.draws = int(state["seed"]), int(state["draws"])
+
+
+__all__ = [
+    "CUBIC_NEWTON_SCHULZ", "NEWTON_SCHULZ_COEFFICIENTS", "POLAR_EXPRESS_COEFFICIENTS",
+    "POLAR_EXPRESS_SAFETY", "PolarProjector", "approximate_polar", "full_fp32_matmul",
+    "orthogonalize", "orthonormal_columns", "polynomial_iteration",
+]

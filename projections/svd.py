@@ -1,0 +1,104 @@
+"""Top-r singular subspace of a gradient: GaLore's projector (Zhao et al., 2024).
+
+By Eckart-Young, the top-r singular vectors on a side capture the most energy ||B^T G||_F^2
+of any rank-r basis there. ``exact`` is one torch.linalg.svd; ``randomized`` is a range
+finder with power iterations (Halko, Martinsson, Tropp, 2011), warm-started from the
+previous basis, which is what a slowly drifting gradient subspace wants.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Projector, seeded_gaussian
+from .polar import full_fp32_matmul
+
+METHODS = ("exact", "randomized")
+
+
+def top_singular_basis(G: Tensor, side: str, r: int) -> Tensor:
+    """Exact top-r singular vectors of G on ``side`` (d x r), via torch.linalg.svd."""
+    m, n = G.shape
+    full = r > min(m, n)             # a side longer than min(m, n) needs the full SVD
+    with full_fp32_matmul():
+        U, _, Vh = torch.linalg.svd(G, full_matrices=full)
+    return (Vh[:r].mT if side == "right" else U[:, :r]).contiguous()
+
+
+def randomized_basis(G: Tensor, side: str, r: int, start: Tensor, power_iters: int) -> Tensor:
+    """Top-r singular subspace by subspace iteration from ``start`` (d x k, k >= r).
+
+    Q <- qr(A A^T Q) ``power_iters`` times (A = G for a left basis, G^T for a right one),
+    then Rayleigh-Ritz: the top-r eigenvectors of Q^T A A^T Q rotate Q to the best r of its
+    columns.
+    """
+    A = G if side == "left" else G.mT
+    with full_fp32_matmul():
+        Q = torch.linalg.qr(start).Q
+        for _ in range(power_iters):
+            Q = torch.linalg.qr(A @ (A.mT @ Q)).Q
+        C = A.mT @ Q
+        evals, evecs = torch.linalg.eigh(C.mT @ C)
+        top = evecs[:, torch.argsort(evals, descending=True)[:r]]
+        return (Q @ top).contiguous()
+
+
+class SVDProjector(Projector):
+    """Top-r singular vectors of G on one side, computed in fp32 (fp64 for fp64 input).
+
+    Args:
+        rank: r (>= 1).
+        side: "auto", "left" or "right".
+        method: "exact" (torch.linalg.svd) or "randomized" (subspace iteration from the
+            previous basis, or a seeded Gaussian sketch with ``oversample`` extra columns).
+        power_iters: subspace iterations per randomized update (default 2; 1 when warm).
+        oversample: extra sketch columns for a cold randomized start (default 8).
+        seed: seed of the Gaussian sketch; saved in ``state_dict``.
+    """
+
+    name = "svd"
+
+    def __init__(self, rank: int, side: str = "auto", method: str = "exact",
+                 power_iters: int = 2, oversample: int = 8, seed: int = 0) -> None:
+        super().__init__(rank, side)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        for name, value in (("power_iters", power_iters), ("oversample", oversample)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.method = method
+        self.power_iters = power_iters
+        self.oversample = oversample
+        self.seed = seed
+        self.draws = 0
+        self._basis: Tensor | None = None
+
+    def _fit(self, G: Tensor, side: str, dim: int, r: int) -> None:
+        if self.method == "exact" or r == dim:
+            self._basis = top_singular_basis(G, side, r)
+            return
+        prev, draws = self._basis, self.draws
+        if prev is not None and prev.shape == (dim, r):
+            start, iters = prev.to(device=G.device, dtype=G.dtype), max(1, self.power_iters - 1)
+        else:
+            k = min(dim, r + self.oversample)
+            start = seeded_gaussian((dim, k), self.seed, draws, G.device, G.dtype)
+            iters, draws = max(1, self.power_iters), draws + 1
+        self._basis = randomized_basis(G, side, r, start, iters)
+        self.draws = draws
+
+    def basis(self) -> Tensor:
+        self._check_fitted()
+        return self._basis
+
+    def _basis_state(self) -> dict[str, Any]:
+        return {"basis": self._basis, "seed": self.seed, "draws": self.draws}
+
+    def _load_basis_state(self, state: dict[str, Any]) -> None:
+        self._basis = state["basis"]
+        self.seed, self.draws = int(state["seed"]), int(state["draws"])

@@ -1,0 +1,2 @@
+"""memopt: memory-efficient PyTorch optimizers."""
+__version__ = "0.1.0"

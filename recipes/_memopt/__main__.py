@@ -1,0 +1,2 @@
+from memopt.recipes.cli import main
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+def main(): print("cli"); return 0

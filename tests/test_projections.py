@@ -1,0 +1,319 @@
+"""The projector contract: orthonormal bases, consistent projections, exact references."""
+
+import io
+import itertools
+import math
+
+import numpy as np
+import pytest
+import scipy.fft
+import scipy.linalg
+import torch
+
+from memopt.projections import (DCTProjector, PolarProjector, Projector, SVDProjector,
+                                make_projector, orthogonalize)
+from memopt.projections.base import orthonormality_error
+from memopt.projections.dct import dct_energy, dct_matrix
+
+CONFIGS = {
+    "svd-exact": lambda r, **kw: SVDProjector(r, **kw),
+    "svd-randomized": lambda r, **kw: SVDProjector(r, method="randomized", **kw),
+    "dct-matmul": lambda r, **kw: DCTProjector(r, method="matmul", **kw),
+    "dct-fft": lambda r, **kw: DCTProjector(r, method="fft", **kw),
+    "polar": lambda r, **kw: PolarProjector(r, **kw),
+}
+SHAPES = {"tall": (64, 40), "wide": (40, 64), "square": (48, 48), "odd": (257, 96)}
+RANKS = {"r1": 1, "r8": 8, "r32": 32, "full": 10_000}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def gradient(shape, dtype=torch.float32, seed=0, decay=0.0):
+    """A random matrix; decay > 0 gives singular values exp(-decay * i) (a gradient-like spectrum)."""
+    gen = torch.Generator().manual_seed(seed)
+    G = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if decay:
+        U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+        S = torch.exp(-decay * torch.arange(U.shape[1], dtype=torch.float64))
+        G = (U * S) @ Vh
+    return G.to(dtype)
+
+
+def basis_tolerance(B):
+    return 64 * math.sqrt(B.shape[1]) * torch.finfo(B.dtype).eps
+
+
+def expected_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+all_cases = pytest.mark.parametrize(
+    "config,shape,rank,dtype",
+    [pytest.param(c, SHAPES[s], RANKS[r], DTYPES[d], id=f"{c}-{s}-{r}-{d}")
+     for c, s, r, d in itertools.product(CONFIGS, SHAPES, RANKS, DTYPES)])
+
+
+@all_cases
+def test_basis_is_orthonormal(config, shape, rank, dtype):
+    proj = CONFIGS[config](rank).update(gradient(shape, dtype))
+    B = proj.basis()
+    assert B.dtype == expected_dtype(dtype)
+    assert orthonormality_error(B) <= basis_tolerance(B)
+
+
+@all_cases
+def test_shapes_and_side_follow_the_smaller_dimension(config, shape, rank, dtype):
+    m, n = shape
+    proj = CONFIGS[config](rank).update(gradient(shape, dtype))
+    side, d = ("right", n) if m >= n else ("left", m)
+    r = min(rank, d)
+    assert proj.side == side and proj.dim == d and proj.effective_rank == r
+    assert proj.basis().shape == (d, r)
+    R = proj.project(gradient(shape, dtype, seed=1))
+    assert R.shape == ((m, r) if side == "right" else (r, n))
+    assert proj.project_back(R).shape == (m, n)
+
+
+@all_cases
+def test_project_and_project_back_agree_with_basis(config, shape, rank, dtype):
+    proj = CONFIGS[config](rank).update(gradient(shape, dtype))
+    B = proj.basis().double()
+    X = gradient(shape, dtype, seed=2)
+    ref = X.double() @ B if proj.side == "right" else B.T @ X.double()
+    R = proj.project(X)
+    scale = ref.abs().max()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert (R.double() - ref).abs().max() <= tol * scale * math.sqrt(max(shape))
+    back_ref = R.double() @ B.T if proj.side == "right" else B @ R.double()
+    assert (proj.project_back(R).double() - back_ref).abs().max() <= tol * scale * max(shape)
+
+
+@all_cases
+def test_projecting_twice_changes_nothing(config, shape, rank, dtype):
+    proj = CONFIGS[config](rank).update(gradient(shape, dtype))
+    once = proj.project_back(proj.project(gradient(shape, dtype, seed=3)))
+    twice = proj.project_back(proj.project(once))
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert (twice - once).abs().max() <= tol * once.abs().max().clamp(min=1) * math.sqrt(max(shape))
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("rank", [1, 8, 32])
+def test_svd_captures_the_optimal_energy(shape, rank):
+    G = gradient(shape, decay=0.05)
+    s = np.linalg.svd(G.double().numpy(), compute_uv=False)
+    best = float((s[:rank] ** 2).sum())
+    captured = float(SVDProjector(rank).update(G).project(G).double().square().sum())
+    assert captured == pytest.approx(best, rel=1e-5)
+
+
+@pytest.mark.parametrize("config", ["svd-randomized", "polar"])
+def test_sketched_bases_come_close_to_the_optimal_energy(config):
+    G = gradient((257, 96), decay=0.1)
+    s = np.linalg.svd(G.double().numpy(), compute_uv=False)
+    best = float((s[:16] ** 2).sum())
+    proj = CONFIGS[config](16).update(G)
+    first = float(proj.project(G).double().square().sum())
+    assert first >= 0.99 * best
+    second = float(proj.update(G).project(G).double().square().sum())   # warm start
+    assert second >= first * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("d", [1, 2, 7, 64, 96, 257])
+def test_dct_vectors_are_rows_of_scipy_dct(d):
+    table = scipy.fft.dct(np.eye(d), norm="ortho", axis=0)
+    assert np.abs(dct_matrix(d, dtype=torch.float64).numpy() - table).max() < 1e-13
+    proj = DCTProjector(min(5, d), side="right").update(gradient((8, d), seed=d))
+    B = proj.basis().double().numpy()
+    for j, k in enumerate(proj.indices.tolist()):
+        assert np.abs(B[:, j] - table[k]).max() < 1e-6
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_dct_selection_is_the_brute_force_best(side):
+    G = gradient((9, 10), decay=0.0, seed=4)
+    d = 10 if side == "right" else 9
+    table = torch.from_numpy(scipy.fft.dct(np.eye(d), norm="ortho", axis=0))
+
+    def captured(idx):
+        B = table[list(idx)].T
+        R = G.double() @ B if side == "right" else B.T @ G.double()
+        return float(R.square().sum())
+
+    best = max(captured(c) for c in itertools.combinations(range(d), 3))
+    proj = DCTProjector(3, side=side).update(G)
+    assert captured(proj.indices.tolist()) == pytest.approx(best, rel=1e-6)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("shape", [(33, 64), (64, 33), (20, 257)])
+def test_dct_fft_energies_equal_the_dense_product(side, shape):
+    G = gradient(shape, dtype=torch.float64)
+    a, b = dct_energy(G, side, "fft"), dct_energy(G, side, "matmul")
+    assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_dct_projector_stores_only_indices():
+    proj = DCTProjector(8).update(gradient((64, 40)))
+    state = proj.state_dict()
+    tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
+    assert len(tensors) == 1 and tensors[0].shape == (8,) and not tensors[0].is_floating_point()
+
+
+def well_conditioned(m, n, cond=10.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+    k = min(m, n)
+    s = torch.logspace(0, -math.log10(cond), k, dtype=torch.float64)
+    return (U[:, :k] * s) @ V[:, :k].T
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (48, 64), (96, 96)])
+def test_svd_polar_equals_scipy_polar(shape):
+    A = well_conditioned(*shape)
+    u, _ = scipy.linalg.polar(A.numpy())
+    assert np.abs(orthogonalize(A, "svd").numpy() - u).max() < 1e-12
+    assert np.abs(orthogonalize(A.float(), "svd").double().numpy() - u).max() < 1e-5
+
+
+@pytest.mark.parametrize("method,low,high", [("newton_schulz", 0.6, 1.25),
+                                             ("polar_express", 0.85, 1.15)])
+@pytest.mark.parametrize("shape", [(64, 48), (48, 64), (128, 128)])
+def test_iterative_polar_singular_values_on_condition_number_10(method, low, high, shape):
+    A = well_conditioned(*shape, cond=10.0).float()
+    s = torch.linalg.svdvals(orthogonalize(A, method).double())
+    assert low <= float(s.min()) and float(s.max()) <= high
+
+
+@pytest.mark.parametrize("method", ["newton_schulz", "polar_express", "svd"])
+def test_iterative_polar_keeps_singular_vectors(method):
+    A = well_conditioned(40, 30, cond=5.0).float()
+    U, _, Vh = torch.linalg.svd(A.double(), full_matrices=False)
+    O = orthogonalize(A, method).double()
+    core = U.T @ O @ Vh.T                   # diagonal iff O = U f(S) V^T
+    assert (core - torch.diag(torch.diag(core))).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["newton_schulz", "polar_express", "svd"])
+def test_batched_orthogonalize_equals_one_by_one(method):
+    batch = torch.stack([well_conditioned(32, 48, seed=i).float() for i in range(4)])
+    together = orthogonalize(batch.view(2, 2, 32, 48), method).view(4, 32, 48)
+    for i in range(4):
+        alone = orthogonalize(batch[i], method)
+        assert torch.allclose(together[i], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_orthogonalize_returns_the_input_dtype():
+    G = well_conditioned(16, 24).to(torch.bfloat16)
+    for method in ("newton_schulz", "polar_express", "svd"):
+        assert orthogonalize(G, method).dtype == torch.bfloat16
+
+
+def test_orthogonalize_of_zero_is_zero():
+    for method in ("newton_schulz", "polar_express", "svd"):
+        assert orthogonalize(torch.zeros(8, 12), method).abs().max() == 0
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("shape", [(64, 40), (40, 64)])
+def test_state_dict_round_trip_under_weights_only(config, shape):
+    G1, G2, X = gradient(shape, seed=5), gradient(shape, seed=6), gradient(shape, seed=7)
+    proj = CONFIGS[config](8).update(G1)
+    buffer = io.BytesIO()
+    torch.save(proj.state_dict(), buffer)
+    buffer.seek(0)
+    restored = CONFIGS[config](8)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.equal(restored.project(X), proj.project(X))
+    assert torch.equal(restored.basis(), proj.basis())
+    # the next refresh (warm start / next seeded draw) is the same as never stopping
+    assert torch.equal(restored.update(G2).basis(), proj.update(G2).basis())
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_state_dict_holds_only_tensors_and_numbers(config):
+    state = CONFIGS[config](4).update(gradient((20, 12))).state_dict()
+    assert all(isinstance(v, (torch.Tensor, int, float)) for v in state.values())
+
+
+@pytest.mark.parametrize("rank", [0, -3, 2.5, True, "8", None])
+@pytest.mark.parametrize("name", ["svd", "dct", "polar"])
+def test_bad_rank_is_a_value_error(name, rank):
+    with pytest.raises(ValueError, match="rank"):
+        make_projector(name, rank)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("bad", [torch.randn(8), torch.randn(2, 3, 4), torch.tensor(1.0)])
+def test_non_matrix_is_a_value_error_and_changes_nothing(config, bad):
+    proj = CONFIGS[config](4).update(gradient((20, 12)))
+    before = proj.basis().clone()
+    with pytest.raises(ValueError, match="2-D"):
+        proj.update(bad)
+    assert torch.equal(proj.basis(), before)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_is_a_floating_point_error_and_changes_nothing(config, value):
+    proj = CONFIGS[config](4).update(gradient((20, 12)))
+    before = proj.state_dict()
+    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in before.items()}
+    G = gradient((20, 12), seed=9)
+    G[3, 4] = value
+    with pytest.raises(FloatingPointError):
+        proj.update(G)
+    after = proj.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v) if isinstance(v, torch.Tensor) else after[k] == v
+
+
+def test_orthogonalize_errors():
+    with pytest.raises(ValueError, match="matrix"):
+        orthogonalize(torch.randn(5))
+    with pytest.raises(ValueError, match="method"):
+        orthogonalize(torch.randn(5, 5), method="qr")
+    with pytest.raises(FloatingPointError):
+        orthogonalize(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+
+
+def test_unknown_projector_name_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown projector"):
+        make_projector("pca", 4)
+
+
+def test_projecting_before_update_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="update"):
+        SVDProjector(4).project(torch.randn(8, 8))
+
+
+def test_wrong_operand_shape_is_a_value_error():
+    proj = SVDProjector(4).update(gradient((20, 12)))
+    with pytest.raises(ValueError, match="shape"):
+        proj.project(torch.randn(12, 20))
+    with pytest.raises(ValueError, match="shape"):
+        proj.project_back(torch.randn(20, 5))
+
+
+@pytest.mark.parametrize("config", ["svd-exact", "svd-randomized", "dct-matmul", "polar"])
+def test_rank_deficient_gradient_still_gives_an_orthonormal_basis(config):
+    u, v = gradient((30, 1), seed=1), gradient((1, 20), seed=2)
+    for G in (u @ v, torch.zeros(30, 20)):
+        B = CONFIGS[config](8).update(G).basis()
+        assert B.shape == (20, 8)
+        assert orthonormality_error(B) <= basis_tolerance(B)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_forced_side_on_the_longer_dimension(side):
+    G = gradient((12, 30))
+    for config in CONFIGS.values():
+        proj = config(20, side=side).update(G)
+        d = 12 if side == "left" else 30
+        assert proj.basis().shape == (d, min(20, d))
+        assert orthonormality_error(proj.basis()) <= basis_tolerance(proj.basis())
+
+
+def test_every_projector_is_a_projector():
+    for config in CONFIGS.values():
+        assert isinstance(config(3), Projector)
