@@ -1,0 +1,215 @@
+"""What every memopt optimizer shares: gradient checks, flat state, exact resume.
+
+A subclass validates its hyperparameters in ``_check_group`` and updates one param group in
+``_step_group``; this class makes sure that a bad gradient (sparse, complex, inf / nan) is
+reported, naming the parameter, before any parameter or state changes, and that a loaded
+state keeps its dtypes (torch.optim would cast fp32 moments of a bf16 parameter to bf16, and
+8-bit codes to floats).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .adam import adamw_step
+from .states import MomentStore, tensor_bytes
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+            or not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number >= 0)")
+
+
+def check_betas(name: str, betas: Any) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid {name}: {betas!r} (must be a pair of numbers in [0, 1))")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i} of {name}: {beta!r} "
+                             "(must be in [0, 1))")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (choose one of {choices})")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """A k-D weight as the matrix it acts as: (out, in * k * k) for a conv kernel."""
+    return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
+
+
+def moment_dtype(param: Tensor) -> torch.dtype:
+    """Moments are fp32 (fp64 for fp64 parameters), whatever the parameter's dtype."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+class MemoptOptimizer(Optimizer, ABC):
+    """Base of memopt optimizers (a torch.optim.Optimizer; see the module docstring)."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            group = self.param_groups[-1]
+            check_choice("check_finite", group.get("check_finite", True), (True, False))
+            self._check_group(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Raise ValueError naming any invalid hyperparameter of ``group``."""
+
+    @abstractmethod
+    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Update the parameters of ``group`` that have gradients (already checked)."""
+
+    # ---------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._checked_params()
+        for group, params in work:
+            self._step_group(group, params)
+        return loss
+
+    def _checked_params(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        """Parameters with gradients per group, after checking every gradient."""
+        work, checked = [], []
+        for gi, group in enumerate(self.param_groups):
+            params = []
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                                       f"(parameter {self._label(gi, pi)})")
+                if grad.is_complex() or p.is_complex():
+                    raise RuntimeError(f"{type(self).__name__} does not support complex "
+                                       f"parameters (parameter {self._label(gi, pi)})")
+                params.append(p)
+                if group.get("check_finite", True):
+                    checked.append((gi, pi, grad))
+            work.append((group, params))
+        if checked:
+            self._raise_if_non_finite(checked)
+        return work
+
+    def _raise_if_non_finite(self, checked: list[tuple[int, int, Tensor]]) -> None:
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for _, _, g in checked:
+            by_device.setdefault(g.device, []).append(g)
+        flags = [torch.stack(torch._foreach_norm(gs, ord=math.inf)).isfinite().all()
+                 for gs in by_device.values()]
+        if all(bool(f) for f in flags):
+            return
+        for gi, pi, g in checked:
+            if not bool(torch.isfinite(g).all()):
+                raise FloatingPointError(
+                    f"non-finite gradient (inf or nan) in parameter {self._label(gi, pi)}; "
+                    "the step was not taken and nothing was changed")
+
+    def _label(self, gi: int, pi: int) -> str:
+        group = self.param_groups[gi]
+        p = group["params"][pi]
+        names = group.get("param_names")
+        where = f"'{names[pi]}'" if names else f"param_groups[{gi}]['params'][{pi}]"
+        return f"{where} of shape {tuple(p.shape)}"
+
+    def _adamw(self, params: list[Tensor], store: MomentStore, *, lr: float,
+               betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+        """Plain AdamW for the parameters a method does not project or orthogonalize."""
+        buckets: dict[int, list[Tensor]] = {}
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    store.init(state, key, p.shape, p.device, moment_dtype(p))
+            state["step"] += 1
+            buckets.setdefault(int(state["step"]), []).append(p)
+        for step, bucket in buckets.items():
+            states = [self.state[p] for p in bucket]
+            exp_avgs = [store.read(s, "exp_avg") for s in states]
+            exp_avg_sqs = [store.read(s, "exp_avg_sq") for s in states]
+            adamw_step(bucket, [p.grad for p in bucket], exp_avgs, exp_avg_sqs, lr=lr,
+                       beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay,
+                       step=step)
+            for s, m, v in zip(states, exp_avgs, exp_avg_sqs):
+                store.write(s, "exp_avg", m)
+                store.write(s, "exp_avg_sq", v)
+
+    # ---------------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, Any]:
+        """Like torch.optim's, with group values that are not plain data replaced by a name."""
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            for key, value in list(group.items()):
+                if callable(value):
+                    group[key] = f"<callable {getattr(value, '__name__', type(value).__name__)}>"
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state; tensors keep their saved dtype and move to their parameter's device."""
+        saved_state = state_dict["state"]
+        callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
+        super().load_state_dict({**state_dict, "state": {}})
+        for group, kept in zip(self.param_groups, callables):
+            group.update(kept)   # a callable cannot be saved; the live one stays
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        id_map = dict(zip(saved_ids, params))
+        for key, values in saved_state.items():
+            if key not in id_map:
+                continue
+            param = id_map[key]
+            self.state[param] = {k: self._load_value(param, k, v) for k, v in values.items()}
+        self._after_load()
+
+    @staticmethod
+    def _load_value(param: Tensor, key: str, value: Any) -> Any:
+        if not isinstance(value, Tensor):
+            return value
+        if key == "step":
+            return value.detach().clone()
+        return value.detach().to(device=param.device, copy=True)
+
+    def _after_load(self) -> None:
+        """Drop caches derived from state (subclasses)."""
+
+    # --------------------------------------------------------------------- bytes
+    def state_bytes(self) -> int:
+        """Bytes of all optimizer state: moments, bases or indices, norms, steps."""
+        own = sum(tensor_bytes(v) for s in self.state.values() for v in s.values())
+        return own + self._shared_state_bytes()
+
+    def _shared_state_bytes(self) -> int:
+        """State shared between parameters (e.g. one DCT matrix per size); subclasses."""
+        return 0
+
+
+def state_bytes(optimizer: Optimizer) -> int:
+    """Bytes of all state of ``optimizer`` (any torch.optim.Optimizer), shared matrices included."""
+    if isinstance(optimizer, MemoptOptimizer):
+        return optimizer.state_bytes()
+    return sum(tensor_bytes(v) for s in optimizer.state.values() for v in s.values())

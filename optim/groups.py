@@ -1,0 +1,58 @@
+"""The usual split of a model's parameters for memory-efficient optimizers.
+
+Hidden matrices (attention and MLP weights, conv kernels) get the low-rank or orthogonalized
+update; embeddings, the output head, norms and biases get plain AdamW. This follows GaLore's
+recipes (projection only on attention and MLP weights) and Muon's advice (embeddings and the
+head stay on AdamW; Jordan et al., 2024).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Last name component of modules treated as the output head.
+HEAD_NAMES = ("lm_head", "head", "classifier", "score", "output", "embed_out", "fc_out")
+
+
+def _special_modules(model: nn.Module, head_names: Iterable[str]) -> set[int]:
+    """ids of the parameters of embeddings and output heads."""
+    special: list[nn.Module] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) or (name and name.rsplit(".", 1)[-1] in head_names):
+            special.append(module)
+    for getter in ("get_input_embeddings", "get_output_embeddings"):   # transformers models
+        fn = getattr(model, getter, None)
+        module = fn() if callable(fn) else None
+        if isinstance(module, nn.Module):
+            special.append(module)
+    return {id(p) for m in special for p in m.parameters(recurse=False)}
+
+
+def param_groups(model: nn.Module, head_names: Iterable[str] = HEAD_NAMES,
+                 **overrides: Any) -> list[dict[str, Any]]:
+    """Two named param groups: hidden matrices (with ``overrides``) and the rest (``adamw=True``).
+
+    A parameter is a hidden matrix when it has ndim >= 2 and does not belong to an
+    ``nn.Embedding``, the model's input / output embeddings, or a module whose last name is
+    in ``head_names``. Norms and biases (ndim < 2) always go to the AdamW group. Shared
+    (tied) parameters appear once. Empty groups are left out.
+
+    Example: ``GaLoreAdamW(param_groups(model, rank=256), lr=0.01)``.
+    """
+    special = _special_modules(model, tuple(head_names))
+    hidden: list[tuple[str, torch.Tensor]] = []
+    rest: list[tuple[str, torch.Tensor]] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (hidden if p.ndim >= 2 and id(p) not in special else rest).append((name, p))
+    groups = []
+    if hidden:
+        groups.append({"params": hidden, **overrides})
+    if rest:
+        groups.append({"params": rest, "adamw": True})
+    return groups

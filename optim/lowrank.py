@@ -1,0 +1,281 @@
+"""The one low-rank engine behind GaLoreAdamW, DCTAdamW and FiraAdamW.
+
+For a matrix W with gradient G and an orthonormal basis B on one side (a projector):
+refresh B (first step, then every ``update_proj_gap`` steps) -> R = project(G) -> Adam on R
+(moments have R's shape: r x n or m x r instead of m x n) -> W <- W (1 - lr wd)
+- lr (scale project_back(psi) + S). S is 0 for GaLore (Zhao et al., 2024) and Fira's scaled
+residual (Chen et al., 2024) for Fira. The projector decides the method: SVD (GaLore), DCT
+(Modoranu et al., 2025), polar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+from memopt.projections import PROJECTORS, Projector, lift, make_projector, project_onto
+
+from .adam import bias_correction1, update_moments
+from .base import (MemoptOptimizer, as_matrix, check_betas, check_choice, check_nonnegative,
+                   check_positive_int, moment_dtype)
+from .states import MomentStore
+
+ProjectorSpec = Union[str, Callable[[int], Projector]]
+
+#: What happens to the subspace moments when the basis is refreshed:
+#: "keep" leaves them as they are (galore-torch), "reset" zeros them and restarts Adam's bias
+#: correction, "rotate" carries them into the new basis (m <- C m, v <- (C o C) v with
+#: C = B_new^T B_old; for DCT bases C is the 0/1 matrix of indices that stayed).
+REFRESH_MODES = ("keep", "reset", "rotate")
+RESIDUALS = ("none", "fira")
+PROJ_PREFIX = "proj_"
+FIRA_EPS = 1e-8   # added to ||R_col|| in phi, as in Fira's released code
+
+
+def fira_residual(G: Tensor, R: Tensor, psi: Tensor, B: Tensor, side: str) -> Tensor:
+    """Fira's scaled residual S = phi * (G - project_back(R)) (Chen et al., 2024).
+
+    phi = ||psi_j|| / ||R_j|| per column j of R (left basis, R is r x n) or per row (right
+    basis, R is m x r): the norm gain that Adam gives the low-rank part, lent to the rest.
+    The paper subtracts P R (the exact component outside the subspace), which we follow;
+    Fira's released code subtracts scale * P R, which leaves (1 - scale) of the in-subspace
+    gradient inside S and so applies that part twice.
+    """
+    dim = 0 if side == "left" else 1
+    phi = torch.linalg.vector_norm(psi, dim=dim, keepdim=True) / (
+        torch.linalg.vector_norm(R, dim=dim, keepdim=True) + FIRA_EPS)
+    residual = G.to(R.dtype) - lift(R, B, side)
+    return residual.mul_(phi)
+
+
+def limit_norm_growth(S: Tensor, previous_norm: Tensor | None, gamma: float) -> tuple[Tensor, Tensor]:
+    """Fira's limiter: if ||S|| > gamma ||S_prev||, scale S down to gamma ||S_prev||.
+
+    Returns (S, ||S||) after limiting. Written without a host sync.
+    """
+    norm = torch.linalg.vector_norm(S)
+    if previous_norm is None:
+        return S, norm
+    ratio = torch.clamp(norm / (previous_norm + 1e-30), min=gamma) / gamma
+    return S.div_(ratio), norm / ratio
+
+
+class LowRankAdamW(MemoptOptimizer):
+    r"""AdamW in a low-rank subspace of each matrix gradient; plain AdamW for everything else.
+
+    .. math::
+        R_t = \mathrm{project}(G_t), \quad m_t, v_t = \mathrm{Adam}(R_t), \quad
+        \psi_t = \hat m_t / (\sqrt{\hat v_t} + \epsilon) \\
+        W_t = W_{t-1}(1 - \eta\lambda) - \eta\,(\alpha\,\mathrm{project\_back}(\psi_t) + S_t)
+
+    Args:
+        params: parameters or param groups (named parameters allowed).
+        lr: learning rate :math:`\eta` (default 1e-3).
+        betas: Adam's (beta1, beta2) (default (0.9, 0.999)).
+        eps: Adam's epsilon (default 1e-8).
+        weight_decay: decoupled weight decay :math:`\lambda` (default 0).
+        rank: subspace rank r; ``None`` turns projection off for the group (default 128).
+            A parameter is projected when it has ndim >= 2 (conv kernels as (out, in*k*k))
+            and its smaller dimension exceeds ``rank``; others get plain AdamW.
+        update_proj_gap: steps between basis refreshes (default 200).
+        scale: :math:`\alpha`, the factor on the projected-back update (default 0.25).
+        projector: "svd", "dct", "polar", or a callable ``rank -> Projector`` (default "svd").
+        projector_options: keyword arguments for the named projector (e.g.
+            ``{"method": "randomized"}`` for SVD); ``None`` for its defaults.
+        state_bits: 32 (fp32 moments) or 8 (bitsandbytes blockwise 8-bit moments).
+        residual: "none" (GaLore) or "fira" (add Fira's scaled, norm-limited residual).
+        limiter_gamma: Fira's norm-growth limit :math:`\gamma` (default 1.01).
+        moments_on_refresh: "keep", "reset" or "rotate" (see ``REFRESH_MODES``).
+        adamw: True makes the whole group plain AdamW (default False).
+        check_finite: raise FloatingPointError on a non-finite gradient before changing
+            anything (default True; costs one device sync per step).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, rank: int | None = 128, update_proj_gap: int = 200,
+                 scale: float = 0.25, projector: ProjectorSpec = "svd",
+                 projector_options: dict[str, Any] | None = None, state_bits: int = 32,
+                 residual: str = "none", limiter_gamma: float = 1.01,
+                 moments_on_refresh: str = "keep", adamw: bool = False,
+                 check_finite: bool = True) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
+                        scale=scale, projector=projector, projector_options=projector_options,
+                        state_bits=state_bits, residual=residual, limiter_gamma=limiter_gamma,
+                        moments_on_refresh=moments_on_refresh, adamw=adamw,
+                        check_finite=check_finite)
+        self._projectors: dict[Tensor, Projector] = {}
+        self._stores: dict[int, MomentStore] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------ configuration
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative("learning rate", group["lr"])
+        check_betas("betas", group["betas"])
+        check_nonnegative("epsilon value", group["eps"])
+        check_nonnegative("weight_decay value", group["weight_decay"])
+        if group["rank"] is not None:
+            check_positive_int("rank", group["rank"])
+        check_positive_int("update_proj_gap", group["update_proj_gap"])
+        scale = group["scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"Invalid scale: {scale!r} (must be > 0)")
+        spec = group["projector"]
+        if not callable(spec):
+            check_choice("projector", spec, PROJECTORS)
+        options = group["projector_options"]
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(f"Invalid projector_options: {options!r} (must be a dict or None)")
+        check_choice("state_bits", group["state_bits"], (8, 32))
+        check_choice("residual", group["residual"], RESIDUALS)
+        gamma = group["limiter_gamma"]
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 1:
+            raise ValueError(f"Invalid limiter_gamma: {gamma!r} (must be >= 1)")
+        check_choice("moments_on_refresh", group["moments_on_refresh"], REFRESH_MODES)
+        check_choice("adamw", group["adamw"], (True, False))
+        if group["rank"] is not None and not callable(spec):
+            make_projector(spec, group["rank"], **(options or {}))   # options are valid
+        self._store(group["state_bits"])                              # bitsandbytes present
+
+    def _store(self, bits: int) -> MomentStore:
+        if bits not in self._stores:
+            self._stores[bits] = MomentStore(bits, {"exp_avg": True, "exp_avg_sq": False})
+        return self._stores[bits]
+
+    @staticmethod
+    def is_projected(group: dict[str, Any], p: Tensor) -> bool:
+        """Whether ``p`` gets the low-rank update under ``group``'s settings."""
+        return (not group["adamw"] and group["rank"] is not None and p.ndim >= 2
+                and min(as_matrix(p).shape) > group["rank"])
+
+    def _projector(self, p: Tensor, group: dict[str, Any]) -> Projector:
+        proj = self._projectors.get(p)
+        if proj is None:
+            spec, rank = group["projector"], group["rank"]
+            proj = spec(rank) if callable(spec) else make_projector(
+                spec, rank, **(group["projector_options"] or {}))
+            saved = {k[len(PROJ_PREFIX):]: v for k, v in self.state[p].items()
+                     if k.startswith(PROJ_PREFIX)}
+            if saved:
+                proj.load_state_dict(saved)
+            self._projectors[p] = proj
+        return proj
+
+    def _after_load(self) -> None:
+        self._projectors.clear()
+
+    # ---------------------------------------------------------------------- step
+    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        store = self._store(group["state_bits"])
+        lowrank = [p for p in params if self.is_projected(group, p)]
+        dense = [p for p in params if not self.is_projected(group, p)]
+        if dense:
+            self._adamw(dense, store, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                        weight_decay=group["weight_decay"])
+        if lowrank:
+            self._lowrank_step(group, lowrank, store)
+
+    def _refresh(self, p: Tensor, G: Tensor, group: dict[str, Any], store: MomentStore) -> None:
+        """New basis from G; then keep, reset or rotate the subspace moments."""
+        state, proj = self.state[p], self._projector(p, group)
+        mode = group["moments_on_refresh"]
+        has_moments = "exp_avg" in state
+        old_basis = proj.basis() if has_moments and mode == "rotate" else None
+        proj.update(G)
+        for key, value in proj.state_dict().items():
+            state[PROJ_PREFIX + key] = value
+        if not has_moments:
+            return
+        if mode == "reset":
+            for key in ("exp_avg", "exp_avg_sq"):
+                moment = store.read(state, key)
+                store.write(state, key, moment.zero_())
+            state["step"].zero_()
+        elif mode == "rotate":
+            C = proj.basis().mT @ old_basis.to(proj.basis().dtype)      # r x r
+            for key, mix in (("exp_avg", C), ("exp_avg_sq", C.square())):
+                moment = store.read(state, key)
+                store.write(state, key, mix @ moment if proj.side == "left" else moment @ mix.mT)
+
+    def _lowrank_step(self, group: dict[str, Any], params: list[Tensor],
+                      store: MomentStore) -> None:
+        beta1, beta2 = group["betas"]
+        gap = group["update_proj_gap"]
+        buckets: dict[int, list[tuple[Tensor, Tensor, Tensor, Projector, Tensor]]] = {}
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+            G = as_matrix(p.grad)
+            if int(state["step"]) % gap == 0:
+                self._refresh(p, G, group, store)
+            proj = self._projector(p, group)
+            B = proj.basis()
+            R = project_onto(G, B, proj.side)
+            if "exp_avg" not in state:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    store.init(state, key, R.shape, R.device, moment_dtype(B))
+            state["step"] += 1
+            buckets.setdefault(int(state["step"]), []).append((p, G, B, proj, R))
+
+        lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
+        fira = group["residual"] == "fira"
+        for step, items in buckets.items():
+            states = [self.state[p] for p, *_ in items]
+            exp_avgs = [store.read(s, "exp_avg") for s in states]
+            exp_avg_sqs = [store.read(s, "exp_avg_sq") for s in states]
+            denominators = update_moments([R for *_, R in items], exp_avgs, exp_avg_sqs,
+                                          beta1, beta2, group["eps"], step)
+            for s, m, v in zip(states, exp_avgs, exp_avg_sqs):
+                store.write(s, "exp_avg", m)
+                store.write(s, "exp_avg_sq", v)
+            bc1 = bias_correction1(beta1, step)
+            for (p, G, B, proj, R), state, m, d in zip(items, states, exp_avgs, denominators):
+                psi = m.div(d)                       # the Adam direction times (1 - b1^t)
+                if wd != 0:
+                    p.mul_(1 - lr * wd)
+                if fira:
+                    self._fira_update(p, G, B, proj.side, R, psi, state, group, bc1)
+                else:
+                    self._apply(p, psi, B, proj.side, lr * scale / bc1)
+
+    @staticmethod
+    def _apply(p: Tensor, L: Tensor, B: Tensor, side: str, alpha: float) -> None:
+        """p <- p - alpha * project_back(L), fused into one matrix product when possible."""
+        W = as_matrix(p)
+        if p.dtype == B.dtype and p.is_contiguous() and W.data_ptr() == p.data_ptr():
+            if side == "right":
+                W.addmm_(L, B.mT, alpha=-alpha)
+            else:
+                W.addmm_(B, L, alpha=-alpha)
+        else:
+            p.add_(lift(L, B, side).view_as(p), alpha=-alpha)
+
+    @staticmethod
+    def _fira_update(p: Tensor, G: Tensor, B: Tensor, side: str, R: Tensor, psi: Tensor,
+                     state: dict[str, Any], group: dict[str, Any], bc1: float) -> None:
+        lr, scale = group["lr"], group["scale"]
+        S = fira_residual(G, R, psi / bc1, B, side)
+        S, norm = limit_norm_growth(S, state.get("residual_norm"), group["limiter_gamma"])
+        state["residual_norm"] = norm
+        update = lift(psi, B, side).mul_(scale / bc1).add_(S)
+        p.add_(update.view_as(p), alpha=-lr)
+
+    # --------------------------------------------------------------------- bytes
+    def _shared_state_bytes(self) -> int:
+        """One DCT matrix per (size, device) in use by this optimizer's DCT projectors."""
+        sizes = set()
+        for state in self.state.values():
+            if PROJ_PREFIX + "indices" in state:
+                side = state[PROJ_PREFIX + "side"]
+                d = state[PROJ_PREFIX + ("cols" if side == 1 else "rows")]
+                fp64 = bool(state[PROJ_PREFIX + "float64"])
+                sizes.add((d, str(state[PROJ_PREFIX + "indices"].device), fp64))
+        return sum(d * d * (8 if fp64 else 4) for d, _, fp64 in sizes)
+
+
+__all__ = ["LowRankAdamW", "REFRESH_MODES", "fira_residual", "limit_norm_growth"]

@@ -1,0 +1,245 @@
+"""Muon and PolarGrad: updates along the polar factor U V^T of the (momentum) gradient.
+
+Muon (Jordan et al., 2024): buf <- mu buf + (1 - mu) G; u = (1 - mu) G + mu buf (Nesterov) or
+buf; W <- W (1 - lr wd) - lr adj(shape) polar(u). PolarGrad (Lau, Long, Su, 2025) scales the
+polar factor by the nuclear norm of the matrix it came from, ||M||_* = <M, polar(M)>, so its
+step grows with the gradient where Muon's does not. Matrices (conv kernels as
+(out, in*k*k)) of the same shape are orthogonalized in one batched call; every other
+parameter, and any group with ``adamw=True``, gets AdamW with the ``adamw_*`` settings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from memopt.projections import orthogonalize
+
+from .base import (MemoptOptimizer, as_matrix, check_betas, check_choice, check_nonnegative,
+                   check_positive_int, moment_dtype)
+from .states import MomentStore
+
+ORTHOGONALIZERS = ("newton_schulz", "polar_express", "svd")
+ADJUST_LR = ("original", "match_rms_adamw", "none")
+SCALINGS = ("none", "nuclear_norm")
+VARIANTS = ("momentum_first", "polar_first")
+NS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def lr_adjustment(shape: tuple[int, int], adjust_lr: str) -> float:
+    """Muon's per-shape factor for an (A x B) matrix.
+
+    "original": max(1, A / B)^0.5 (Jordan et al.); "match_rms_adamw": 0.2 max(A, B)^0.5, which
+    gives the update AdamW's RMS (Liu et al., 2025, "Muon is Scalable for LLM Training").
+    """
+    A, B = shape
+    if adjust_lr == "original":
+        return math.sqrt(max(1.0, A / B))
+    if adjust_lr == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(A, B))
+    return 1.0
+
+
+def momentum_direction(grad: Tensor, buf: Tensor, momentum: float, nesterov: bool) -> Tensor:
+    """buf <- mu buf + (1 - mu) g (in place); return (1 - mu) g + mu buf (Nesterov) or buf."""
+    buf.lerp_(grad, 1 - momentum)
+    return grad.lerp(buf, momentum) if nesterov else buf
+
+
+def nuclear_norm(M: Tensor, U: Tensor) -> Tensor:
+    """||M||_* = tr(H) = <M, U> for the polar decomposition M = U H (no SVD; batched)."""
+    return (M.to(U.dtype) * U).sum(dim=(-2, -1), keepdim=True)
+
+
+class OrthogonalizedOptimizer(MemoptOptimizer):
+    r"""The engine of :class:`Muon` and :class:`PolarGrad`; they only change its defaults.
+
+    Args:
+        params: parameters or param groups (named parameters allowed).
+        lr: learning rate for matrices.
+        momentum: :math:`\mu` of the EMA momentum buffer.
+        nesterov: use (1 - mu) g + mu buf instead of buf.
+        weight_decay: decoupled weight decay (matrices and AdamW parameters).
+        ns_steps: iterations of the orthogonalizer (ignored by "svd").
+        orthogonalizer: "newton_schulz", "polar_express" or "svd".
+        adjust_lr: "original", "match_rms_adamw" or "none" (see :func:`lr_adjustment`).
+        scaling: "none" (Muon) or "nuclear_norm" (PolarGrad).
+        variant: "momentum_first" (orthogonalize the momentum) or "polar_first"
+            (orthogonalize the gradient, then average the polar factors).
+        adamw_lr, adamw_betas, adamw_eps: AdamW for the other parameters.
+        state_bits: 32, or 8 for bitsandbytes blockwise 8-bit momentum and AdamW moments.
+        ns_dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16" or "float32".
+        adamw: True sends the whole group to AdamW.
+        check_finite: raise FloatingPointError on a non-finite gradient before any change.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float, momentum: float, nesterov: bool,
+                 weight_decay: float, ns_steps: int, orthogonalizer: str, adjust_lr: str,
+                 scaling: str, variant: str, adamw_lr: float,
+                 adamw_betas: tuple[float, float], adamw_eps: float, state_bits: int,
+                 ns_dtype: str = "auto", adamw: bool = False, check_finite: bool = True) -> None:
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        ns_steps=ns_steps, orthogonalizer=orthogonalizer, adjust_lr=adjust_lr,
+                        scaling=scaling, variant=variant, adamw_lr=adamw_lr,
+                        adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
+                        state_bits=state_bits, ns_dtype=ns_dtype, adamw=adamw,
+                        check_finite=check_finite)
+        self._stores: dict[int, MomentStore] = {}
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative("learning rate", group["lr"])
+        mu = group["momentum"]
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < 1:
+            raise ValueError(f"Invalid momentum value: {mu!r} (must be in [0, 1))")
+        check_choice("nesterov", group["nesterov"], (True, False))
+        check_nonnegative("weight_decay value", group["weight_decay"])
+        check_positive_int("ns_steps", group["ns_steps"])
+        check_choice("orthogonalizer", group["orthogonalizer"], ORTHOGONALIZERS)
+        check_choice("adjust_lr", group["adjust_lr"], ADJUST_LR)
+        check_choice("scaling", group["scaling"], SCALINGS)
+        check_choice("variant", group["variant"], VARIANTS)
+        check_nonnegative("adamw_lr", group["adamw_lr"])
+        check_betas("adamw_betas", group["adamw_betas"])
+        check_nonnegative("adamw_eps", group["adamw_eps"])
+        check_choice("state_bits", group["state_bits"], (8, 32))
+        check_choice("ns_dtype", group["ns_dtype"], NS_DTYPES)
+        check_choice("adamw", group["adamw"], (True, False))
+        self._store(group["state_bits"])
+
+    def _store(self, bits: int) -> MomentStore:
+        if bits not in self._stores:
+            self._stores[bits] = MomentStore(
+                bits, {"momentum_buffer": True, "exp_avg": True, "exp_avg_sq": False})
+        return self._stores[bits]
+
+    @staticmethod
+    def is_orthogonalized(group: dict[str, Any], p: Tensor) -> bool:
+        """Whether ``p`` gets the orthogonalized update under ``group``'s settings."""
+        return not group["adamw"] and p.ndim >= 2
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        store = self._store(group["state_bits"])
+        dense = [p for p in params if not self.is_orthogonalized(group, p)]
+        matrices = [p for p in params if self.is_orthogonalized(group, p)]
+        if dense:
+            self._adamw(dense, store, lr=group["adamw_lr"], betas=group["adamw_betas"],
+                        eps=group["adamw_eps"], weight_decay=group["weight_decay"])
+        if matrices:
+            self._orthogonalized_step(group, matrices, store)
+
+    def _orthogonalized_step(self, group: dict[str, Any], params: list[Tensor],
+                             store: MomentStore) -> None:
+        mu, nesterov = group["momentum"], group["nesterov"]
+        polar_first = group["variant"] == "polar_first"
+        inputs: list[Tensor] = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                store.init(state, "momentum_buffer", as_matrix(p).shape, p.device,
+                           moment_dtype(p))
+            state["step"] += 1
+            G = as_matrix(p.grad)
+            if polar_first:
+                inputs.append(G)
+            else:
+                buf = store.read(state, "momentum_buffer")
+                inputs.append(momentum_direction(G.to(buf.dtype), buf, mu, nesterov))
+                store.write(state, "momentum_buffer", buf)
+
+        polars = self._orthogonalize_by_shape(inputs, group)
+
+        lr, wd = group["lr"], group["weight_decay"]
+        nuclear = group["scaling"] == "nuclear_norm"
+        for p, M, U in zip(params, inputs, polars):
+            state = self.state[p]
+            direction = U
+            if polar_first:
+                buf = store.read(state, "momentum_buffer")
+                direction = momentum_direction(U.to(buf.dtype), buf, mu, nesterov)
+                store.write(state, "momentum_buffer", buf)
+            if nuclear:
+                direction = direction * nuclear_norm(M, U)
+            step_size = lr * lr_adjustment(tuple(as_matrix(p).shape), group["adjust_lr"])
+            if wd != 0:
+                p.mul_(1 - lr * wd)
+            p.add_(direction.view_as(p), alpha=-step_size)
+
+    @staticmethod
+    def _orthogonalize_by_shape(inputs: list[Tensor], group: dict[str, Any]) -> list[Tensor]:
+        """polar(M) for every M, with same-shape (and dtype) matrices done in one batched call."""
+        out: list[Tensor | None] = [None] * len(inputs)
+        by_shape: dict[tuple[Any, ...], list[int]] = {}
+        for i, M in enumerate(inputs):
+            by_shape.setdefault((tuple(M.shape), M.dtype, M.device), []).append(i)
+        for indices in by_shape.values():
+            batch = torch.stack([inputs[i] for i in indices])
+            polar = orthogonalize(batch, group["orthogonalizer"], steps=group["ns_steps"],
+                                  dtype=NS_DTYPES[group["ns_dtype"]], check_finite=False)
+            for i, U in zip(indices, polar.unbind(0)):
+                out[i] = U
+        return out
+
+
+class Muon(OrthogonalizedOptimizer):
+    """Muon for every matrix of a model, AdamW for everything else, in one optimizer.
+
+    For a matrix it makes the update of ``torch.optim.Muon`` with equal settings; unlike it,
+    it accepts ``model.parameters()`` and batches same-shape matrices.
+    See :class:`OrthogonalizedOptimizer` for the arguments.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95,
+                 nesterov: bool = True, weight_decay: float = 0.0, ns_steps: int = 5,
+                 orthogonalizer: str = "newton_schulz", adjust_lr: str = "original",
+                 adamw_lr: float = 3e-4, adamw_betas: tuple[float, float] = (0.9, 0.95),
+                 adamw_eps: float = 1e-8, state_bits: int = 32, **kwargs: Any) -> None:
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov,
+                         weight_decay=weight_decay, ns_steps=ns_steps,
+                         orthogonalizer=orthogonalizer, adjust_lr=adjust_lr,
+                         scaling=kwargs.pop("scaling", "none"),
+                         variant=kwargs.pop("variant", "momentum_first"), adamw_lr=adamw_lr,
+                         adamw_betas=adamw_betas, adamw_eps=adamw_eps, state_bits=state_bits,
+                         **kwargs)
+
+
+class PolarGrad(OrthogonalizedOptimizer):
+    """PolarGrad (Lau, Long, Su, 2025): W <- (1 - lr wd) W - lr ||M||_* polar(M).
+
+    ``variant="momentum_first"`` (default) orthogonalizes the momentum M; "polar_first"
+    orthogonalizes G and averages the polar factors, scaled by ||G||_*. The nuclear norm is
+    <M, polar(M)>, exact with ``orthogonalizer="svd"`` and close with Polar Express (the
+    default here, as the authors use it). See :class:`OrthogonalizedOptimizer`.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.95,
+                 nesterov: bool = False, weight_decay: float = 0.0, ns_steps: int = 5,
+                 orthogonalizer: str = "polar_express", adjust_lr: str = "none",
+                 variant: str = "momentum_first", adamw_lr: float = 3e-4,
+                 adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
+                 state_bits: int = 32, **kwargs: Any) -> None:
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov,
+                         weight_decay=weight_decay, ns_steps=ns_steps,
+                         orthogonalizer=orthogonalizer, adjust_lr=adjust_lr,
+                         scaling=kwargs.pop("scaling", "nuclear_norm"), variant=variant,
+                         adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+                         state_bits=state_bits, **kwargs)
+
+
+class Muon8bit(Muon):
+    """:class:`Muon` with 8-bit blockwise momentum and AdamW moments (``state_bits=8``)."""
+
+    def __init__(self, params: Iterable[Any], *args: Any, state_bits: int = 8, **kwargs: Any):
+        super().__init__(params, *args, state_bits=state_bits, **kwargs)
+
+
+class PolarGrad8bit(PolarGrad):
+    """:class:`PolarGrad` with 8-bit blockwise momentum and AdamW moments (``state_bits=8``)."""
+
+    def __init__(self, params: Iterable[Any], *args: Any, state_bits: int = 8, **kwargs: Any):
+        super().__init__(params, *args, state_bits=state_bits, **kwargs)

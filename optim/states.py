@@ -1,0 +1,98 @@
+"""Where optimizer moments live: fp32 tensors, or 8-bit blockwise-quantized ones.
+
+8-bit follows Dettmers et al. (2022), "8-bit Optimizers via Block-wise Quantization", through
+bitsandbytes: each block of 256 values is scaled by its absolute maximum and coded with the
+dynamic (signed for first moments, unsigned for second moments) map. Tensors under 4096
+elements stay fp32, as bitsandbytes' own 8-bit optimizers do. An 8-bit moment ``key`` is kept
+in per-parameter state as ``key`` (uint8, the tensor's shape) and ``key + "_absmax"`` (fp32,
+one value per block): plain tensors, so ``torch.load(weights_only=True)`` reads them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+BLOCKSIZE = 256          # bitsandbytes' block size for its blockwise 8-bit optimizers
+MIN_8BIT_NUMEL = 4096    # smaller tensors stay fp32 (bitsandbytes' min_8bit_size)
+ABSMAX_SUFFIX = "_absmax"
+
+
+def _bnb_functional() -> Any:
+    try:
+        import bitsandbytes.functional as bnbF
+    except ImportError as exc:   # pragma: no cover - depends on the environment
+        raise ImportError("state_bits=8 needs bitsandbytes: pip install bitsandbytes") from exc
+    return bnbF
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map(signed: bool, device: str) -> Tensor:
+    return _bnb_functional().create_dynamic_map(signed=signed).to(device)
+
+
+class MomentStore:
+    """Reads and writes named moments of one parameter's state at a fixed bit width.
+
+    ``read`` returns an fp32 tensor to update in place; ``write`` stores it back (a no-op
+    for fp32 moments, which ``read`` returned themselves). ``signed`` maps each moment name
+    to whether it can be negative (first moments) or not (second moments).
+    """
+
+    def __init__(self, bits: int, signed: Mapping[str, bool]) -> None:
+        if bits not in (8, 32):
+            raise ValueError(f"state_bits must be 8 or 32, got {bits!r}")
+        if bits == 8:
+            _bnb_functional()
+        self.bits = bits
+        self.signed = dict(signed)
+
+    def quantized(self, numel: int) -> bool:
+        return self.bits == 8 and numel >= MIN_8BIT_NUMEL
+
+    def init(self, state: dict, key: str, shape: torch.Size | tuple[int, ...],
+             device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        """Zero moment of ``shape`` (``dtype`` when kept unquantized)."""
+        zeros = torch.zeros(shape, dtype=dtype, device=device)
+        if self.quantized(zeros.numel()):
+            self._quantize_into(state, key, zeros)
+        else:
+            state[key] = zeros
+
+    def read(self, state: dict, key: str) -> Tensor:
+        """The moment as fp32 (the stored tensor itself when it is not quantized)."""
+        value = state[key]
+        if value.dtype != torch.uint8:
+            return value
+        bnbF = _bnb_functional()
+        code = _dynamic_map(self.signed[key], str(value.device))
+        out = bnbF.dequantize_blockwise(value, absmax=state[key + ABSMAX_SUFFIX], code=code,
+                                        blocksize=BLOCKSIZE)
+        return out.view(value.shape).float()
+
+    def write(self, state: dict, key: str, value: Tensor) -> None:
+        """Store an fp32 moment returned by :meth:`read` (after updating it)."""
+        if state[key].dtype == torch.uint8:
+            self._quantize_into(state, key, value)
+        elif value is not state[key]:
+            state[key].copy_(value)
+
+    def _quantize_into(self, state: dict, key: str, value: Tensor) -> None:
+        bnbF = _bnb_functional()
+        code = _dynamic_map(self.signed[key], str(value.device))
+        q, qstate = bnbF.quantize_blockwise(value.float().contiguous(), code=code,
+                                            blocksize=BLOCKSIZE)
+        state[key] = q.view(value.shape)
+        state[key + ABSMAX_SUFFIX] = qstate.absmax
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of a tensor's elements (0 for anything else)."""
+    if isinstance(value, Tensor):
+        local = value.to_local() if hasattr(value, "to_local") else value
+        return local.numel() * local.element_size()
+    return 0
