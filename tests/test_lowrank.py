@@ -1,0 +1,282 @@
+"""GaLore, DCT and Fira: the math of the low-rank engine against references."""
+
+import copy
+
+import pytest
+import torch
+
+from memopt import optim as mo
+from memopt.projections.dct import dct_matrix
+
+
+def matrix_param(shape=(48, 32), seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype))
+
+
+def gradient(shape, seed):
+    gen = torch.Generator().manual_seed(100 + seed)
+    return torch.randn(shape, generator=gen, dtype=torch.float64).float()
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
+def test_first_galore_step_is_minus_lr_scale_P_psi_of_PtG(shape):
+    p = matrix_param(shape)
+    W0 = p.detach().double().clone()
+    G = gradient(shape, 0)
+    lr, scale, rank, eps = 0.01, 0.25, 6, 1e-8
+    opt = mo.GaLoreAdamW([p], lr=lr, scale=scale, rank=rank, eps=eps)
+    p.grad = G.clone()
+    opt.step()
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    if shape[0] >= shape[1]:               # right basis Q: R = G Q, update = psi Q^T
+        Q = Vh[:rank].T
+        R = G.double() @ Q
+        psi = R / (R.abs() + eps)          # one Adam step: m_hat = R, v_hat = R^2
+        expected = W0 - lr * scale * psi @ Q.T
+    else:                                  # left basis P: R = P^T G, update = P psi
+        P = U[:, :rank]
+        R = P.T @ G.double()
+        psi = R / (R.abs() + eps)
+        expected = W0 - lr * scale * P @ psi
+    assert torch.allclose(p.detach().double(), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("projector", ["svd", "dct", "polar"])
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
+def test_updates_stay_in_the_subspace_between_refreshes(projector, shape):
+    p = matrix_param(shape, dtype=torch.float64)     # fp64: no rounding in the difference
+    opt = mo.GaLoreAdamW([p], lr=0.01, rank=5, update_proj_gap=4, projector=projector)
+    for t in range(4):                      # refresh at step 0 only
+        before = p.detach().clone()
+        p.grad = gradient(shape, t).double()
+        opt.step()
+        B = opt._projectors[p].basis()
+        assert B.dtype == torch.float64
+        delta = p.detach() - before
+        if shape[0] >= shape[1]:
+            outside = delta - delta @ B @ B.T
+        else:
+            outside = delta - B @ B.T @ delta
+        assert outside.norm() <= 1e-10 * delta.norm()
+
+
+@pytest.mark.parametrize("projector", ["svd", "dct"])
+def test_fira_update_has_an_out_of_subspace_part(projector):
+    shape = (48, 32)
+    p = matrix_param(shape)
+    opt = mo.FiraAdamW([p], lr=0.01, rank=5, update_proj_gap=100, projector=projector)
+    p.grad = gradient(shape, 0)
+    before = p.detach().clone()
+    opt.step()
+    B = opt._projectors[p].basis().double()
+    delta = (p.detach() - before).double()
+    outside = delta - delta @ B @ B.T
+    assert outside.norm() > 0.3 * delta.norm()
+
+
+def test_fira_residual_matches_the_paper_formula():
+    shape = (40, 24)
+    p = matrix_param(shape)
+    W0 = p.detach().double().clone()
+    G = gradient(shape, 0)
+    lr, scale, rank, eps = 0.01, 0.25, 4, 1e-8
+    opt = mo.FiraAdamW([p], lr=lr, scale=scale, rank=rank, eps=eps)
+    p.grad = G.clone()
+    opt.step()
+    Q = torch.linalg.svd(G.double(), full_matrices=False)[2][:rank].T
+    R = G.double() @ Q
+    psi = R / (R.abs() + eps)
+    phi = psi.norm(dim=1, keepdim=True) / (R.norm(dim=1, keepdim=True) + 1e-8)   # per row
+    S = phi * (G.double() - R @ Q.T)
+    expected = W0 - lr * (scale * psi @ Q.T + S)
+    assert torch.allclose(p.detach().double(), expected, atol=1e-6, rtol=0)
+
+
+def test_fira_limiter_caps_a_100x_gradient_spike():
+    shape = (48, 32)
+    p = matrix_param(shape)
+    gamma = 1.01
+    opt = mo.FiraAdamW([p], lr=0.01, rank=5, update_proj_gap=100, limiter_gamma=gamma)
+    norms = []
+    for t in range(6):
+        G = gradient(shape, t) * (100.0 if t == 5 else 1.0)
+        p.grad = G
+        opt.step()
+        norms.append(float(opt.state[p]["residual_norm"]))
+    assert norms[5] <= gamma * norms[4] * (1 + 1e-6)
+    # and the out-of-subspace part of the actual update obeys the same cap
+    p2 = matrix_param(shape)
+    opt2 = mo.FiraAdamW([p2], lr=0.01, rank=5, update_proj_gap=100, limiter_gamma=gamma)
+    outside = []
+    for t in range(6):
+        before = p2.detach().clone()
+        p2.grad = gradient(shape, t) * (100.0 if t == 5 else 1.0)
+        opt2.step()
+        B = opt2._projectors[p2].basis().double()
+        delta = (p2.detach() - before).double()
+        outside.append(float((delta - delta @ B @ B.T).norm()))
+    assert outside[5] <= gamma * outside[4] * (1 + 1e-4)
+
+
+def test_without_the_limiter_the_spike_grows_the_residual():
+    shape = (48, 32)
+    p = matrix_param(shape)
+    opt = mo.FiraAdamW([p], lr=0.01, rank=5, update_proj_gap=100, limiter_gamma=1e9)
+    for t in range(6):
+        p.grad = gradient(shape, t) * (100.0 if t == 5 else 1.0)
+        opt.step()
+        if t == 4:
+            before = float(opt.state[p]["residual_norm"])
+    assert float(opt.state[p]["residual_norm"]) > 1.05 * before     # so the cap above acted
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
+def test_agrees_with_galore_torch(shape):
+    galore_torch = pytest.importorskip("galore_torch")
+    torch.manual_seed(0)
+    p1 = matrix_param(shape)
+    bias1 = torch.nn.Parameter(torch.randn(shape[0]))
+    p2, bias2 = copy.deepcopy(p1), copy.deepcopy(bias1)
+    kw = dict(rank=6, update_proj_gap=4, scale=0.25)
+    eps = 1e-12       # galore-torch adds eps to sqrt(v) before bias correction, we after
+    ours = mo.GaLoreAdamW([{"params": [p1], **kw}, {"params": [bias1], "rank": None}],
+                          lr=0.01, eps=eps)
+    with pytest.warns(FutureWarning):
+        theirs = galore_torch.GaLoreAdamW([{"params": [p2], **kw, "proj_type": "std"},
+                                           {"params": [bias2]}], lr=0.01, eps=eps)
+    for t in range(10):                     # refreshes at steps 0, 4, 8
+        G, g = gradient(shape, t), gradient((shape[0],), t)
+        p1.grad, p2.grad = G.clone(), G.clone()
+        bias1.grad, bias2.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+        assert torch.allclose(p1, p2, atol=1e-6, rtol=1e-5), t
+        assert torch.allclose(bias1, bias2, atol=1e-6, rtol=1e-5), t
+
+
+def test_dense_parameters_get_exactly_torch_adamw():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.randn(3, 3))]
+    twins = copy.deepcopy(params)
+    ours = mo.GaLoreAdamW(params, lr=0.01, weight_decay=0.1, rank=8)    # nothing is projected
+    theirs = torch.optim.AdamW(twins, lr=0.01, weight_decay=0.1, foreach=True)
+    for t in range(5):
+        for a, b in zip(params, twins):
+            g = torch.randn_like(a)
+            a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    for a, b in zip(params, twins):
+        assert torch.equal(a, b)
+
+
+def test_dct_refresh_keeps_moments_of_indices_that_stay_when_rotating():
+    shape = (40, 64)                      # left basis over 40 rows
+    p = matrix_param(shape)
+    opt = mo.DCTAdamW([p], lr=0.01, rank=6, update_proj_gap=2, moments_on_refresh="rotate")
+    for t in range(2):
+        p.grad = gradient(shape, t)
+        opt.step()
+    old_idx = opt.state[p]["proj_indices"].clone()
+    old_m = opt.state[p]["exp_avg"].clone()
+    p.grad = gradient(shape, 7)
+    # replay the refresh alone to see the carried moments before this step's Adam update
+    new_idx = mo.lowrank.make_projector("dct", 6).update(p.grad).indices
+    opt.step()
+    m = opt.state[p]["exp_avg"]
+    R = dct_matrix(40)[new_idx] @ p.grad            # this step's projected gradient
+    carried = (m - 0.1 * R) / 0.9                   # undo m <- 0.9 m + 0.1 R
+    for j, k in enumerate(new_idx.tolist()):
+        if k in old_idx.tolist():
+            i = old_idx.tolist().index(k)
+            assert torch.allclose(carried[j], old_m[i], atol=1e-5)
+        else:
+            assert carried[j].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("projector", ["svd", "polar"])
+def test_rotation_carries_moments_into_the_new_basis(projector):
+    shape = (48, 32)                      # right basis
+    p = matrix_param(shape)
+    opt = mo.GaLoreAdamW([p], lr=0.01, rank=5, update_proj_gap=2, projector=projector,
+                         moments_on_refresh="rotate")
+    for t in range(2):
+        p.grad = gradient(shape, t)
+        opt.step()
+    B_old = opt._projectors[p].basis().clone()
+    m_old = opt.state[p]["exp_avg"].clone()
+    p.grad = gradient(shape, 9)
+    opt.step()
+    B_new = opt._projectors[p].basis()
+    R = p.grad @ B_new
+    carried = (opt.state[p]["exp_avg"] - 0.1 * R) / 0.9
+    assert torch.allclose(carried, m_old @ (B_new.T @ B_old).T, atol=1e-5)
+
+
+def test_reset_zeros_moments_and_restarts_bias_correction():
+    shape = (48, 32)
+    p = matrix_param(shape)
+    opt = mo.GaLoreAdamW([p], lr=0.01, rank=5, update_proj_gap=3, moments_on_refresh="reset")
+    for t in range(3):
+        p.grad = gradient(shape, t)
+        opt.step()
+    assert int(opt.state[p]["step"]) == 3
+    p.grad = gradient(shape, 3)
+    opt.step()                            # refresh: moments zeroed, then one Adam step
+    B = opt._projectors[p].basis()
+    R = p.grad @ B
+    assert int(opt.state[p]["step"]) == 1
+    assert torch.allclose(opt.state[p]["exp_avg"], 0.1 * R, atol=1e-6)
+
+
+def test_keep_leaves_moments_untouched_at_refresh():
+    shape = (48, 32)
+    p = matrix_param(shape)
+    opt = mo.GaLoreAdamW([p], lr=0.01, rank=5, update_proj_gap=2)
+    for t in range(2):
+        p.grad = gradient(shape, t)
+        opt.step()
+    m_old = opt.state[p]["exp_avg"].clone()
+    p.grad = gradient(shape, 5)
+    opt.step()
+    R = p.grad @ opt._projectors[p].basis()
+    assert torch.allclose(opt.state[p]["exp_avg"], 0.9 * m_old + 0.1 * R, atol=1e-6)
+    assert int(opt.state[p]["step"]) == 3
+
+
+def test_8bit_tracks_32bit():
+    shape = (256, 192)
+    p32, p8 = matrix_param(shape), matrix_param(shape)
+    o32 = mo.GaLoreAdamW([p32], lr=1e-3, rank=32)
+    o8 = mo.GaLoreAdamW8bit([p8], lr=1e-3, rank=32)
+    start = p32.detach().clone()
+    for t in range(10):
+        G = gradient(shape, t)
+        p32.grad, p8.grad = G.clone(), G.clone()
+        o32.step()
+        o8.step()
+    assert o8.state[p8]["exp_avg"].dtype == torch.uint8
+    moved = (p32 - start).norm()
+    assert (p8 - p32).norm() < 0.1 * moved
+
+
+def test_the_8bit_classes_are_the_same_engine_with_8_bits():
+    p = matrix_param()
+    for cls, base in [(mo.GaLoreAdamW8bit, mo.GaLoreAdamW), (mo.DCTAdamW8bit, mo.DCTAdamW),
+                      (mo.FiraAdamW8bit, mo.FiraAdamW)]:
+        opt = cls([p])
+        assert isinstance(opt, base) and opt.defaults["state_bits"] == 8
+    assert mo.DCTAdamW([p]).defaults["projector"] == "dct"
+    assert mo.FiraAdamW([p]).defaults["residual"] == "fira"
+    assert mo.GaLoreAdamW([p]).defaults["projector"] == "svd"
+
+
+def test_dct_state_is_indices_not_a_basis():
+    p = matrix_param((256, 192))
+    opt = mo.DCTAdamW([p], rank=32)
+    p.grad = gradient((256, 192), 0)
+    opt.step()
+    state = opt.state[p]
+    assert "proj_basis" not in state
+    assert state["proj_indices"].shape == (32,) and state["proj_indices"].dtype == torch.int64
