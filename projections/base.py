@@ -8,7 +8,9 @@ GaLore (Zhao et al., 2024) calls the default side choice, the smaller dimension,
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,6 +53,24 @@ def resolve_side(requested: str, shape: tuple[int, int]) -> str:
         return requested
     m, n = shape
     return "right" if m >= n else "left"
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(level: str) -> Iterator[None]:
+    """Run fp32 matrix products at ``level`` ("highest" = full fp32, "high" = TF32 on
+    CUDA tensor cores) inside the block, then restore the previous setting."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(level)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def full_fp32_matmul() -> contextlib.AbstractContextManager[None]:
+    """Full fp32 matrix products (no TF32) inside the block: bases must be orthonormal to
+    fp32 precision whatever the caller's global setting."""
+    return float32_matmul_precision("highest")
 
 
 def project_onto(G: Tensor, B: Tensor, side: str) -> Tensor:

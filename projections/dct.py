@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Projector
-from .polar import full_fp32_matmul
+from .base import Projector, full_fp32_matmul
 
 METHODS = ("auto", "matmul", "fft")
 

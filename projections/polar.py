@@ -8,15 +8,14 @@ matrix products only, so they run in bf16 on a GPU and batch over same-shape mat
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import Projector, seeded_gaussian
+from .base import Projector, full_fp32_matmul, seeded_gaussian
 
 Coefficients = tuple[float, float, float]
 
@@ -137,17 +136,6 @@ def _exact_polar(G: Tensor) -> Tensor:
     return (U * keep.unsqueeze(-2)) @ Vh
 
 
-@contextlib.contextmanager
-def full_fp32_matmul() -> Iterator[None]:
-    """Run fp32 matrix products in full fp32 (no TF32) inside the block, then restore."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
 def approximate_polar(Y: Tensor) -> Tensor:
     """Columns of a tall Y (d x r) made approximately orthonormal by Polar Express (8 steps).
 
@@ -245,6 +233,6 @@ class PolarProjector(Projector):
 
 __all__ = [
     "CUBIC_NEWTON_SCHULZ", "NEWTON_SCHULZ_COEFFICIENTS", "POLAR_EXPRESS_COEFFICIENTS",
-    "POLAR_EXPRESS_SAFETY", "PolarProjector", "approximate_polar", "full_fp32_matmul",
+    "POLAR_EXPRESS_SAFETY", "PolarProjector", "approximate_polar",
     "orthogonalize", "orthonormal_columns", "polynomial_iteration",
 ]

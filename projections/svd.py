@@ -13,8 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Projector, seeded_gaussian
-from .polar import full_fp32_matmul
+from .base import Projector, full_fp32_matmul, seeded_gaussian
 
 METHODS = ("exact", "randomized")
 

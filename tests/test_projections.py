@@ -25,6 +25,7 @@ CONFIGS = {
 SHAPES = {"tall": (64, 40), "wide": (40, 64), "square": (48, 48), "odd": (257, 96)}
 RANKS = {"r1": 1, "r8": 8, "r32": 32, "full": 10_000}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def gradient(shape, dtype=torch.float32, seed=0, decay=0.0):
@@ -53,10 +54,11 @@ all_cases = pytest.mark.parametrize(
 
 
 @all_cases
-def test_basis_is_orthonormal(config, shape, rank, dtype):
-    proj = CONFIGS[config](rank).update(gradient(shape, dtype))
+@pytest.mark.parametrize("device", DEVICES)
+def test_basis_is_orthonormal(config, shape, rank, dtype, device):
+    proj = CONFIGS[config](rank).update(gradient(shape, dtype).to(device))
     B = proj.basis()
-    assert B.dtype == expected_dtype(dtype)
+    assert B.dtype == expected_dtype(dtype) and B.device.type == device
     assert orthonormality_error(B) <= basis_tolerance(B)
 
 
@@ -179,8 +181,9 @@ def test_svd_polar_equals_scipy_polar(shape):
 @pytest.mark.parametrize("method,low,high", [("newton_schulz", 0.6, 1.25),
                                              ("polar_express", 0.85, 1.15)])
 @pytest.mark.parametrize("shape", [(64, 48), (48, 64), (128, 128)])
-def test_iterative_polar_singular_values_on_condition_number_10(method, low, high, shape):
-    A = well_conditioned(*shape, cond=10.0).float()
+@pytest.mark.parametrize("device", DEVICES)
+def test_iterative_polar_singular_values_on_condition_number_10(method, low, high, shape, device):
+    A = well_conditioned(*shape, cond=10.0).float().to(device)     # bf16 iterations on CUDA
     s = torch.linalg.svdvals(orthogonalize(A, method).double())
     assert low <= float(s.min()) and float(s.max()) <= high
 

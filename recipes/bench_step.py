@@ -1,0 +1,232 @@
+"""Step time and state bytes of every optimizer on the same parameters, in one process.
+
+    python -m memopt.recipes.bench_step [--device cuda] [--only NAME,...] [--out FILE]
+
+The parameters are four LLaMA-1B blocks (hidden 2048, intermediate 5461: 28 matrices and 8
+norm vectors, fp32, about 201M parameters; a quarter of the width on the CPU), with fixed
+random gradients. For each optimizer: the first step (state creation and, for low-rank
+methods, the first basis), the median of the following steps (no refresh), a refresh step
+timed apart (ours: the basis rebuilt from the previous one), bytes of optimizer state per
+parameter, and the step-time ratio to torch.optim.AdamW(fused=True) measured in the same run.
+Peers (bitsandbytes, galore-torch, fira) are measured when installed (``pip install
+memopt[bench]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from memopt import optim as mo
+
+from .timing import (environment, markdown_table, median, resolve_device, synchronize,
+                     time_ms, write_json)
+
+
+@dataclass
+class Entry:
+    name: str
+    build: Callable[[list[torch.Tensor], list[torch.Tensor]], torch.optim.Optimizer]
+    ours: bool = False
+    lowrank: bool = False
+    slow: bool = False
+
+
+def llama_blocks(n_blocks: int, hidden: int, intermediate: int, device: torch.device,
+                 seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Weights of ``n_blocks`` LLaMA decoder blocks: 7 matrices and 2 norm vectors each."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    shapes = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
+    matrices, vectors = [], []
+    for _ in range(n_blocks):
+        for shape in shapes:
+            w = torch.randn(shape, generator=gen) * 0.02
+            matrices.append(torch.nn.Parameter(w.to(device)))
+        vectors += [torch.nn.Parameter(torch.ones(hidden, device=device)) for _ in range(2)]
+    for p in matrices + vectors:
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
+    return matrices, vectors
+
+
+def peer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Tensor bytes in an optimizer's state, looking inside objects peers keep there."""
+    seen: set[int] = set()
+
+    def walk(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            if id(value) in seen:
+                return 0
+            seen.add(id(value))
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(walk(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(walk(v) for v in value)
+        if hasattr(value, "__dict__"):
+            return walk(vars(value))
+        return 0
+
+    return sum(walk(s) for s in opt.state.values())
+
+
+def entries(rank: int) -> list[Entry]:
+    def lowrank(cls: type, **kw: Any) -> Callable:
+        return lambda mats, vecs: cls([{"params": mats, "rank": rank, **kw},
+                                       {"params": vecs, "adamw": True}], lr=1e-3)
+
+    def polar(cls: type, **kw: Any) -> Callable:
+        return lambda mats, vecs: cls([{"params": mats}, {"params": vecs, "adamw": True}],
+                                      lr=0.02, **kw)
+
+    out = [Entry("torch AdamW (fused)", lambda m, v: torch.optim.AdamW(
+        m + v, lr=1e-3, fused=True))]
+    try:
+        import bitsandbytes as bnb
+        out.append(Entry("bitsandbytes AdamW8bit", lambda m, v: bnb.optim.AdamW8bit(m + v, lr=1e-3)))
+    except ImportError:
+        pass
+    try:
+        import galore_torch
+
+        def galore(cls: type, **kw: Any) -> Callable:
+            return lambda m, v: cls([{"params": m, "rank": rank, "update_proj_gap": 200,
+                                      "scale": 0.25, "proj_type": "std"}, {"params": v}],
+                                    lr=1e-3, **kw)
+        out.append(Entry("galore-torch GaLoreAdamW",
+                         galore(galore_torch.GaLoreAdamW, no_deprecation_warning=True)))
+        out.append(Entry("galore-torch GaLoreAdamW8bit", galore(galore_torch.GaLoreAdamW8bit)))
+    except ImportError:
+        pass
+    try:
+        import fira
+        out.append(Entry("fira FiraAdamW", lambda m, v: fira.FiraAdamW(
+            [{"params": m, "rank": rank, "update_proj_gap": 200, "alpha": 0.25,
+              "proj_type": "std"}, {"params": v}], lr=1e-3, no_deprecation_warning=True)))
+    except ImportError:
+        pass
+    out += [
+        Entry("memopt GaLoreAdamW", lowrank(mo.GaLoreAdamW), ours=True, lowrank=True),
+        Entry("memopt GaLoreAdamW (svd randomized)", lowrank(
+            mo.GaLoreAdamW, projector_options={"method": "randomized"}), ours=True, lowrank=True),
+        Entry("memopt GaLoreAdamW (polar)", lowrank(mo.GaLoreAdamW, projector="polar"),
+              ours=True, lowrank=True),
+        Entry("memopt GaLoreAdamW8bit", lowrank(mo.GaLoreAdamW8bit), ours=True, lowrank=True),
+        Entry("memopt DCTAdamW", lowrank(mo.DCTAdamW), ours=True, lowrank=True),
+        Entry("memopt DCTAdamW8bit", lowrank(mo.DCTAdamW8bit), ours=True, lowrank=True),
+        Entry("memopt FiraAdamW", lowrank(mo.FiraAdamW), ours=True, lowrank=True),
+        Entry("memopt FiraAdamW8bit", lowrank(mo.FiraAdamW8bit), ours=True, lowrank=True),
+    ]
+    if hasattr(torch.optim, "Muon"):
+        out.append(Entry("torch.optim.Muon (matrices only)",
+                         lambda m, v: torch.optim.Muon(m, lr=0.02, weight_decay=0.0)))
+    for method in ("newton_schulz", "polar_express", "svd"):
+        slow = method == "svd"
+        out.append(Entry(f"memopt Muon ({method})", polar(mo.Muon, orthogonalizer=method),
+                         ours=True, slow=slow))
+        out.append(Entry(f"memopt PolarGrad ({method})", polar(mo.PolarGrad, orthogonalizer=method),
+                         ours=True, slow=slow))
+    out.append(Entry("memopt Muon8bit", polar(mo.Muon8bit), ours=True))
+    return out
+
+
+def force_refresh(opt: torch.optim.Optimizer) -> Callable[[], None]:
+    """One step of ``opt`` (a memopt low-rank optimizer) that rebuilds every basis."""
+    def step() -> None:
+        gaps = [g["update_proj_gap"] for g in opt.param_groups]
+        for g in opt.param_groups:
+            g["update_proj_gap"] = 1
+        try:
+            opt.step()
+        finally:
+            for g, gap in zip(opt.param_groups, gaps):
+                g["update_proj_gap"] = gap
+    return step
+
+
+def run_entry(entry: Entry, matrices: list[torch.Tensor], vectors: list[torch.Tensor],
+              device: torch.device, steps: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"optimizer": entry.name}
+    n_params = sum(p.numel() for p in matrices + vectors)
+    opt = None
+    try:
+        opt = entry.build(matrices, vectors)
+        first = time_ms(opt.step, device, repeats=1, warmup=0)[0]
+        row["first_step_ms"] = first
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        reps, warm = (1, 0) if entry.slow else (steps, 1)
+        row["step_ms"] = median(time_ms(opt.step, device, repeats=reps, warmup=warm))
+        if device.type == "cuda":
+            row["step_peak_extra_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        if entry.ours and entry.lowrank:
+            row["refresh_ms"] = median(time_ms(force_refresh(opt), device, repeats=2, warmup=0))
+        row["state_bytes_per_param"] = (mo.state_bytes(opt) if entry.ours
+                                        else peer_state_bytes(opt)) / n_params
+    except Exception as exc:     # a peer that crashes is a result, not a reason to stop
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        traceback.print_exc()
+    finally:
+        del opt
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        synchronize(device)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=None, help="2048 on GPU, 512 on CPU")
+    parser.add_argument("--intermediate", type=int, default=None, help="5461 on GPU, 1365 on CPU")
+    parser.add_argument("--rank", type=int, default=None, help="512 on GPU, 128 on CPU")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per optimizer")
+    parser.add_argument("--only", default=None, help="comma-separated substrings of names")
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    gpu = device.type == "cuda"
+    hidden = args.hidden or (2048 if gpu else 512)
+    intermediate = args.intermediate or (5461 if gpu else 1365)
+    rank = args.rank or (512 if gpu else 128)
+    matrices, vectors = llama_blocks(args.blocks, hidden, intermediate, device)
+    n_params = sum(p.numel() for p in matrices + vectors)
+    selected = entries(rank)
+    if args.only:
+        keys = [k.strip() for k in args.only.split(",")]
+        selected = [e for e in selected if any(k in e.name for k in keys) or e.name.startswith("torch AdamW")]
+    rows = []
+    for entry in selected:
+        rows.append(run_entry(entry, matrices, vectors, device, args.steps))
+        print(f"done {entry.name}: {rows[-1]}", flush=True)
+    base = next((r["step_ms"] for r in rows if r["optimizer"].startswith("torch AdamW")
+                 and "step_ms" in r), math.nan)
+    muon = next((r["step_ms"] for r in rows if r["optimizer"].startswith("torch.optim.Muon")
+                 and "step_ms" in r), math.nan)
+    for r in rows:
+        if "step_ms" in r:
+            r["vs_fused_adamw"] = r["step_ms"] / base
+            r["vs_torch_muon"] = r["step_ms"] / muon if "Muon" in r["optimizer"] or \
+                "PolarGrad" in r["optimizer"] else None
+    env = environment(device)
+    print(f"\n{args.blocks} LLaMA blocks (hidden {hidden}, intermediate {intermediate}), "
+          f"{n_params / 1e6:.1f}M fp32 parameters, rank {rank}; {env}\n")
+    print(markdown_table(rows, ["optimizer", "step_ms", "vs_fused_adamw", "vs_torch_muon",
+                                "first_step_ms", "refresh_ms", "state_bytes_per_param",
+                                "step_peak_extra_mb", "error"]))
+    write_json(args.out, {"environment": env, "hidden": hidden, "intermediate": intermediate,
+                          "blocks": args.blocks, "rank": rank, "n_params": n_params, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
