@@ -172,17 +172,23 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
 
     @staticmethod
     def _orthogonalize_by_shape(inputs: list[Tensor], group: dict[str, Any]) -> list[Tensor]:
-        """polar(M) for every M, with same-shape (and dtype) matrices done in one batched call."""
+        """polar(M) for every M, batching matrices of one shape up to transposition.
+
+        polar(M^T) = polar(M)^T, so a (5461 x 2048) and a (2048 x 5461) matrix share a batch.
+        """
         out: list[Tensor | None] = [None] * len(inputs)
-        by_shape: dict[tuple[Any, ...], list[int]] = {}
+        batches: dict[tuple[Any, ...], list[int]] = {}
         for i, M in enumerate(inputs):
-            by_shape.setdefault((tuple(M.shape), M.dtype, M.device), []).append(i)
-        for indices in by_shape.values():
-            batch = torch.stack([inputs[i] for i in indices])
-            polar = orthogonalize(batch, group["orthogonalizer"], steps=group["ns_steps"],
-                                  dtype=NS_DTYPES[group["ns_dtype"]], check_finite=False)
+            key = (min(M.shape), max(M.shape), M.dtype, M.device)
+            batches.setdefault(key, []).append(i)
+        for indices in batches.values():
+            wide = [inputs[i] if inputs[i].shape[0] <= inputs[i].shape[1] else inputs[i].mT
+                    for i in indices]
+            polar = orthogonalize(torch.stack(wide), group["orthogonalizer"],
+                                  steps=group["ns_steps"], dtype=NS_DTYPES[group["ns_dtype"]],
+                                  check_finite=False)
             for i, U in zip(indices, polar.unbind(0)):
-                out[i] = U
+                out[i] = U if inputs[i].shape[0] <= inputs[i].shape[1] else U.mT
         return out
 
 

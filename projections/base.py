@@ -208,11 +208,26 @@ def orthonormality_error(B: Tensor) -> float:
 
 def seeded_gaussian(shape: tuple[int, ...], seed: int, draw: int, device: torch.device,
                     dtype: torch.dtype) -> Tensor:
-    """A standard Gaussian test matrix that depends only on (seed, draw).
+    """A standard Gaussian test matrix that depends only on (seed, draw) and the device type.
 
-    Drawn on the CPU and then moved, so a run resumed on another device, and every
-    data-parallel rank, gets the same numbers.
+    Drawn on the target device, so every data-parallel rank gets the same numbers; a CPU and
+    a GPU draw differ, which only matters for a cold start (a resumed run starts warm from
+    its saved basis).
     """
-    gen = torch.Generator(device="cpu")
+    device = torch.device(device)
+    gen = torch.Generator(device=device)
     gen.manual_seed((int(seed) * 1_000_003 + int(draw) * 7_919) % (2**63 - 1))
-    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    return torch.randn(shape, generator=gen, dtype=dtype, device=device)
+
+
+def canonical_signs(B: Tensor) -> Tensor:
+    """Flip each column of B so that its largest-magnitude entry is positive.
+
+    Singular vectors are defined up to sign, and LAPACK and cuSOLVER pick differently; a
+    fixed convention makes a basis the same on every device and keeps Adam moments that
+    outlive a refresh aligned with the vectors they were measured on.
+    """
+    idx = B.abs().argmax(dim=0, keepdim=True)
+    signs = torch.sign(torch.gather(B, 0, idx))
+    signs[signs == 0] = 1
+    return B * signs

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Projector, full_fp32_matmul, seeded_gaussian
+from .base import Projector, canonical_signs, full_fp32_matmul, seeded_gaussian
 
 METHODS = ("exact", "randomized")
 
@@ -24,7 +24,7 @@ def top_singular_basis(G: Tensor, side: str, r: int) -> Tensor:
     full = r > min(m, n)             # a side longer than min(m, n) needs the full SVD
     with full_fp32_matmul():
         U, _, Vh = torch.linalg.svd(G, full_matrices=full)
-    return (Vh[:r].mT if side == "right" else U[:, :r]).contiguous()
+    return canonical_signs(Vh[:r].mT if side == "right" else U[:, :r]).contiguous()
 
 
 def randomized_basis(G: Tensor, side: str, r: int, start: Tensor, power_iters: int) -> Tensor:
@@ -42,7 +42,7 @@ def randomized_basis(G: Tensor, side: str, r: int, start: Tensor, power_iters: i
         C = A.mT @ Q
         evals, evecs = torch.linalg.eigh(C.mT @ C)
         top = evecs[:, torch.argsort(evals, descending=True)[:r]]
-        return (Q @ top).contiguous()
+        return canonical_signs(Q @ top).contiguous()
 
 
 class SVDProjector(Projector):

@@ -55,6 +55,18 @@ def llama_blocks(n_blocks: int, hidden: int, intermediate: int, device: torch.de
     return matrices, vectors
 
 
+def stepper(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> Callable[[], None]:
+    """opt.step() on the fixed gradients. The gradients are re-bound (not copied) first,
+    because galore-torch's 8-bit class replaces p.grad by its projection."""
+    grads = [p.grad for p in params]
+
+    def step() -> None:
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+    return step
+
+
 def peer_state_bytes(opt: torch.optim.Optimizer) -> int:
     """Tensor bytes in an optimizer's state, looking inside objects peers keep there."""
     seen: set[int] = set()
@@ -136,18 +148,18 @@ def entries(rank: int) -> list[Entry]:
     return out
 
 
-def force_refresh(opt: torch.optim.Optimizer) -> Callable[[], None]:
-    """One step of ``opt`` (a memopt low-rank optimizer) that rebuilds every basis."""
-    def step() -> None:
+def force_refresh(opt: torch.optim.Optimizer, step: Callable[[], None]) -> Callable[[], None]:
+    """One ``step`` of ``opt`` (a memopt low-rank optimizer) that rebuilds every basis."""
+    def refresh_step() -> None:
         gaps = [g["update_proj_gap"] for g in opt.param_groups]
         for g in opt.param_groups:
             g["update_proj_gap"] = 1
         try:
-            opt.step()
+            step()
         finally:
             for g, gap in zip(opt.param_groups, gaps):
                 g["update_proj_gap"] = gap
-    return step
+    return refresh_step
 
 
 def run_entry(entry: Entry, matrices: list[torch.Tensor], vectors: list[torch.Tensor],
@@ -157,17 +169,19 @@ def run_entry(entry: Entry, matrices: list[torch.Tensor], vectors: list[torch.Te
     opt = None
     try:
         opt = entry.build(matrices, vectors)
-        first = time_ms(opt.step, device, repeats=1, warmup=0)[0]
+        step = stepper(opt, matrices + vectors)
+        first = time_ms(step, device, repeats=1, warmup=0)[0]
         row["first_step_ms"] = first
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
         reps, warm = (1, 0) if entry.slow else (steps, 1)
-        row["step_ms"] = median(time_ms(opt.step, device, repeats=reps, warmup=warm))
+        row["step_ms"] = median(time_ms(step, device, repeats=reps, warmup=warm))
         if device.type == "cuda":
             row["step_peak_extra_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         if entry.ours and entry.lowrank:
-            row["refresh_ms"] = median(time_ms(force_refresh(opt), device, repeats=2, warmup=0))
+            row["refresh_ms"] = median(time_ms(force_refresh(opt, step), device, repeats=2,
+                                               warmup=0))
         row["state_bytes_per_param"] = (mo.state_bytes(opt) if entry.ours
                                         else peer_state_bytes(opt)) / n_params
     except Exception as exc:     # a peer that crashes is a result, not a reason to stop

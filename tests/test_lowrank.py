@@ -138,14 +138,17 @@ def test_agrees_with_galore_torch(shape):
     p1 = matrix_param(shape)
     bias1 = torch.nn.Parameter(torch.randn(shape[0]))
     p2, bias2 = copy.deepcopy(p1), copy.deepcopy(bias1)
-    kw = dict(rank=6, update_proj_gap=4, scale=0.25)
+    # One refresh (step 0): at later refreshes galore-torch keeps moments in whatever sign
+    # torch.linalg.svd gave the new singular vectors, while our bases follow a fixed sign
+    # convention (projections.base.canonical_signs), so the two part ways there by design.
+    kw = dict(rank=6, update_proj_gap=100, scale=0.25)
     eps = 1e-12       # galore-torch adds eps to sqrt(v) before bias correction, we after
     ours = mo.GaLoreAdamW([{"params": [p1], **kw}, {"params": [bias1], "rank": None}],
                           lr=0.01, eps=eps)
     with pytest.warns(FutureWarning):
         theirs = galore_torch.GaLoreAdamW([{"params": [p2], **kw, "proj_type": "std"},
                                            {"params": [bias2]}], lr=0.01, eps=eps)
-    for t in range(10):                     # refreshes at steps 0, 4, 8
+    for t in range(10):
         G, g = gradient(shape, t), gradient((shape[0],), t)
         p1.grad, p2.grad = G.clone(), G.clone()
         bias1.grad, bias2.grad = g.clone(), g.clone()

@@ -320,3 +320,13 @@ def test_forced_side_on_the_longer_dimension(side):
 def test_every_projector_is_a_projector():
     for config in CONFIGS.values():
         assert isinstance(config(3), Projector)
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_svd_basis_has_a_fixed_sign_convention(method):
+    G = gradient((64, 40), decay=0.05)
+    B1 = SVDProjector(6, method=method).update(G).basis()
+    B2 = SVDProjector(6, method=method).update(-G).basis()      # flips every singular pair
+    peak = B1.gather(0, B1.abs().argmax(dim=0, keepdim=True))
+    assert (peak > 0).all()
+    assert torch.allclose(B1, B2, atol=1e-5)
