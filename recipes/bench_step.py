@@ -41,7 +41,8 @@ class Entry:
 
 def llama_blocks(n_blocks: int, hidden: int, intermediate: int, device: torch.device,
                  seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Weights of ``n_blocks`` LLaMA decoder blocks: 7 matrices and 2 norm vectors each."""
+    """Weights of ``n_blocks`` LLaMA decoder blocks: 7 matrices and 2 norm vectors each,
+    with fixed random gradients in ``.grad``."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     shapes = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
     matrices, vectors = [], []
@@ -55,11 +56,10 @@ def llama_blocks(n_blocks: int, hidden: int, intermediate: int, device: torch.de
     return matrices, vectors
 
 
-def stepper(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> Callable[[], None]:
-    """opt.step() on the fixed gradients. The gradients are re-bound (not copied) first,
-    because galore-torch's 8-bit class replaces p.grad by its projection."""
-    grads = [p.grad for p in params]
-
+def stepper(opt: torch.optim.Optimizer, params: list[torch.Tensor],
+            grads: list[torch.Tensor]) -> Callable[[], None]:
+    """opt.step() on the fixed gradients ``grads``. They are re-bound (not copied) before
+    every step, because galore-torch's 8-bit class replaces p.grad by its projection."""
     def step() -> None:
         for p, g in zip(params, grads):
             p.grad = g
@@ -162,14 +162,22 @@ def force_refresh(opt: torch.optim.Optimizer, step: Callable[[], None]) -> Calla
     return refresh_step
 
 
-def run_entry(entry: Entry, matrices: list[torch.Tensor], vectors: list[torch.Tensor],
+def fresh_copy(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """New parameters with the same values (a peer that fails mid-step may leave its
+    parameters changed: galore-torch's 8-bit class swaps p.data for a projection)."""
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def run_entry(entry: Entry, master_matrices: list[torch.Tensor],
+              master_vectors: list[torch.Tensor], grads: list[torch.Tensor],
               device: torch.device, steps: int) -> dict[str, Any]:
     row: dict[str, Any] = {"optimizer": entry.name}
+    matrices, vectors = fresh_copy(master_matrices), fresh_copy(master_vectors)
     n_params = sum(p.numel() for p in matrices + vectors)
     opt = None
     try:
         opt = entry.build(matrices, vectors)
-        step = stepper(opt, matrices + vectors)
+        step = stepper(opt, matrices + vectors, grads)
         first = time_ms(step, device, repeats=1, warmup=0)[0]
         row["first_step_ms"] = first
         if device.type == "cuda":
@@ -188,7 +196,7 @@ def run_entry(entry: Entry, matrices: list[torch.Tensor], vectors: list[torch.Te
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         traceback.print_exc()
     finally:
-        del opt
+        del opt, matrices, vectors
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -213,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     intermediate = args.intermediate or (5461 if gpu else 1365)
     rank = args.rank or (512 if gpu else 128)
     matrices, vectors = llama_blocks(args.blocks, hidden, intermediate, device)
+    grads = [p.grad for p in matrices + vectors]
+    for p in matrices + vectors:
+        p.grad = None
     n_params = sum(p.numel() for p in matrices + vectors)
     selected = entries(rank)
     if args.only:
@@ -220,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         selected = [e for e in selected if any(k in e.name for k in keys) or e.name.startswith("torch AdamW")]
     rows = []
     for entry in selected:
-        rows.append(run_entry(entry, matrices, vectors, device, args.steps))
+        rows.append(run_entry(entry, matrices, vectors, grads, device, args.steps))
         print(f"done {entry.name}: {rows[-1]}", flush=True)
     base = next((r["step_ms"] for r in rows if r["optimizer"].startswith("torch AdamW")
                  and "step_ms" in r), math.nan)
