@@ -2,10 +2,12 @@
 
 Adam (Kingma & Ba, 2015) with decoupled weight decay (AdamW, Loshchilov & Hutter, 2019):
 m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2,
-direction psi = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps).
-The low-rank engine runs it on projected gradients; every optimizer runs it on the
-parameters it does not project or orthogonalize. Same arithmetic, in the same order, as
-``torch.optim.AdamW(foreach=True)``, so the dense path matches it.
+u = -(m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)   (the step Adam takes at lr = 1).
+
+Two implementations, chosen by device and tested against each other: torch's fused AdamW
+kernel (one pass over g, m, v; CUDA and CPU) and a plain tensor-op reference for everything
+else. The low-rank engine gets u for a projected gradient by running the fused kernel on a
+zero "parameter": one kernel instead of seven passes, and nothing full-size kept alive.
 """
 
 from __future__ import annotations
@@ -15,45 +17,63 @@ import math
 import torch
 from torch import Tensor
 
+FUSED_DEVICES = ("cuda", "cpu")
+FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-def update_moments(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                   beta1: float, beta2: float, eps: float, step: int) -> list[Tensor]:
-    """Advance the moments in place; return the denominators sqrt(v / (1 - b2^t)) + eps.
 
-    The direction is then psi = m / denominator / (1 - b1^t); callers fold 1 / (1 - b1^t)
-    into their step size, as torch.optim.AdamW does.
+def fused_available(t: Tensor) -> bool:
+    """Whether torch's fused AdamW kernel runs on this tensor's device and dtype."""
+    return (t.device.type in FUSED_DEVICES and t.dtype in FUSED_DTYPES
+            and hasattr(torch, "_fused_adamw_") and not hasattr(t, "to_local"))
+
+
+def _reference_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, beta1: float,
+                      beta2: float, eps: float, step: int) -> Tensor:
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denominator = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    return exp_avg.div(denominator).mul_(-1 / (1 - beta1**step))
+
+
+def adam_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, beta1: float,
+                beta2: float, eps: float, step: int, fused: bool | None = None) -> Tensor:
+    """Advance the moments of ``grad`` in place and return Adam's update u (lr = 1).
+
+    ``step`` is the step count after this update (1 on the first call). ``fused=None``
+    picks the fused kernel where it runs.
     """
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    denominators = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denominators, math.sqrt(1 - beta2**step))
-    torch._foreach_add_(denominators, eps)
-    return denominators
+    if fused is None:
+        fused = fused_available(grad)
+    if not fused:
+        return _reference_update(grad, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps,
+                                 step=step)
+    update = torch.zeros_like(grad)
+    steps = torch.full((), float(step), dtype=torch.float32, device=grad.device)
+    torch._fused_adamw_([update], [grad], [exp_avg], [exp_avg_sq], [], [steps], lr=1.0,
+                        beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False,
+                        maximize=False)
+    return update
 
 
-def bias_correction1(beta1: float, step: int) -> float:
-    """1 - b1^t: the first moment's bias correction."""
-    return 1 - beta1**step
+def adamw_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float,
+               beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+               fused: bool | None = None) -> None:
+    """One AdamW step on a dense parameter: p <- p (1 - lr wd) + lr u.
 
-
-def adamw_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-               exp_avg_sqs: list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
-               weight_decay: float, step: int) -> None:
-    """One AdamW step on dense parameters: p <- p (1 - lr wd) - lr psi.
-
-    Moments may be wider than the parameters (fp32 moments for bf16 weights); the
-    direction is then computed in the moments' dtype and rounded once into the parameter.
+    With moments of the parameter's dtype this is torch's fused AdamW in place (no
+    temporaries); with wider moments (fp32 moments for a bf16 weight) u is computed in the
+    moments' dtype and rounded once into the parameter.
     """
+    if fused is None:
+        fused = fused_available(param)
+    if fused and param.dtype == exp_avg.dtype and grad.dtype == param.dtype:
+        steps = torch.full((), float(step), dtype=torch.float32, device=param.device)
+        torch._fused_adamw_([param], [grad], [exp_avg], [exp_avg_sq], [], [steps], lr=lr,
+                            beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                            amsgrad=False, maximize=False)
+        return
+    update = adam_update(grad.to(exp_avg.dtype), exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2,
+                         eps=eps, step=step, fused=fused)
     if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-    grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
-    denominators = update_moments(grads, exp_avg_sqs=exp_avg_sqs, exp_avgs=exp_avgs,
-                                  beta1=beta1, beta2=beta2, eps=eps, step=step)
-    alpha = -lr / bias_correction1(beta1, step)
-    same = [i for i, (p, m) in enumerate(zip(params, exp_avgs)) if p.dtype == m.dtype]
-    if same:
-        torch._foreach_addcdiv_([params[i] for i in same], [exp_avgs[i] for i in same],
-                                [denominators[i] for i in same], alpha)
-    for i in sorted(set(range(len(params))) - set(same)):   # bf16 / fp16 parameters
-        params[i].add_(exp_avgs[i] / denominators[i], alpha=alpha)
+        param.mul_(1 - lr * weight_decay)
+    param.add_(update, alpha=lr)

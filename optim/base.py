@@ -139,7 +139,6 @@ class MemoptOptimizer(Optimizer, ABC):
     def _adamw(self, params: list[Tensor], store: MomentStore, *, lr: float,
                betas: tuple[float, float], eps: float, weight_decay: float) -> None:
         """Plain AdamW for the parameters a method does not project or orthogonalize."""
-        buckets: dict[int, list[Tensor]] = {}
         for p in params:
             state = self.state[p]
             if not state:
@@ -147,17 +146,11 @@ class MemoptOptimizer(Optimizer, ABC):
                 for key in ("exp_avg", "exp_avg_sq"):
                     store.init(state, key, p.shape, p.device, moment_dtype(p))
             state["step"] += 1
-            buckets.setdefault(int(state["step"]), []).append(p)
-        for step, bucket in buckets.items():
-            states = [self.state[p] for p in bucket]
-            exp_avgs = [store.read(s, "exp_avg") for s in states]
-            exp_avg_sqs = [store.read(s, "exp_avg_sq") for s in states]
-            adamw_step(bucket, [p.grad for p in bucket], exp_avgs, exp_avg_sqs, lr=lr,
-                       beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay,
-                       step=step)
-            for s, m, v in zip(states, exp_avgs, exp_avg_sqs):
-                store.write(s, "exp_avg", m)
-                store.write(s, "exp_avg_sq", v)
+            m, v = store.read(state, "exp_avg"), store.read(state, "exp_avg_sq")
+            adamw_step(p, p.grad, m, v, lr=lr, beta1=betas[0], beta2=betas[1], eps=eps,
+                       weight_decay=weight_decay, step=int(state["step"]))
+            store.write(state, "exp_avg", m)
+            store.write(state, "exp_avg_sq", v)
 
     # ---------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:

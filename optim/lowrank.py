@@ -19,7 +19,7 @@ from torch import Tensor
 from memopt.projections import PROJECTORS, Projector, lift, make_projector, project_onto
 from memopt.projections.base import float32_matmul_precision
 
-from .adam import bias_correction1, update_moments
+from .adam import adam_update
 from .base import (MemoptOptimizer, as_matrix, check_betas, check_choice, check_nonnegative,
                    check_positive_int, moment_dtype)
 from .states import MomentStore
@@ -44,7 +44,8 @@ def fira_residual(G: Tensor, R: Tensor, psi: Tensor, B: Tensor, side: str) -> Te
     """Fira's scaled residual S = phi * (G - project_back(R)) (Chen et al., 2024).
 
     phi = ||psi_j|| / ||R_j|| per column j of R (left basis, R is r x n) or per row (right
-    basis, R is m x r): the norm gain that Adam gives the low-rank part, lent to the rest.
+    basis, R is m x r), psi being Adam's direction for R (its sign does not matter here):
+    the norm gain that Adam gives the low-rank part, lent to the rest.
     The paper subtracts P R (the exact component outside the subspace), which we follow;
     Fira's released code subtracts scale * P R, which leaves (1 - scale) of the in-subspace
     gradient inside S and so applies that part twice.
@@ -217,15 +218,17 @@ class LowRankAdamW(MemoptOptimizer):
 
     def _lowrank_step(self, group: dict[str, Any], params: list[Tensor],
                       store: MomentStore) -> None:
+        """One parameter at a time, so that only one projected gradient and one full-size
+        update are alive at once (what lets per-layer stepping reach large models)."""
         beta1, beta2 = group["betas"]
-        gap = group["update_proj_gap"]
-        buckets: dict[int, list[tuple[Tensor, Tensor, Tensor, Projector, Tensor]]] = {}
+        lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
+        fira = group["residual"] == "fira"
         for p in params:
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0)
             G = as_matrix(p.grad)
-            if int(state["step"]) % gap == 0:
+            if int(state["step"]) % group["update_proj_gap"] == 0:
                 self._refresh(p, G, group, store)
             proj = self._projector(p, group)
             B = proj.basis()
@@ -234,50 +237,33 @@ class LowRankAdamW(MemoptOptimizer):
                 for key in ("exp_avg", "exp_avg_sq"):
                     store.init(state, key, R.shape, R.device, moment_dtype(B))
             state["step"] += 1
-            buckets.setdefault(int(state["step"]), []).append((p, G, B, proj, R))
-
-        lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
-        fira = group["residual"] == "fira"
-        for step, items in buckets.items():
-            states = [self.state[p] for p, *_ in items]
-            exp_avgs = [store.read(s, "exp_avg") for s in states]
-            exp_avg_sqs = [store.read(s, "exp_avg_sq") for s in states]
-            denominators = update_moments([R for *_, R in items], exp_avgs, exp_avg_sqs,
-                                          beta1, beta2, group["eps"], step)
-            for s, m, v in zip(states, exp_avgs, exp_avg_sqs):
-                store.write(s, "exp_avg", m)
-                store.write(s, "exp_avg_sq", v)
-            bc1 = bias_correction1(beta1, step)
-            for (p, G, B, proj, R), state, m, d in zip(items, states, exp_avgs, denominators):
-                psi = m.div(d)                       # the Adam direction times (1 - b1^t)
-                if wd != 0:
-                    p.mul_(1 - lr * wd)
-                if fira:
-                    self._fira_update(p, G, B, proj.side, R, psi, state, group, bc1)
-                else:
-                    self._apply(p, psi, B, proj.side, lr * scale / bc1)
-
-    @staticmethod
-    def _apply(p: Tensor, L: Tensor, B: Tensor, side: str, alpha: float) -> None:
-        """p <- p - alpha * project_back(L), fused into one matrix product when possible."""
-        W = as_matrix(p)
-        if p.dtype == B.dtype and p.is_contiguous() and W.data_ptr() == p.data_ptr():
-            if side == "right":
-                W.addmm_(L, B.mT, alpha=-alpha)
+            m, v = store.read(state, "exp_avg"), store.read(state, "exp_avg_sq")
+            u = adam_update(R, m, v, beta1=beta1, beta2=beta2, eps=group["eps"],
+                            step=int(state["step"]))
+            store.write(state, "exp_avg", m)
+            store.write(state, "exp_avg_sq", v)
+            if wd != 0:
+                p.mul_(1 - lr * wd)
+            if fira:
+                S = fira_residual(G, R, u, B, proj.side)
+                S, state["residual_norm"] = limit_norm_growth(
+                    S, state.get("residual_norm"), group["limiter_gamma"])
+                update = lift(u, B, proj.side).mul_(scale).sub_(S)
+                p.add_(update.view_as(p), alpha=lr)
             else:
-                W.addmm_(B, L, alpha=-alpha)
-        else:
-            p.add_(lift(L, B, side).view_as(p), alpha=-alpha)
+                self._add_lifted(p, u, B, proj.side, lr * scale)
 
     @staticmethod
-    def _fira_update(p: Tensor, G: Tensor, B: Tensor, side: str, R: Tensor, psi: Tensor,
-                     state: dict[str, Any], group: dict[str, Any], bc1: float) -> None:
-        lr, scale = group["lr"], group["scale"]
-        S = fira_residual(G, R, psi / bc1, B, side)
-        S, norm = limit_norm_growth(S, state.get("residual_norm"), group["limiter_gamma"])
-        state["residual_norm"] = norm
-        update = lift(psi, B, side).mul_(scale / bc1).add_(S)
-        p.add_(update.view_as(p), alpha=-lr)
+    def _add_lifted(p: Tensor, L: Tensor, B: Tensor, side: str, alpha: float) -> None:
+        """p <- p + alpha * project_back(L), fused into one matrix product when possible."""
+        if p.dtype == B.dtype and p.is_contiguous():
+            W = as_matrix(p)                   # a view: addmm_ writes into p
+            if side == "right":
+                W.addmm_(L, B.mT, alpha=alpha)
+            else:
+                W.addmm_(B, L, alpha=alpha)
+        else:
+            p.add_(lift(L, B, side).view_as(p), alpha=alpha)
 
     # --------------------------------------------------------------------- bytes
     def _shared_state_bytes(self) -> int:

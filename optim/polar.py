@@ -168,7 +168,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
             step_size = lr * lr_adjustment(tuple(as_matrix(p).shape), group["adjust_lr"])
             if wd != 0:
                 p.mul_(1 - lr * wd)
-            p.add_(direction.view_as(p), alpha=-step_size)
+            p.add_(direction.reshape_as(p), alpha=-step_size)
 
     @staticmethod
     def _orthogonalize_by_shape(inputs: list[Tensor], group: dict[str, Any]) -> list[Tensor]:

@@ -22,17 +22,36 @@ MIN_8BIT_NUMEL = 4096    # smaller tensors stay fp32 (bitsandbytes' min_8bit_siz
 ABSMAX_SUFFIX = "_absmax"
 
 
-def _bnb_functional() -> Any:
+def _bitsandbytes() -> Any:
+    """The bitsandbytes package, imported on first use of 8-bit state."""
     try:
-        import bitsandbytes.functional as bnbF
+        import bitsandbytes
+        import bitsandbytes.functional  # noqa: F401  (registers torch.ops.bitsandbytes)
     except ImportError as exc:   # pragma: no cover - depends on the environment
-        raise ImportError("state_bits=8 needs bitsandbytes: pip install bitsandbytes") from exc
-    return bnbF
+        raise ImportError("state_bits=8 needs bitsandbytes>=0.45: pip install bitsandbytes") from exc
+    return bitsandbytes
 
 
 @functools.lru_cache(maxsize=None)
 def _dynamic_map(signed: bool, device: str) -> Tensor:
-    return _bnb_functional().create_dynamic_map(signed=signed).to(device)
+    return _bitsandbytes().functional.create_dynamic_map(signed=signed).to(device)
+
+
+def quantize(value: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """Blockwise 8-bit codes (uint8, value's shape) and fp32 absmax (one per 256 values)."""
+    _bitsandbytes()
+    code = _dynamic_map(signed, str(value.device))
+    q, absmax = torch.ops.bitsandbytes.quantize_blockwise(value.float().contiguous(), code,
+                                                          BLOCKSIZE)
+    return q.view(value.shape), absmax
+
+
+def dequantize(q: Tensor, absmax: Tensor, signed: bool) -> Tensor:
+    """fp32 values of blockwise 8-bit codes."""
+    _bitsandbytes()
+    code = _dynamic_map(signed, str(q.device))
+    out = torch.ops.bitsandbytes.dequantize_blockwise(q, absmax, code, BLOCKSIZE, torch.float32)
+    return out.view(q.shape)
 
 
 class MomentStore:
@@ -47,7 +66,7 @@ class MomentStore:
         if bits not in (8, 32):
             raise ValueError(f"state_bits must be 8 or 32, got {bits!r}")
         if bits == 8:
-            _bnb_functional()
+            _bitsandbytes()
         self.bits = bits
         self.signed = dict(signed)
 
@@ -68,11 +87,7 @@ class MomentStore:
         value = state[key]
         if value.dtype != torch.uint8:
             return value
-        bnbF = _bnb_functional()
-        code = _dynamic_map(self.signed[key], str(value.device))
-        out = bnbF.dequantize_blockwise(value, absmax=state[key + ABSMAX_SUFFIX], code=code,
-                                        blocksize=BLOCKSIZE)
-        return out.view(value.shape).float()
+        return dequantize(value, state[key + ABSMAX_SUFFIX], self.signed[key])
 
     def write(self, state: dict, key: str, value: Tensor) -> None:
         """Store an fp32 moment returned by :meth:`read` (after updating it)."""
@@ -82,12 +97,7 @@ class MomentStore:
             state[key].copy_(value)
 
     def _quantize_into(self, state: dict, key: str, value: Tensor) -> None:
-        bnbF = _bnb_functional()
-        code = _dynamic_map(self.signed[key], str(value.device))
-        q, qstate = bnbF.quantize_blockwise(value.float().contiguous(), code=code,
-                                            blocksize=BLOCKSIZE)
-        state[key] = q.view(value.shape)
-        state[key + ABSMAX_SUFFIX] = qstate.absmax
+        state[key], state[key + ABSMAX_SUFFIX] = quantize(value, self.signed[key])
 
 
 def tensor_bytes(value: Any) -> int:

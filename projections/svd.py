@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Projector, canonical_signs, full_fp32_matmul, seeded_gaussian
+from .base import (Projector, accurate_svd, canonical_signs, full_fp32_matmul,
+                   seeded_gaussian)
 
 METHODS = ("exact", "randomized")
 
@@ -23,7 +24,7 @@ def top_singular_basis(G: Tensor, side: str, r: int) -> Tensor:
     m, n = G.shape
     full = r > min(m, n)             # a side longer than min(m, n) needs the full SVD
     with full_fp32_matmul():
-        U, _, Vh = torch.linalg.svd(G, full_matrices=full)
+        U, _, Vh = accurate_svd(G, full_matrices=full)
     return canonical_signs(Vh[:r].mT if side == "right" else U[:, :r]).contiguous()
 
 

@@ -206,6 +206,16 @@ def test_batched_orthogonalize_equals_one_by_one(method):
         assert torch.allclose(together[i], alone, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["newton_schulz", "polar_express"])
+@pytest.mark.parametrize("shape", [(37, 61), (61, 37), (3, 37, 61)])
+def test_zero_padding_does_not_change_the_polar_factor(method, shape):
+    gen = torch.Generator().manual_seed(3)
+    G = torch.randn(shape, generator=gen)
+    padded = orthogonalize(G, method, pad_to=64)
+    assert padded.shape == G.shape
+    assert torch.allclose(padded, orthogonalize(G, method, pad_to=1), atol=1e-5)
+
+
 def test_orthogonalize_returns_the_input_dtype():
     G = well_conditioned(16, 24).to(torch.bfloat16)
     for method in ("newton_schulz", "polar_express", "svd"):

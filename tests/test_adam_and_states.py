@@ -1,0 +1,93 @@
+"""The shared Adam update (fused and reference paths) and 8-bit moment storage."""
+
+import pytest
+import torch
+
+from memopt.optim.adam import adam_update, adamw_step
+from memopt.optim.states import MIN_8BIT_NUMEL, MomentStore, dequantize, quantize
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_and_reference_adam_agree(dtype):
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(40, 30, generator=gen, dtype=dtype) for _ in range(5)]
+    moments = {fused: (torch.zeros(40, 30, dtype=dtype), torch.zeros(40, 30, dtype=dtype))
+               for fused in (True, False)}
+    for t, g in enumerate(grads, start=1):
+        out = {f: adam_update(g, *moments[f], beta1=0.9, beta2=0.99, eps=1e-8, step=t, fused=f)
+               for f in (True, False)}
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        assert torch.allclose(out[True], out[False], atol=tol, rtol=tol)
+        for a, b in zip(moments[True], moments[False]):
+            assert torch.allclose(a, b, atol=tol, rtol=tol)
+
+
+def test_first_adam_update_is_minus_sign_like():
+    g = torch.tensor([[2.0, -3.0], [0.5, -1e-3]])
+    u = adam_update(g, torch.zeros(2, 2), torch.zeros(2, 2), beta1=0.9, beta2=0.999, eps=1e-8,
+                    step=1)
+    assert torch.allclose(u, -g / (g.abs() + 1e-8), atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_step_matches_torch_adamw(fused):
+    torch.manual_seed(0)
+    p = torch.randn(17, 5)
+    q = torch.nn.Parameter(p.clone())
+    ref = torch.optim.AdamW([q], lr=0.01, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1,
+                            fused=fused, foreach=None if fused else False)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    for t in range(1, 5):
+        g = torch.randn(17, 5)
+        q.grad = g.clone()
+        ref.step()
+        adamw_step(p, g, m, v, lr=0.01, beta1=0.8, beta2=0.95, eps=1e-7, weight_decay=0.1,
+                   step=t, fused=fused)
+    assert torch.allclose(p, q.detach(), atol=1e-7, rtol=1e-6)
+
+
+def test_bf16_parameter_with_fp32_moments():
+    p = torch.randn(16, 16).to(torch.bfloat16)
+    m, v = torch.zeros(16, 16), torch.zeros(16, 16)
+    g = torch.randn(16, 16).to(torch.bfloat16)
+    before = p.clone()
+    adamw_step(p, g, m, v, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+    assert p.dtype == torch.bfloat16 and m.dtype == torch.float32
+    expected = before.float() - 0.01 * g.float() / (g.float().abs() + 1e-8)
+    assert torch.allclose(p.float(), expected, atol=1e-2)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantize_round_trip_is_close_and_matches_bitsandbytes(signed):
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    x = torch.randn(300, 70)
+    x = x if signed else x.square()
+    q, absmax = quantize(x, signed)
+    assert q.dtype == torch.uint8 and q.shape == x.shape and absmax.numel() == -(-x.numel() // 256)
+    ref, state = bnbF.quantize_blockwise(x, code=bnbF.create_dynamic_map(signed=signed),
+                                         blocksize=256)
+    assert torch.equal(q.flatten(), ref.flatten()) and torch.equal(absmax, state.absmax)
+    y = dequantize(q, absmax, signed)
+    # dynamic 8-bit codes: relative error of a few percent of each block's maximum
+    blocks = x.flatten()[: (x.numel() // 256) * 256].view(-1, 256).abs().amax(1)
+    err = (y - x).flatten()[: blocks.numel() * 256].view(-1, 256).abs().amax(1)
+    assert (err <= 0.05 * blocks).all()
+
+
+def test_moment_store_keeps_small_tensors_in_fp32():
+    store = MomentStore(8, {"exp_avg": True})
+    state = {}
+    store.init(state, "exp_avg", (MIN_8BIT_NUMEL - 1,), torch.device("cpu"))
+    assert state["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in state
+    big = {}
+    store.init(big, "exp_avg", (64, 64), torch.device("cpu"))
+    assert big["exp_avg"].dtype == torch.uint8 and big["exp_avg_absmax"].dtype == torch.float32
+    m = store.read(big, "exp_avg")
+    m.add_(1.0)
+    store.write(big, "exp_avg", m)
+    assert torch.allclose(store.read(big, "exp_avg"), torch.ones(64, 64), atol=1e-2)
+
+
+def test_moment_store_rejects_other_widths():
+    with pytest.raises(ValueError, match="state_bits"):
+        MomentStore(16, {})
