@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .adam import adamw_step
 from .states import MomentStore, tensor_bytes
 
 
@@ -146,11 +145,8 @@ class MemoptOptimizer(Optimizer, ABC):
                 for key in ("exp_avg", "exp_avg_sq"):
                     store.init(state, key, p.shape, p.device, moment_dtype(p))
             state["step"] += 1
-            m, v = store.read(state, "exp_avg"), store.read(state, "exp_avg_sq")
-            adamw_step(p, p.grad, m, v, lr=lr, beta1=betas[0], beta2=betas[1], eps=eps,
-                       weight_decay=weight_decay, step=int(state["step"]))
-            store.write(state, "exp_avg", m)
-            store.write(state, "exp_avg_sq", v)
+            store.adamw_step(state, p, p.grad, lr=lr, beta1=betas[0], beta2=betas[1], eps=eps,
+                             weight_decay=weight_decay, step=int(state["step"]))
 
     # ---------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:

