@@ -5,9 +5,9 @@ m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2,
 u = -(m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)   (the step Adam takes at lr = 1).
 
 Two implementations, chosen by device and tested against each other: torch's fused AdamW
-kernel (one pass over g, m, v; CUDA and CPU) and a plain tensor-op reference for everything
-else. The low-rank engine gets u for a projected gradient by running the fused kernel on a
-zero "parameter": one kernel instead of seven passes, and nothing full-size kept alive.
+kernel (one multi-tensor pass over g, m, v; CUDA and CPU) and a plain tensor-op reference for
+everything else. The low-rank engine gets u for projected gradients by running the fused
+kernel on zero "parameters": one kernel for many tensors instead of seven passes each.
 """
 
 from __future__ import annotations
@@ -35,45 +35,68 @@ def _reference_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, beta
     return exp_avg.div(denominator).mul_(-1 / (1 - beta1**step))
 
 
-def adam_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, beta1: float,
-                beta2: float, eps: float, step: int, fused: bool | None = None) -> Tensor:
-    """Advance the moments of ``grad`` in place and return Adam's update u (lr = 1).
+def _step_tensor(step: int, device: torch.device) -> Tensor:
+    return torch.full((), float(step), dtype=torch.float32, device=device)
 
-    ``step`` is the step count after this update (1 on the first call). ``fused=None``
-    picks the fused kernel where it runs.
+
+def adam_updates(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
+                 beta1: float, beta2: float, eps: float, step: int,
+                 fused: bool | None = None) -> list[Tensor]:
+    """Advance the moments of each gradient in place and return Adam's updates u (lr = 1).
+
+    ``step`` is the step count after this update (1 on the first call). All tensors share
+    one device and dtype. The fused path is one multi-tensor kernel over all of them,
+    writing into one zeroed buffer; ``fused=None`` picks it where it runs.
     """
+    if not grads:
+        return []
     if fused is None:
-        fused = fused_available(grad)
+        fused = fused_available(grads[0])
     if not fused:
-        return _reference_update(grad, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps,
-                                 step=step)
-    update = torch.zeros_like(grad)
-    steps = torch.full((), float(step), dtype=torch.float32, device=grad.device)
-    torch._fused_adamw_([update], [grad], [exp_avg], [exp_avg_sq], [], [steps], lr=1.0,
-                        beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False,
-                        maximize=False)
-    return update
+        return [_reference_update(g, m, v, beta1=beta1, beta2=beta2, eps=eps, step=step)
+                for g, m, v in zip(grads, exp_avgs, exp_avg_sqs)]
+    flat = torch.zeros(sum(g.numel() for g in grads), dtype=grads[0].dtype,
+                       device=grads[0].device)
+    updates, offset = [], 0
+    for g in grads:
+        updates.append(flat[offset:offset + g.numel()].view(g.shape))
+        offset += g.numel()
+    steps = [_step_tensor(step, grads[0].device)] * len(grads)
+    torch._fused_adamw_(updates, grads, exp_avgs, exp_avg_sqs, [], steps, lr=1.0, beta1=beta1,
+                        beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+    return updates
 
 
-def adamw_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float,
-               beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
-               fused: bool | None = None) -> None:
-    """One AdamW step on a dense parameter: p <- p (1 - lr wd) + lr u.
+def adamw_steps(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                exp_avg_sqs: list[Tensor], *, lr: float, beta1: float, beta2: float,
+                eps: float, weight_decay: float, step: int, fused: bool | None = None) -> None:
+    """One AdamW step on dense parameters: p <- p (1 - lr wd) + lr u.
 
-    With moments of the parameter's dtype this is torch's fused AdamW in place (no
-    temporaries); with wider moments (fp32 moments for a bf16 weight) u is computed in the
-    moments' dtype and rounded once into the parameter.
+    Parameters whose moments share their dtype get torch's fused AdamW in place (one
+    kernel, no temporaries); with wider moments (fp32 moments for a bf16 weight) u is
+    computed in the moments' dtype and rounded once into the parameter.
     """
-    if fused is None:
-        fused = fused_available(param)
-    if fused and param.dtype == exp_avg.dtype and grad.dtype == param.dtype:
-        steps = torch.full((), float(step), dtype=torch.float32, device=param.device)
-        torch._fused_adamw_([param], [grad], [exp_avg], [exp_avg_sq], [], [steps], lr=lr,
-                            beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
-                            amsgrad=False, maximize=False)
+    if not params:
         return
-    update = adam_update(grad.to(exp_avg.dtype), exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2,
-                         eps=eps, step=step, fused=fused)
-    if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)
-    param.add_(update, alpha=lr)
+    if fused is None:
+        fused = fused_available(params[0])
+    same = [i for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs))
+            if p.dtype == m.dtype == g.dtype]
+    if fused and same:
+        steps = [_step_tensor(step, params[0].device)] * len(same)
+        torch._fused_adamw_([params[i] for i in same], [grads[i] for i in same],
+                            [exp_avgs[i] for i in same], [exp_avg_sqs[i] for i in same], [],
+                            steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                            eps=eps, amsgrad=False, maximize=False)
+        rest = sorted(set(range(len(params))) - set(same))
+    else:
+        rest = list(range(len(params)))
+    if not rest:
+        return
+    updates = adam_updates([grads[i].to(exp_avgs[i].dtype) for i in rest],
+                           [exp_avgs[i] for i in rest], [exp_avg_sqs[i] for i in rest],
+                           beta1=beta1, beta2=beta2, eps=eps, step=step, fused=fused)
+    for i, update in zip(rest, updates):
+        if weight_decay != 0:
+            params[i].mul_(1 - lr * weight_decay)
+        params[i].add_(update.view_as(params[i]), alpha=lr)

@@ -115,11 +115,16 @@ class MemoptOptimizer(Optimizer, ABC):
         return work
 
     def _raise_if_non_finite(self, checked: list[tuple[int, int, Tensor]]) -> None:
-        by_device: dict[torch.device, list[Tensor]] = {}
+        """One device sync for all gradients: the fp32-accumulated 2-norm of each is finite
+        iff the gradient is (or so large, entries near 1e19, that it is broken anyway)."""
+        groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for _, _, g in checked:
-            by_device.setdefault(g.device, []).append(g)
-        flags = [torch.stack(torch._foreach_norm(gs, ord=math.inf)).isfinite().all()
-                 for gs in by_device.values()]
+            groups.setdefault((g.device, g.dtype), []).append(g)
+        flags = []
+        for (_, dtype), gs in groups.items():
+            accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+            norms = torch._foreach_norm(gs, 2, dtype=accumulate)
+            flags.append(torch.stack(norms).isfinite().all())
         if all(bool(f) for f in flags):
             return
         for gi, pi, g in checked:
@@ -138,6 +143,7 @@ class MemoptOptimizer(Optimizer, ABC):
     def _adamw(self, params: list[Tensor], store: MomentStore, *, lr: float,
                betas: tuple[float, float], eps: float, weight_decay: float) -> None:
         """Plain AdamW for the parameters a method does not project or orthogonalize."""
+        buckets: dict[tuple[int, torch.device], list[Tensor]] = {}
         for p in params:
             state = self.state[p]
             if not state:
@@ -145,8 +151,10 @@ class MemoptOptimizer(Optimizer, ABC):
                 for key in ("exp_avg", "exp_avg_sq"):
                     store.init(state, key, p.shape, p.device, moment_dtype(p))
             state["step"] += 1
-            store.adamw_step(state, p, p.grad, lr=lr, beta1=betas[0], beta2=betas[1], eps=eps,
-                             weight_decay=weight_decay, step=int(state["step"]))
+            buckets.setdefault((int(state["step"]), p.device), []).append(p)
+        for (step, _), bucket in buckets.items():
+            store.adamw_steps([self.state[p] for p in bucket], bucket, lr=lr, beta1=betas[0],
+                              beta2=betas[1], eps=eps, weight_decay=weight_decay, step=step)
 
     # ---------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:

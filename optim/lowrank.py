@@ -36,6 +36,8 @@ RESIDUALS = ("none", "fira")
 #: 10 mantissa bits, an error far below the gradient noise the projection already drops.
 PROJECTION_PRECISIONS = ("auto", "highest", "high")
 PROJ_PREFIX = "proj_"
+#: Bytes of projected gradients, their updates and gathered bases alive at once in a step.
+CHUNK_BYTES = 256 * 2**20
 FIRA_EPS = 1e-8   # added to ||R_col|| in phi, as in Fira's released code
 
 
@@ -217,11 +219,11 @@ class LowRankAdamW(MemoptOptimizer):
 
     def _lowrank_step(self, group: dict[str, Any], params: list[Tensor],
                       store: MomentStore) -> None:
-        """One parameter at a time, so that only one projected gradient and one full-size
-        update are alive at once (what lets per-layer stepping reach large models)."""
-        beta1, beta2 = group["betas"]
-        lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
-        fira = group["residual"] == "fira"
+        """Project, then Adam and apply in chunks: at most ``CHUNK_BYTES`` of projected
+        gradients and their updates are alive at once (one matrix at least), so memory stays
+        bounded for any model while each chunk's Adam is one fused kernel."""
+        chunk: list[tuple[Tensor, Tensor, Tensor, str, Tensor]] = []
+        chunk_bytes = 0
         for p in params:
             state = self.state[p]
             if not state:
@@ -236,18 +238,39 @@ class LowRankAdamW(MemoptOptimizer):
                 for key in ("exp_avg", "exp_avg_sq"):
                     store.init(state, key, R.shape, R.device, moment_dtype(B))
             state["step"] += 1
-            u = store.adam_update(state, R, beta1=beta1, beta2=beta2, eps=group["eps"],
-                                  step=int(state["step"]))
-            if wd != 0:
-                p.mul_(1 - lr * wd)
-            if fira:
-                S = fira_residual(G, R, u, B, proj.side)
-                S, state["residual_norm"] = limit_norm_growth(
-                    S, state.get("residual_norm"), group["limiter_gamma"])
-                update = lift(u, B, proj.side).mul_(scale).sub_(S)
-                p.add_(update.view_as(p), alpha=lr)
-            else:
-                self._add_lifted(p, u, B, proj.side, lr * scale)
+            chunk.append((p, G, B, proj.side, R))
+            chunk_bytes += 2 * R.numel() * R.element_size() + B.numel() * B.element_size()
+            if chunk_bytes >= CHUNK_BYTES:
+                self._adam_and_apply(group, chunk, store)
+                chunk, chunk_bytes = [], 0
+        if chunk:
+            self._adam_and_apply(group, chunk, store)
+
+    def _adam_and_apply(self, group: dict[str, Any],
+                        chunk: list[tuple[Tensor, Tensor, Tensor, str, Tensor]],
+                        store: MomentStore) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
+        buckets: dict[tuple[int, torch.device], list[int]] = {}
+        for i, (p, *_, R) in enumerate(chunk):
+            buckets.setdefault((int(self.state[p]["step"]), R.device), []).append(i)
+        for (step, _), indices in buckets.items():
+            updates = store.adam_updates([self.state[chunk[i][0]] for i in indices],
+                                         [chunk[i][4] for i in indices], beta1=beta1,
+                                         beta2=beta2, eps=group["eps"], step=step)
+            for i, u in zip(indices, updates):
+                p, G, B, side, R = chunk[i]
+                if wd != 0:
+                    p.mul_(1 - lr * wd)
+                if group["residual"] == "fira":
+                    state = self.state[p]
+                    S = fira_residual(G, R, u, B, side)
+                    S, state["residual_norm"] = limit_norm_growth(
+                        S, state.get("residual_norm"), group["limiter_gamma"])
+                    update = lift(u, B, side).mul_(scale).sub_(S)
+                    p.add_(update.view_as(p), alpha=lr)
+                else:
+                    self._add_lifted(p, u, B, side, lr * scale)
 
     @staticmethod
     def _add_lifted(p: Tensor, L: Tensor, B: Tensor, side: str, alpha: float) -> None:

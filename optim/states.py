@@ -102,33 +102,48 @@ class MomentStore:
         elif value is not state[key]:
             state[key].copy_(value)
 
-    def adam_update(self, state: dict, grad: Tensor, *, beta1: float, beta2: float, eps: float,
-                    step: int) -> Tensor:
-        """Advance ``exp_avg`` / ``exp_avg_sq`` with ``grad`` and return Adam's update u (lr = 1)."""
-        if state["exp_avg"].dtype != torch.uint8:
-            return adam.adam_update(grad, state["exp_avg"], state["exp_avg_sq"], beta1=beta1,
-                                    beta2=beta2, eps=eps, step=step)
-        update = torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
-        self._bnb_adam(state, grad.float().contiguous(), update, lr=1.0, weight_decay=0.0,
-                       beta1=beta1, beta2=beta2, eps=eps, step=step)
-        return update
+    def adam_updates(self, states: list[dict], grads: list[Tensor], *, beta1: float,
+                     beta2: float, eps: float, step: int) -> list[Tensor]:
+        """Advance ``exp_avg`` / ``exp_avg_sq`` of each state with its gradient (all of one
+        device) and return Adam's updates u (lr = 1)."""
+        out: list[Tensor | None] = [None] * len(states)
+        plain = [i for i, s in enumerate(states) if s["exp_avg"].dtype != torch.uint8]
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i in plain:
+            by_dtype.setdefault(grads[i].dtype, []).append(i)
+        for indices in by_dtype.values():
+            updates = adam.adam_updates(
+                [grads[i] for i in indices], [states[i]["exp_avg"] for i in indices],
+                [states[i]["exp_avg_sq"] for i in indices], beta1=beta1, beta2=beta2, eps=eps,
+                step=step)
+            for i, u in zip(indices, updates):
+                out[i] = u
+        for i in sorted(set(range(len(states))) - set(plain)):
+            update = torch.zeros(grads[i].shape, dtype=torch.float32, device=grads[i].device)
+            self._bnb_adam(states[i], grads[i].float().contiguous(), update, lr=1.0,
+                           weight_decay=0.0, beta1=beta1, beta2=beta2, eps=eps, step=step)
+            out[i] = update
+        return out
 
-    def adamw_step(self, state: dict, param: Tensor, grad: Tensor, *, lr: float, beta1: float,
-                   beta2: float, eps: float, weight_decay: float, step: int) -> None:
-        """One AdamW step of a dense parameter with the moments kept here."""
-        if state["exp_avg"].dtype != torch.uint8:
-            adam.adamw_step(param, grad, state["exp_avg"], state["exp_avg_sq"], lr=lr,
-                            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                            step=step)
-            return
-        if param.is_contiguous() and grad.is_contiguous() and grad.dtype == param.dtype:
-            self._bnb_adam(state, grad, param, lr=lr, weight_decay=weight_decay, beta1=beta1,
-                           beta2=beta2, eps=eps, step=step)
-            return
-        update = self.adam_update(state, grad, beta1=beta1, beta2=beta2, eps=eps, step=step)
-        if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
-        param.add_(update.view_as(param), alpha=lr)
+    def adamw_steps(self, states: list[dict], params: list[Tensor], *, lr: float, beta1: float,
+                    beta2: float, eps: float, weight_decay: float, step: int) -> None:
+        """One AdamW step of dense parameters (all of one device) with moments kept here."""
+        plain = [i for i, s in enumerate(states) if s["exp_avg"].dtype != torch.uint8]
+        adam.adamw_steps([params[i] for i in plain], [params[i].grad for i in plain],
+                         [states[i]["exp_avg"] for i in plain],
+                         [states[i]["exp_avg_sq"] for i in plain], lr=lr, beta1=beta1,
+                         beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+        for i in sorted(set(range(len(states))) - set(plain)):
+            param, grad = params[i], params[i].grad
+            if param.is_contiguous() and grad.is_contiguous() and grad.dtype == param.dtype:
+                self._bnb_adam(states[i], grad, param, lr=lr, weight_decay=weight_decay,
+                               beta1=beta1, beta2=beta2, eps=eps, step=step)
+                continue
+            (update,) = self.adam_updates([states[i]], [grad], beta1=beta1, beta2=beta2,
+                                          eps=eps, step=step)
+            if weight_decay != 0:
+                param.mul_(1 - lr * weight_decay)
+            param.add_(update.view_as(param), alpha=lr)
 
     def _bnb_adam(self, state: dict, grad: Tensor, param: Tensor, *, lr: float,
                   weight_decay: float, beta1: float, beta2: float, eps: float, step: int) -> None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memopt.optim.adam import adam_update, adamw_step
+from memopt.optim.adam import adam_updates, adamw_steps
 from memopt.optim.states import MIN_8BIT_NUMEL, MomentStore, dequantize, quantize
 
 
@@ -14,8 +14,8 @@ def test_fused_and_reference_adam_agree(dtype):
     moments = {fused: (torch.zeros(40, 30, dtype=dtype), torch.zeros(40, 30, dtype=dtype))
                for fused in (True, False)}
     for t, g in enumerate(grads, start=1):
-        out = {f: adam_update(g, *moments[f], beta1=0.9, beta2=0.99, eps=1e-8, step=t, fused=f)
-               for f in (True, False)}
+        out = {f: adam_updates([g], *([x] for x in moments[f]), beta1=0.9, beta2=0.99,
+                               eps=1e-8, step=t, fused=f)[0] for f in (True, False)}
         tol = 1e-12 if dtype == torch.float64 else 1e-6
         assert torch.allclose(out[True], out[False], atol=tol, rtol=tol)
         for a, b in zip(moments[True], moments[False]):
@@ -24,8 +24,8 @@ def test_fused_and_reference_adam_agree(dtype):
 
 def test_first_adam_update_is_minus_sign_like():
     g = torch.tensor([[2.0, -3.0], [0.5, -1e-3]])
-    u = adam_update(g, torch.zeros(2, 2), torch.zeros(2, 2), beta1=0.9, beta2=0.999, eps=1e-8,
-                    step=1)
+    (u,) = adam_updates([g], [torch.zeros(2, 2)], [torch.zeros(2, 2)], beta1=0.9, beta2=0.999,
+                        eps=1e-8, step=1)
     assert torch.allclose(u, -g / (g.abs() + 1e-8), atol=1e-6)
 
 
@@ -41,8 +41,8 @@ def test_adamw_step_matches_torch_adamw(fused):
         g = torch.randn(17, 5)
         q.grad = g.clone()
         ref.step()
-        adamw_step(p, g, m, v, lr=0.01, beta1=0.8, beta2=0.95, eps=1e-7, weight_decay=0.1,
-                   step=t, fused=fused)
+        adamw_steps([p], [g], [m], [v], lr=0.01, beta1=0.8, beta2=0.95, eps=1e-7,
+                    weight_decay=0.1, step=t, fused=fused)
     assert torch.allclose(p, q.detach(), atol=1e-7, rtol=1e-6)
 
 
@@ -51,10 +51,24 @@ def test_bf16_parameter_with_fp32_moments():
     m, v = torch.zeros(16, 16), torch.zeros(16, 16)
     g = torch.randn(16, 16).to(torch.bfloat16)
     before = p.clone()
-    adamw_step(p, g, m, v, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+    adamw_steps([p], [g], [m], [v], lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                step=1)
     assert p.dtype == torch.bfloat16 and m.dtype == torch.float32
     expected = before.float() - 0.01 * g.float() / (g.float().abs() + 1e-8)
     assert torch.allclose(p.float(), expected, atol=1e-2)
+
+
+def test_several_tensors_in_one_fused_call_equal_one_by_one():
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(s, generator=gen) for s in [(5, 7), (11,), (3, 4, 2)]]
+    together = [(torch.zeros_like(g), torch.zeros_like(g)) for g in grads]
+    alone = [(torch.zeros_like(g), torch.zeros_like(g)) for g in grads]
+    for t in (1, 2):
+        us = adam_updates(grads, [m for m, _ in together], [v for _, v in together], beta1=0.9,
+                          beta2=0.999, eps=1e-8, step=t)
+        for g, (m, v), u in zip(grads, alone, us):
+            (u1,) = adam_updates([g], [m], [v], beta1=0.9, beta2=0.999, eps=1e-8, step=t)
+            assert torch.equal(u, u1) and u.shape == g.shape
 
 
 @pytest.mark.parametrize("signed", [True, False])

@@ -283,3 +283,19 @@ def test_dct_state_is_indices_not_a_basis():
     state = opt.state[p]
     assert "proj_basis" not in state
     assert state["proj_indices"].shape == (32,) and state["proj_indices"].dtype == torch.int64
+
+
+def test_chunked_steps_equal_one_chunk(monkeypatch):
+    from memopt.optim import lowrank
+    results = []
+    for chunk_bytes in (1, 2**40):         # every matrix its own chunk / all in one
+        monkeypatch.setattr(lowrank, "CHUNK_BYTES", chunk_bytes)
+        ps = [matrix_param((48, 32), seed=i) for i in range(3)]
+        opt = mo.FiraAdamW(ps, lr=0.01, rank=5, update_proj_gap=2)
+        for t in range(3):
+            for i, p in enumerate(ps):
+                p.grad = gradient((48, 32), 10 * t + i)
+            opt.step()
+        results.append([p.detach().clone() for p in ps])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
