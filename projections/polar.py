@@ -52,18 +52,18 @@ METHODS = ("newton_schulz", "polar_express", "svd")
 
 
 def polynomial_iteration(X: Tensor, coefficients: Sequence[Coefficients]) -> Tensor:
-    """Apply X <- a X + (b A + c A^2) X, A = X X^T, for each (a, b, c) in turn.
+    """Map every singular value s of each matrix in X (batch, m, n) to a s + b s^3 + c s^5.
 
-    X has shape (batch, m, n) with m <= n, so A is the small (m x m) Gram matrix. Each step
-    maps every singular value s of X to p(s) = a s + b s^3 + c s^5 and keeps the vectors.
+    The Gram matrix is taken on the short side: X <- a X + (b A + c A^2) X with A = X X^T
+    for a wide X, X <- a X + X (b A + c A^2) with A = X^T X for a tall one, so a tall
+    matrix needs no transposed copy. a X is added in the product's fp32 epilogue: in bf16
+    this is about twice as accurate as forming M = a I + b A + c A^2 first.
     """
+    tall = X.shape[-2] > X.shape[-1]
     for a, b, c in coefficients:
-        A = torch.bmm(X, X.mT)
-        if c != 0.0:
-            A = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        else:
-            A = A * b
-        X = torch.baddbmm(X, A, X, beta=a)
+        A = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c) if c != 0.0 else A * b
+        X = torch.baddbmm(X, X, B, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)
     return X
 
 
@@ -88,18 +88,34 @@ def _check_method_and_steps(method: str, steps: int | None) -> None:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
 
 
-def _padded(rows: int, cols: int, multiple: int) -> tuple[int, int]:
-    return -(-rows // multiple) * multiple, -(-cols // multiple) * multiple
+def _polar_batch(mats: Sequence[Tensor], method: str, steps: int | None,
+                 dtype: torch.dtype | None, pad_to: int | None) -> Tensor:
+    """Iterative polar factors of same-shape matrices, as a (b, m, n) view in the work dtype.
 
-
-def _iterate(X: Tensor, method: str, steps: int | None) -> Tensor:
-    """Normalize each wide matrix of the batch X (b, rows <= cols) and run the iteration."""
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    Each matrix is scaled (Newton-Schulz: 1 / ||M||_F as torch.optim.Muon; Polar Express:
+    1 / (1.01 ||M||_F + 1e-7), Algorithm 1 of Amsel et al.) while it is copied into one
+    buffer, whose last dimension is zero-padded to a multiple of ``pad_to``.
+    """
+    first = mats[0]
+    m, n = first.shape
+    work_dtype = dtype or _default_iteration_dtype(first)
+    multiple = pad_to if pad_to is not None else (64 if first.is_cuda else 1)
+    cols = -(-n // multiple) * multiple
+    buffer = torch.empty((len(mats), m, cols), dtype=work_dtype, device=first.device)
+    if cols > n:
+        buffer[..., n:].zero_()
+    accumulate = torch.float64 if first.dtype == torch.float64 else torch.float32
+    scales = list(torch._foreach_norm(list(mats), 2, dtype=accumulate))
     if method == "newton_schulz":
-        X = X / norm.clamp(min=1e-7)                       # torch.optim.Muon's normalization
+        torch._foreach_clamp_min_(scales, 1e-7)
     else:
-        X = X / (norm * POLAR_EXPRESS_SAFETY + 1e-7)       # Algorithm 1 of Amsel et al.
-    return polynomial_iteration(X, _schedule(method, steps or DEFAULT_STEPS[method]))
+        torch._foreach_mul_(scales, POLAR_EXPRESS_SAFETY)
+        torch._foreach_add_(scales, 1e-7)
+    torch._foreach_reciprocal_(scales)
+    for slot, (M, scale) in enumerate(zip(mats, scales)):
+        torch.mul(M, scale, out=buffer[slot, :, :n])
+    X = polynomial_iteration(buffer, _schedule(method, steps or DEFAULT_STEPS[method]))
+    return X[..., :n]
 
 
 def orthogonalize(G: Tensor, method: str = "newton_schulz", steps: int | None = None,
@@ -115,9 +131,10 @@ def orthogonalize(G: Tensor, method: str = "newton_schulz", steps: int | None = 
     A leading batch of same-shape matrices is done in one call. The iterative methods run in
     ``dtype`` (default bf16 on CUDA, fp32 on the CPU, fp64 for fp64 input); the result has
     G's dtype. ``check_finite=False`` skips the finiteness check (one device sync) for
-    callers that have checked already. ``pad_to`` (default 64 on CUDA, 1 elsewhere) pads both
-    dimensions with zeros to a multiple: polar([X 0; 0 0]) = [polar(X) 0; 0 0], and GPU
-    matrix products of odd sizes (LLaMA's 5461) run several times slower than aligned ones.
+    callers that have checked already. ``pad_to`` (default 64 on CUDA, 1 elsewhere) pads the
+    last dimension with zeros to a multiple: the iteration maps zero singular values to zero,
+    so polar([X 0]) = [polar(X) 0], and GPU products whose rows are an odd number of
+    elements long (LLaMA's 5461) run two to six times slower than aligned ones.
     """
     _check_method_and_steps(method, steps)
     if not isinstance(G, Tensor) or G.ndim < 2:
@@ -132,53 +149,32 @@ def orthogonalize(G: Tensor, method: str = "newton_schulz", steps: int | None = 
     if method == "svd":
         return _exact_polar(G).to(G.dtype)
     batch, (m, n) = G.shape[:-2], G.shape[-2:]
-    X = G.reshape(-1, m, n)
-    if m > n:
-        X = X.mT
-    rows, cols = X.shape[-2:]
-    work_dtype = dtype or _default_iteration_dtype(G)
-    multiple = pad_to if pad_to is not None else (64 if G.is_cuda else 1)
-    buffer = X.new_zeros((X.shape[0], *_padded(rows, cols, multiple)), dtype=work_dtype)
-    buffer[:, :rows, :cols] = X
-    X = _iterate(buffer, method, steps)[:, :rows, :cols]
-    if m > n:
-        X = X.mT
+    X = _polar_batch(G.reshape(-1, m, n).unbind(0), method, steps, dtype, pad_to)
     return X.reshape(*batch, m, n).to(G.dtype)
 
 
 def orthogonalize_many(matrices: Sequence[Tensor], method: str = "newton_schulz",
                        steps: int | None = None, dtype: torch.dtype | None = None,
                        pad_to: int | None = None) -> list[Tensor]:
-    """polar(M) for every matrix of a list, batching those of one shape up to transposition.
+    """polar(M) for every matrix of a list, with same-shape matrices in one batched call.
 
-    polar(M^T) = polar(M)^T, so a (5461 x 2048) and a (2048 x 5461) matrix share a batch;
-    each one is copied once, straight into a zero-padded buffer of the iteration dtype. The
-    results of the iterative methods stay in that dtype (bf16 on CUDA): views to add to the
+    Each matrix is copied once, scaled, straight into its batch's buffer. The results of the
+    iterative methods stay in the iteration dtype (bf16 on CUDA): views to add to the
     weights directly. Inputs are not checked for finiteness (optimizers check gradients).
     """
     _check_method_and_steps(method, steps)
     out: list[Tensor | None] = [None] * len(matrices)
     batches: dict[tuple[Any, ...], list[int]] = {}
     for i, M in enumerate(matrices):
-        batches.setdefault((min(M.shape), max(M.shape), M.dtype, M.device), []).append(i)
-    for (rows, cols, _, device), indices in batches.items():
+        batches.setdefault((tuple(M.shape), M.dtype, M.device), []).append(i)
+    for indices in batches.values():
+        group = [matrices[i] for i in indices]
         if method == "svd":
-            wide = torch.stack([matrices[i] if matrices[i].shape[0] <= matrices[i].shape[1]
-                                else matrices[i].mT for i in indices])
-            polars = _exact_polar(wide).to(wide.dtype)
+            polars = _exact_polar(torch.stack(group)).to(group[0].dtype)
         else:
-            first = matrices[indices[0]]
-            work_dtype = dtype or _default_iteration_dtype(first)
-            multiple = pad_to if pad_to is not None else (64 if first.is_cuda else 1)
-            buffer = torch.zeros((len(indices), *_padded(rows, cols, multiple)),
-                                 dtype=work_dtype, device=device)
-            for slot, i in enumerate(indices):
-                M = matrices[i]
-                buffer[slot, :rows, :cols] = M if M.shape[0] <= M.shape[1] else M.mT
-            polars = _iterate(buffer, method, steps)[:, :rows, :cols]
+            polars = _polar_batch(group, method, steps, dtype, pad_to)
         for slot, i in enumerate(indices):
-            U = polars[slot]
-            out[i] = U if matrices[i].shape[0] <= matrices[i].shape[1] else U.mT
+            out[i] = polars[slot]
     return out
 
 

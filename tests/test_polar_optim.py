@@ -36,9 +36,13 @@ def test_agrees_with_torch_optim_muon(nesterov, adjust_lr):
             a.grad, b.grad = g.clone(), g.clone()
         ours.step()
         theirs.step()
-    for a, b in zip(ours_p, theirs_p):
-        # both orthogonalize in bf16 with the same operations: the same bits on the CPU
-        assert torch.equal(a, b), (a - b).abs().max()
+    start = matrices(shapes)
+    for a, b, w in zip(ours_p, theirs_p, start):
+        # both run Newton-Schulz in bf16; we scale by the fp32 norm while casting (torch:
+        # the bf16 norm after), so the two agree to bf16 rounding, far inside the 8e-3 by
+        # which exact-polar Muon differs here
+        moved = (b - w).abs().max()
+        assert (a - b).abs().max() <= 0.04 * moved, ((a - b).abs().max(), moved)
 
 
 @pytest.mark.parametrize("shape", [(32, 48), (48, 32)])
