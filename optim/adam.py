@@ -55,12 +55,9 @@ def adam_updates(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[
     if not fused:
         return [_reference_update(g, m, v, beta1=beta1, beta2=beta2, eps=eps, step=step)
                 for g, m, v in zip(grads, exp_avgs, exp_avg_sqs)]
-    flat = torch.zeros(sum(g.numel() for g in grads), dtype=grads[0].dtype,
-                       device=grads[0].device)
-    updates, offset = [], 0
-    for g in grads:
-        updates.append(flat[offset:offset + g.numel()].view(g.shape))
-        offset += g.numel()
+    sizes = [g.numel() for g in grads]
+    flat = torch.zeros(sum(sizes), dtype=grads[0].dtype, device=grads[0].device)
+    updates = [u.view(g.shape) for u, g in zip(flat.split(sizes), grads)]
     steps = [_step_tensor(step, grads[0].device)] * len(grads)
     torch._fused_adamw_(updates, grads, exp_avgs, exp_avg_sqs, [], steps, lr=1.0, beta1=beta1,
                         beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)

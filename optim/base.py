@@ -1,5 +1,8 @@
 """What every memopt optimizer shares: gradient checks, flat state, exact resume.
 
+Per-parameter state is flat: tensors and plain numbers (``"step"`` is a Python int, so the
+step counter costs no tensor operation).
+
 A subclass validates its hyperparameters in ``_check_group`` and updates one param group in
 ``_step_group``; this class makes sure that a bad gradient (sparse, complex, inf / nan) is
 reported, naming the parameter, before any parameter or state changes, and that a loaded
@@ -147,11 +150,11 @@ class MemoptOptimizer(Optimizer, ABC):
         for p in params:
             state = self.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = 0
                 for key in ("exp_avg", "exp_avg_sq"):
                     store.init(state, key, p.shape, p.device, moment_dtype(p))
             state["step"] += 1
-            buckets.setdefault((int(state["step"]), p.device), []).append(p)
+            buckets.setdefault((state["step"], p.device), []).append(p)
         for (step, _), bucket in buckets.items():
             store.adamw_steps([self.state[p] for p in bucket], bucket, lr=lr, beta1=betas[0],
                               beta2=betas[1], eps=eps, weight_decay=weight_decay, step=step)
@@ -187,8 +190,6 @@ class MemoptOptimizer(Optimizer, ABC):
     def _load_value(param: Tensor, key: str, value: Any) -> Any:
         if not isinstance(value, Tensor):
             return value
-        if key == "step":
-            return value.detach().clone()
         return value.detach().to(device=param.device, copy=True)
 
     def _after_load(self) -> None:

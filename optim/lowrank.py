@@ -183,8 +183,9 @@ class LowRankAdamW(MemoptOptimizer):
     # ---------------------------------------------------------------------- step
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         store = self._store(group["state_bits"])
-        lowrank = [p for p in params if self.is_projected(group, p)]
-        dense = [p for p in params if not self.is_projected(group, p)]
+        lowrank, dense = [], []
+        for p in params:
+            (lowrank if self.is_projected(group, p) else dense).append(p)
         if dense:
             self._adamw(dense, store, lr=group["lr"], betas=group["betas"], eps=group["eps"],
                         weight_decay=group["weight_decay"])
@@ -210,7 +211,7 @@ class LowRankAdamW(MemoptOptimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 moment = store.read(state, key)
                 store.write(state, key, moment.zero_())
-            state["step"].zero_()
+            state["step"] = 0
         elif mode == "rotate":
             C = proj.basis().mT @ old_basis.to(proj.basis().dtype)      # r x r
             for key, mix in (("exp_avg", C), ("exp_avg_sq", C.square())):
@@ -227,9 +228,9 @@ class LowRankAdamW(MemoptOptimizer):
         for p in params:
             state = self.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = 0
             G = as_matrix(p.grad)
-            if int(state["step"]) % group["update_proj_gap"] == 0:
+            if state["step"] % group["update_proj_gap"] == 0:
                 self._refresh(p, G, group, store)
             proj = self._projector(p, group)
             B = proj.basis()
@@ -253,7 +254,7 @@ class LowRankAdamW(MemoptOptimizer):
         lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
         buckets: dict[tuple[int, torch.device], list[int]] = {}
         for i, (p, *_, R) in enumerate(chunk):
-            buckets.setdefault((int(self.state[p]["step"]), R.device), []).append(i)
+            buckets.setdefault((self.state[p]["step"], R.device), []).append(i)
         for (step, _), indices in buckets.items():
             updates = store.adam_updates([self.state[chunk[i][0]] for i in indices],
                                          [chunk[i][4] for i in indices], beta1=beta1,

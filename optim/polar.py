@@ -141,7 +141,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         for p in params:
             state = self.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = 0
                 store.init(state, "momentum_buffer", as_matrix(p).shape, p.device,
                            moment_dtype(p))
             state["step"] += 1

@@ -75,14 +75,16 @@ def full_fp32_matmul() -> contextlib.AbstractContextManager[None]:
 
 def project_onto(G: Tensor, B: Tensor, side: str) -> Tensor:
     """Low-rank coordinates of G in basis B: G B (right, m x r) or B^T G (left, r x n)."""
-    G = G.to(B.dtype)
-    return G @ B if side == "right" else B.mT @ G
+    if G.dtype != B.dtype:
+        G = G.to(B.dtype)
+    return torch.mm(G, B) if side == "right" else torch.mm(B.mT, G)
 
 
 def lift(L: Tensor, B: Tensor, side: str) -> Tensor:
     """Back to full size: L B^T (right) or B L (left); the adjoint of :func:`project_onto`."""
-    L = L.to(B.dtype)
-    return L @ B.mT if side == "right" else B @ L
+    if L.dtype != B.dtype:
+        L = L.to(B.dtype)
+    return torch.mm(L, B.mT) if side == "right" else torch.mm(B, L)
 
 
 class Projector(ABC):

@@ -125,12 +125,16 @@ def entries(rank: int) -> list[Entry]:
         pass
     out += [
         Entry("memopt GaLoreAdamW", lowrank(mo.GaLoreAdamW), ours=True, lowrank=True),
+        Entry("memopt GaLoreAdamW (check_finite=False)", lowrank(mo.GaLoreAdamW, check_finite=False),
+              ours=True, lowrank=True),
         Entry("memopt GaLoreAdamW (svd randomized)", lowrank(
             mo.GaLoreAdamW, projector_options={"method": "randomized"}), ours=True, lowrank=True),
         Entry("memopt GaLoreAdamW (polar)", lowrank(mo.GaLoreAdamW, projector="polar"),
               ours=True, lowrank=True),
         Entry("memopt GaLoreAdamW8bit", lowrank(mo.GaLoreAdamW8bit), ours=True, lowrank=True),
         Entry("memopt DCTAdamW", lowrank(mo.DCTAdamW), ours=True, lowrank=True),
+        Entry("memopt DCTAdamW (check_finite=False)", lowrank(mo.DCTAdamW, check_finite=False),
+              ours=True, lowrank=True),
         Entry("memopt DCTAdamW8bit", lowrank(mo.DCTAdamW8bit), ours=True, lowrank=True),
         Entry("memopt FiraAdamW", lowrank(mo.FiraAdamW), ours=True, lowrank=True),
         Entry("memopt FiraAdamW8bit", lowrank(mo.FiraAdamW8bit), ours=True, lowrank=True),
@@ -144,6 +148,8 @@ def entries(rank: int) -> list[Entry]:
                          ours=True, slow=slow))
         out.append(Entry(f"memopt PolarGrad ({method})", polar(mo.PolarGrad, orthogonalizer=method),
                          ours=True, slow=slow))
+    out.append(Entry("memopt Muon (newton_schulz, check_finite=False)",
+                     polar(mo.Muon, check_finite=False), ours=True))
     out.append(Entry("memopt Muon8bit", polar(mo.Muon8bit), ours=True))
     return out
 
