@@ -18,6 +18,7 @@ from torch import Tensor
 
 from memopt.projections import PROJECTORS, Projector, lift, make_projector, project_onto
 from memopt.projections.base import float32_matmul_precision
+from memopt.projections.dct import dct_table_bytes
 
 from .base import (MemoptOptimizer, as_matrix, check_betas, check_choice, check_nonnegative,
                    check_positive_int, moment_dtype)
@@ -287,15 +288,15 @@ class LowRankAdamW(MemoptOptimizer):
 
     # --------------------------------------------------------------------- bytes
     def _shared_state_bytes(self) -> int:
-        """One DCT matrix per (size, device) in use by this optimizer's DCT projectors."""
+        """The O(d) tables (one per size and device) that DCT projectors generate columns from."""
         sizes = set()
         for state in self.state.values():
             if PROJ_PREFIX + "indices" in state:
                 side = state[PROJ_PREFIX + "side"]
                 d = state[PROJ_PREFIX + ("cols" if side == 1 else "rows")]
-                fp64 = bool(state[PROJ_PREFIX + "float64"])
-                sizes.add((d, str(state[PROJ_PREFIX + "indices"].device), fp64))
-        return sum(d * d * (8 if fp64 else 4) for d, _, fp64 in sizes)
+                dtype = torch.float64 if state[PROJ_PREFIX + "float64"] else torch.float32
+                sizes.add((d, state[PROJ_PREFIX + "indices"].device, dtype))
+        return sum(dct_table_bytes(d, device, dtype) for d, device, dtype in sizes)
 
 
 __all__ = ["LowRankAdamW", "REFRESH_MODES", "fira_residual", "limit_norm_growth"]

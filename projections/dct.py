@@ -3,8 +3,9 @@ Optimization").
 
 The orthonormal DCT-II basis of size d is fixed, so a rank-r basis is just r of its vectors:
 the r with the largest alignment ||G d_k|| (energy of G's DCT coefficients). Only the r
-indices are state; the d x d matrix of each size is built once per device and shared by every
-projector. Computing all d coefficients costs one dense product (m d^2) or an FFT (m d log d).
+indices are state. The chosen columns are generated when needed from two O(d) tables per
+size (no d x d matrix is kept); all d alignments cost one real FFT per row (m d log d), or a
+dense product with a generated DCT matrix for small d.
 """
 
 from __future__ import annotations
@@ -24,41 +25,48 @@ METHODS = ("auto", "matmul", "fft")
 #: ``python -m memopt.recipes.bench_projectors`` (README, "Projector refresh").
 FFT_MIN_DIM = {"cpu": 1024, "cuda": 1024}
 
-_cache: dict[tuple[int, str, torch.dtype], Tensor] = {}
-_cache_lock = threading.Lock()
+_tables: dict[tuple[int, str, torch.dtype], tuple[Tensor, Tensor, Tensor]] = {}
+_tables_lock = threading.Lock()
+
+
+def _dct_tables(d: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(cos(pi t / 2d) for t < 4d, 2i + 1 for i < d, the scale sqrt((2 - [k = 0]) / d) for k < d)."""
+    key = (int(d), str(device), dtype)
+    with _tables_lock:
+        tables = _tables.get(key)
+        if tables is None:
+            t = torch.arange(4 * d, dtype=torch.float64, device=device)
+            cosines = torch.cos(math.pi * t / (2 * d)).to(dtype)
+            odd = 2 * torch.arange(d, dtype=torch.int64, device=device) + 1
+            scale = torch.full((d,), math.sqrt(2.0 / d), dtype=dtype, device=device)
+            scale[0] = math.sqrt(1.0 / d)
+            tables = _tables[key] = (cosines, odd, scale)
+    return tables
+
+
+def dct_columns(d: int, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """DCT-II basis vectors ``indices`` of size d as the columns of a (d x r) matrix.
+
+    Entry (i, j) is sqrt(2/d) c_k cos(pi (2i + 1) k / 2d) for k = indices[j]
+    (c_0 = 1/sqrt(2), c_k = 1 otherwise); the phase (2i + 1) k is reduced modulo 4d in
+    integers, so the cosine is exact to the dtype's rounding for any d.
+    """
+    cosines, odd, scale = _dct_tables(d, indices.device, dtype)
+    phase = torch.outer(odd, indices).remainder_(4 * d)
+    return cosines[phase].mul_(scale[indices])
 
 
 def dct_matrix(d: int, device: torch.device | str | None = None,
                dtype: torch.dtype = torch.float32) -> Tensor:
-    """Orthonormal DCT-II matrix T (d x d) whose row k is basis vector k.
-
-    T[k, i] = sqrt(2/d) c_k cos(pi (i + 1/2) k / d), c_0 = 1/sqrt(2), c_k = 1 otherwise
-    (scipy.fft.dct(eye(d), norm="ortho", axis=0)). One shared copy per (d, device, dtype).
-    """
+    """Orthonormal DCT-II matrix T (d x d) whose row k is basis vector k
+    (``scipy.fft.dct(eye(d), norm="ortho", axis=0)``). Built on each call, not kept."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    key = (int(d), str(device), dtype)
-    with _cache_lock:
-        T = _cache.get(key)
-        if T is None:
-            i = torch.arange(d, dtype=torch.float64, device=device)
-            k = i.unsqueeze(1)
-            T = torch.cos(math.pi * (i + 0.5) * k / d) * math.sqrt(2.0 / d)
-            T[0] /= math.sqrt(2.0)
-            T = T.to(dtype)
-            _cache[key] = T
-    return T
+    return dct_columns(d, torch.arange(d, device=device), dtype).mT.contiguous()
 
 
-def clear_dct_cache() -> None:
-    """Free the shared DCT matrices."""
-    with _cache_lock:
-        _cache.clear()
-
-
-def dct_cache_bytes() -> int:
-    """Bytes held by the shared DCT matrices (all sizes and devices)."""
-    with _cache_lock:
-        return sum(T.numel() * T.element_size() for T in _cache.values())
+def dct_table_bytes(d: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the O(d) tables that size-d columns are generated from (shared by all)."""
+    return sum(t.numel() * t.element_size() for t in _dct_tables(d, device, dtype))
 
 
 def dct2(x: Tensor) -> Tensor:
@@ -87,7 +95,7 @@ def dct_energy(G: Tensor, side: str, method: str = "auto") -> Tensor:
     if method == "fft":
         return dct2(rows).square().sum(dim=0)
     with full_fp32_matmul():
-        coefficients = rows @ dct_matrix(d, G.device, G.dtype).mT
+        coefficients = rows @ dct_columns(d, torch.arange(d, device=G.device), G.dtype)
     return coefficients.square().sum(dim=0)
 
 
@@ -123,10 +131,9 @@ class DCTProjector(Projector):
         self.dtype = G.dtype
 
     def basis(self) -> Tensor:
-        """The chosen DCT vectors as columns (d x r), gathered from the shared matrix."""
+        """The chosen DCT vectors as columns (d x r), generated from the indices."""
         self._check_fitted()
-        T = dct_matrix(self.dim, self.indices.device, self.dtype)
-        return T.index_select(0, self.indices).mT
+        return dct_columns(self.dim, self.indices, self.dtype)
 
     def _basis_state(self) -> dict[str, Any]:
         return {"indices": self.indices, "float64": int(self.dtype == torch.float64)}
