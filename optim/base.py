@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .distributed import any_flag, is_sharded, local
 from .states import MomentStore, tensor_bytes
 
 
@@ -94,13 +95,25 @@ class MemoptOptimizer(Optimizer, ABC):
             self._step_group(group, params)
         return loss
 
-    def _checked_params(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
-        """Parameters with gradients per group, after checking every gradient."""
+    @torch.no_grad()
+    def step_param(self, param: Tensor) -> None:
+        """Update one parameter from its gradient now, as ``step()`` would.
+
+        Used for per-layer updates during the backward pass (:func:`step_in_backward`); the
+        gradient is checked first, so a bad one raises before this parameter changes.
+        """
+        for group, params in self._checked_params(only=param):
+            if params:
+                self._step_group(group, params)
+
+    def _checked_params(self, only: Tensor | None = None
+                        ) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        """Parameters with gradients per group (or just ``only``), after checking them."""
         work, checked = [], []
         for gi, group in enumerate(self.param_groups):
             params = []
             for pi, p in enumerate(group["params"]):
-                if p.grad is None:
+                if p.grad is None or (only is not None and p is not only):
                     continue
                 grad = p.grad
                 if grad.is_sparse:
@@ -118,23 +131,27 @@ class MemoptOptimizer(Optimizer, ABC):
         return work
 
     def _raise_if_non_finite(self, checked: list[tuple[int, int, Tensor]]) -> None:
-        """One device sync for all gradients: the fp32-accumulated 2-norm of each is finite
-        iff the gradient is (or so large, entries near 1e19, that it is broken anyway)."""
+        """One device sync for all gradients: the 2-norm of each, accumulated in fp64 (which
+        no square of an fp32 or bf16 value overflows), is finite iff the gradient is.
+        With FSDP2 each rank checks its shards and one all-reduced flag tells them all."""
         groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for _, _, g in checked:
-            groups.setdefault((g.device, g.dtype), []).append(g)
-        flags = []
-        for (_, dtype), gs in groups.items():
-            accumulate = torch.float64 if dtype == torch.float64 else torch.float32
-            norms = torch._foreach_norm(gs, 2, dtype=accumulate)
-            flags.append(torch.stack(norms).isfinite().all())
-        if all(bool(f) for f in flags):
+            groups.setdefault((g.device, g.dtype), []).append(local(g))
+        bad = None
+        for gs in groups.values():
+            norms = torch._foreach_norm(gs, 2, dtype=torch.float64)
+            flag = (~torch.stack(norms).isfinite().all()).float()
+            bad = flag if bad is None else bad + flag.to(bad.device)
+        sharded = next((g for _, _, g in checked if is_sharded(g)), None)
+        if not any_flag(bad, sharded):
             return
         for gi, pi, g in checked:
-            if not bool(torch.isfinite(g).all()):
+            if not bool(torch.isfinite(local(g)).all()):
                 raise FloatingPointError(
                     f"non-finite gradient (inf or nan) in parameter {self._label(gi, pi)}; "
                     "the step was not taken and nothing was changed")
+        raise FloatingPointError("non-finite gradient (inf or nan) on another rank; the step "
+                                 "was not taken and nothing was changed")
 
     def _label(self, gi: int, pi: int) -> str:
         group = self.param_groups[gi]
@@ -145,18 +162,20 @@ class MemoptOptimizer(Optimizer, ABC):
 
     def _adamw(self, params: list[Tensor], store: MomentStore, *, lr: float,
                betas: tuple[float, float], eps: float, weight_decay: float) -> None:
-        """Plain AdamW for the parameters a method does not project or orthogonalize."""
+        """Plain AdamW for the parameters a method does not project or orthogonalize
+        (on the local shard of an FSDP2 parameter: AdamW is elementwise)."""
         buckets: dict[tuple[int, torch.device], list[Tensor]] = {}
         for p in params:
             state = self.state[p]
             if not state:
                 state["step"] = 0
                 for key in ("exp_avg", "exp_avg_sq"):
-                    store.init(state, key, p.shape, p.device, moment_dtype(p))
+                    store.init(state, key, local(p).shape, p.device, moment_dtype(p))
             state["step"] += 1
             buckets.setdefault((state["step"], p.device), []).append(p)
         for (step, _), bucket in buckets.items():
-            store.adamw_steps([self.state[p] for p in bucket], bucket, lr=lr, beta1=betas[0],
+            store.adamw_steps([self.state[p] for p in bucket], [local(p) for p in bucket],
+                              [local(p.grad) for p in bucket], lr=lr, beta1=betas[0],
                               beta2=betas[1], eps=eps, weight_decay=weight_decay, step=step)
 
     # ---------------------------------------------------------------- state dict

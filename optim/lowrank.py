@@ -10,6 +10,7 @@ residual (Chen et al., 2024) for Fira. The projector decides the method: SVD (Ga
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Union
 
@@ -22,6 +23,7 @@ from memopt.projections.dct import dct_table_bytes
 
 from .base import (MemoptOptimizer, as_matrix, check_betas, check_choice, check_nonnegative,
                    check_positive_int, moment_dtype)
+from .distributed import all_gather_rows, all_reduce_sum, is_sharded, local
 from .states import MomentStore
 
 ProjectorSpec = Union[str, Callable[[int], Projector]]
@@ -59,12 +61,18 @@ def fira_residual(G: Tensor, R: Tensor, psi: Tensor, B: Tensor, side: str) -> Te
     return residual.mul_(phi)
 
 
-def limit_norm_growth(S: Tensor, previous_norm: Tensor | None, gamma: float) -> tuple[Tensor, Tensor]:
+def limit_norm_growth(S: Tensor, previous_norm: Tensor | None, gamma: float,
+                      sum_over_shards: Callable[[Tensor], Tensor] | None = None
+                      ) -> tuple[Tensor, Tensor]:
     """Fira's limiter: if ||S|| > gamma ||S_prev||, scale S down to gamma ||S_prev||.
 
-    Returns (S, ||S||) after limiting. Written without a host sync.
+    Returns (S, ||S||) after limiting, without a host sync. For row shards of S,
+    ``sum_over_shards`` adds up the squared norms of all ranks.
     """
-    norm = torch.linalg.vector_norm(S)
+    squared = torch.linalg.vector_norm(S).square()
+    if sum_over_shards is not None:
+        squared = sum_over_shards(squared)
+    norm = squared.sqrt()
     if previous_norm is None:
         return S, norm
     ratio = torch.clamp(norm / (previous_norm + 1e-30), min=gamma) / gamma
@@ -122,6 +130,13 @@ class LowRankAdamW(MemoptOptimizer):
         self._projectors: dict[Tensor, Projector] = {}
         self._stores: dict[int, MomentStore] = {}
         super().__init__(params, defaults)
+        for i, group in enumerate(self.param_groups):
+            matrices = [p for p in group["params"] if p.ndim >= 2]
+            if group["rank"] is not None and not group["adamw"] and matrices and \
+                    not any(self.is_projected(group, p) for p in matrices):
+                warnings.warn(f"{type(self).__name__}: no matrix of param group {i} is "
+                              f"projected (rank {group['rank']} >= each one's smaller side), "
+                              "so it trains as plain AdamW; lower the rank", stacklevel=2)
 
     # ------------------------------------------------------------ configuration
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -166,11 +181,15 @@ class LowRankAdamW(MemoptOptimizer):
                 and min(as_matrix(p).shape) > group["rank"])
 
     def _projector(self, p: Tensor, group: dict[str, Any]) -> Projector:
+        """The parameter's projector. An FSDP2 parameter (rows sharded) gets a basis on the
+        column side whatever "auto" would pick, so that projecting its rows is local."""
         proj = self._projectors.get(p)
         if proj is None:
             spec, rank = group["projector"], group["rank"]
-            proj = spec(rank) if callable(spec) else make_projector(
-                spec, rank, **(group["projector_options"] or {}))
+            options = dict(group["projector_options"] or {})
+            if is_sharded(p):
+                options.setdefault("side", "right")
+            proj = spec(rank) if callable(spec) else make_projector(spec, rank, **options)
             saved = {k[len(PROJ_PREFIX):]: v for k, v in self.state[p].items()
                      if k.startswith(PROJ_PREFIX)}
             if saved:
@@ -180,6 +199,12 @@ class LowRankAdamW(MemoptOptimizer):
 
     def _after_load(self) -> None:
         self._projectors.clear()
+
+    @staticmethod
+    def _sum_over_shards(p: Tensor) -> Callable[[Tensor], Tensor] | None:
+        if not is_sharded(p):
+            return None
+        return lambda t: all_reduce_sum(t, p, "fira_limiter")
 
     # ---------------------------------------------------------------------- step
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -203,7 +228,12 @@ class LowRankAdamW(MemoptOptimizer):
         mode = group["moments_on_refresh"]
         has_moments = "exp_avg" in state
         old_basis = proj.basis() if has_moments and mode == "rotate" else None
-        proj.update(G)
+        if not is_sharded(p):
+            proj.update(G)
+        elif proj.supports_row_sharding and proj.requested_side == "right":
+            proj.update(G, row_reduce=lambda t: all_reduce_sum(t, p, "basis_refresh"))
+        else:
+            proj.update(all_gather_rows(G, p, "basis_refresh"))
         for key, value in proj.state_dict().items():
             state[PROJ_PREFIX + key] = value
         if not has_moments:
@@ -230,7 +260,7 @@ class LowRankAdamW(MemoptOptimizer):
             state = self.state[p]
             if not state:
                 state["step"] = 0
-            G = as_matrix(p.grad)
+            G = as_matrix(local(p.grad))
             if state["step"] % group["update_proj_gap"] == 0:
                 self._refresh(p, G, group, store)
             proj = self._projector(p, group)
@@ -262,17 +292,19 @@ class LowRankAdamW(MemoptOptimizer):
                                          beta2=beta2, eps=group["eps"], step=step)
             for i, u in zip(indices, updates):
                 p, G, B, side, R = chunk[i]
+                W = local(p)
                 if wd != 0:
-                    p.mul_(1 - lr * wd)
+                    W.mul_(1 - lr * wd)
                 if group["residual"] == "fira":
                     state = self.state[p]
                     S = fira_residual(G, R, u, B, side)
                     S, state["residual_norm"] = limit_norm_growth(
-                        S, state.get("residual_norm"), group["limiter_gamma"])
+                        S, state.get("residual_norm"), group["limiter_gamma"],
+                        self._sum_over_shards(p))
                     update = lift(u, B, side).mul_(scale).sub_(S)
-                    p.add_(update.view_as(p), alpha=lr)
+                    W.add_(update.view_as(W), alpha=lr)
                 else:
-                    self._add_lifted(p, u, B, side, lr * scale)
+                    self._add_lifted(W, u, B, side, lr * scale)
 
     @staticmethod
     def _add_lifted(p: Tensor, L: Tensor, B: Tensor, side: str, alpha: float) -> None:

@@ -71,7 +71,8 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         scaling: "none" (Muon) or "nuclear_norm" (PolarGrad).
         variant: "momentum_first" (orthogonalize the momentum) or "polar_first"
             (orthogonalize the gradient, then average the polar factors).
-        adamw_lr, adamw_betas, adamw_eps: AdamW for the other parameters.
+        adamw_lr, adamw_betas, adamw_eps: AdamW for the other parameters (an LR scheduler
+            scales ``adamw_lr`` by the same factor as ``lr``).
         state_bits: 32, or 8 for bitsandbytes blockwise 8-bit momentum and AdamW moments.
         ns_dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16" or "float32".
         adamw: True sends the whole group to AdamW.
@@ -119,6 +120,13 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         return self._stores[bits]
 
     @staticmethod
+    def schedule_factor(group: dict[str, Any]) -> float:
+        """lr / initial_lr: what an LR scheduler has done to the group's lr so far, applied to
+        ``adamw_lr`` too, so the AdamW parameters follow the same schedule."""
+        initial = group.get("initial_lr")
+        return group["lr"] / initial if initial else 1.0
+
+    @staticmethod
     def is_orthogonalized(group: dict[str, Any], p: Tensor) -> bool:
         """Whether ``p`` gets the orthogonalized update under ``group``'s settings."""
         return not group["adamw"] and p.ndim >= 2
@@ -128,8 +136,9 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         dense = [p for p in params if not self.is_orthogonalized(group, p)]
         matrices = [p for p in params if self.is_orthogonalized(group, p)]
         if dense:
-            self._adamw(dense, store, lr=group["adamw_lr"], betas=group["adamw_betas"],
-                        eps=group["adamw_eps"], weight_decay=group["weight_decay"])
+            self._adamw(dense, store, lr=group["adamw_lr"] * self.schedule_factor(group),
+                        betas=group["adamw_betas"], eps=group["adamw_eps"],
+                        weight_decay=group["weight_decay"])
         if matrices:
             self._orthogonalized_step(group, matrices, store)
 

@@ -125,16 +125,17 @@ class MomentStore:
             out[i] = update
         return out
 
-    def adamw_steps(self, states: list[dict], params: list[Tensor], *, lr: float, beta1: float,
-                    beta2: float, eps: float, weight_decay: float, step: int) -> None:
+    def adamw_steps(self, states: list[dict], params: list[Tensor], grads: list[Tensor], *,
+                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                    step: int) -> None:
         """One AdamW step of dense parameters (all of one device) with moments kept here."""
         plain = [i for i, s in enumerate(states) if s["exp_avg"].dtype != torch.uint8]
-        adam.adamw_steps([params[i] for i in plain], [params[i].grad for i in plain],
+        adam.adamw_steps([params[i] for i in plain], [grads[i] for i in plain],
                          [states[i]["exp_avg"] for i in plain],
                          [states[i]["exp_avg_sq"] for i in plain], lr=lr, beta1=beta1,
                          beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
         for i in sorted(set(range(len(states))) - set(plain)):
-            param, grad = params[i], params[i].grad
+            param, grad = params[i], grads[i]
             if param.is_contiguous() and grad.is_contiguous() and grad.dtype == param.dtype:
                 self._bnb_adam(states[i], grad, param, lr=lr, weight_decay=weight_decay,
                                beta1=beta1, beta2=beta2, eps=eps, step=step)

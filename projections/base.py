@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -101,6 +101,8 @@ class Projector(ABC):
 
     #: registry name ("svd", "dct", "polar"), set by subclasses
     name = "base"
+    #: whether ``update`` accepts ``row_reduce`` (its statistics are sums over G's rows)
+    supports_row_sharding = False
 
     def __init__(self, rank: int, side: str = "auto") -> None:
         self.rank = check_rank(rank)
@@ -112,13 +114,27 @@ class Projector(ABC):
         self.num_updates = 0
 
     # ----------------------------------------------------------------- public API
-    def update(self, G: Tensor) -> "Projector":
-        """Build a new basis from G (m x n). Validates G before anything changes."""
+    def update(self, G: Tensor, row_reduce: Callable[[Tensor], Tensor] | None = None
+               ) -> "Projector":
+        """Build a new basis from G (m x n). Validates G before anything changes.
+
+        ``row_reduce``: G holds some rows of a larger matrix (data-parallel shards of dim 0)
+        and this function sums a tensor over the ranks; only projectors with
+        ``supports_row_sharding`` accept it, for a right basis (whose statistics are sums
+        over rows), and every rank then builds the same basis.
+        """
         check_matrix(G)
         side = resolve_side(self.requested_side, tuple(G.shape))
+        if row_reduce is not None and not (self.supports_row_sharding and side == "right"):
+            raise ValueError(f"{type(self).__name__} cannot build a {side} basis from row "
+                             "shards; gather the matrix first")
         dim = G.shape[1] if side == "right" else G.shape[0]
         with torch.no_grad():
-            self._fit(G.detach().to(compute_dtype(G.dtype)), side, dim, min(self.rank, dim))
+            G = G.detach().to(compute_dtype(G.dtype))
+            if row_reduce is None:
+                self._fit(G, side, dim, min(self.rank, dim))
+            else:
+                self._fit(G, side, dim, min(self.rank, dim), row_reduce=row_reduce)
         self.side, self.shape = side, (int(G.shape[0]), int(G.shape[1]))
         self.num_updates += 1
         return self

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -99,9 +100,13 @@ def dct_energy(G: Tensor, side: str, method: str = "auto") -> Tensor:
     return coefficients.square().sum(dim=0)
 
 
-def select_dct_indices(G: Tensor, side: str, r: int, method: str = "auto") -> Tensor:
-    """Indices (ascending, int64) of the r DCT vectors best aligned with G."""
+def select_dct_indices(G: Tensor, side: str, r: int, method: str = "auto",
+                       row_reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Indices (ascending, int64) of the r DCT vectors best aligned with G (with the right-side
+    energy summed over row shards by ``row_reduce``)."""
     energy = dct_energy(G, side, method)
+    if row_reduce is not None:
+        energy = row_reduce(energy)
     return torch.topk(energy, r, sorted=False).indices.sort().values
 
 
@@ -117,6 +122,7 @@ class DCTProjector(Projector):
     """
 
     name = "dct"
+    supports_row_sharding = True       # the energy of a right basis is a sum over rows
 
     def __init__(self, rank: int, side: str = "auto", method: str = "auto") -> None:
         super().__init__(rank, side)
@@ -126,8 +132,9 @@ class DCTProjector(Projector):
         self.indices: Tensor | None = None
         self.dtype = torch.float32
 
-    def _fit(self, G: Tensor, side: str, dim: int, r: int) -> None:
-        self.indices = select_dct_indices(G, side, r, self.method)
+    def _fit(self, G: Tensor, side: str, dim: int, r: int,
+             row_reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.indices = select_dct_indices(G, side, r, self.method, row_reduce)
         self.dtype = G.dtype
 
     def basis(self) -> Tensor:

@@ -30,10 +30,13 @@ def top_singular_basis(G: Tensor, side: str, r: int) -> Tensor:
     short_side = "right" if m >= n else "left"
     if G.is_cuda and side == short_side and r <= min(m, n):
         tall = (G if m >= n else G.mT).to(torch.float64)
-        _, _, Vh = torch.linalg.svd(tall, full_matrices=False, driver="gesvda")
-        B = Vh[:r].mT
-        if orthonormality_error(B) <= 1e-10:
-            return canonical_signs(B).to(G.dtype).contiguous()
+        try:       # gesvda refuses rank-deficient input (cuSOLVER error 63): use gesvd then
+            _, _, Vh = torch.linalg.svd(tall, full_matrices=False, driver="gesvda")
+            B = Vh[:r].mT
+            if orthonormality_error(B) <= 1e-10:
+                return canonical_signs(B).to(G.dtype).contiguous()
+        except torch.linalg.LinAlgError:
+            pass
     full = r > min(m, n)             # a side longer than min(m, n) needs the full SVD
     with full_fp32_matmul():
         U, _, Vh = accurate_svd(G, full_matrices=full)

@@ -1,0 +1,120 @@
+"""Sharded (FSDP2) parameters and the collectives the optimizers issue, with byte counting.
+
+Under DDP nothing here is used: every rank has the same gradients and the optimizers are
+deterministic, so every rank computes the same update. Under FSDP2 (``fully_shard``) a
+parameter is a DTensor sharded on dim 0; the optimizers work on the local rows and talk to
+the other ranks only here, so :func:`communication_bytes` sees every byte they send:
+
+- a finiteness flag per step (one float, all-reduced);
+- low-rank: projection, Adam and the update are local (the basis is on the column side,
+  which is not sharded); at a basis refresh the DCT selection all-reduces its length-n
+  energy vector and the SVD and polar projectors all-gather the gradient once; Fira
+  all-reduces one squared norm per matrix per step for its limiter;
+- Muon / PolarGrad: each matrix's update is gathered on one owner rank (round-robin),
+  orthogonalized there and scattered back (or all-gathered and orthogonalized on every rank
+  with ``redundant=True``); PolarGrad all-reduces one partial nuclear norm per matrix.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+_bytes: dict[str, int] = defaultdict(int)
+
+
+def communication_bytes() -> dict[str, int]:
+    """Bytes this process has sent into optimizer collectives, per kind, since the last reset
+    (the payload of each call; what the transport moves depends on its algorithm)."""
+    return dict(_bytes)
+
+
+def reset_communication_bytes() -> None:
+    _bytes.clear()
+
+
+def is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor sharded on some dimension (an FSDP2 parameter)."""
+    placements = getattr(t, "placements", None)
+    return placements is not None and any(p.is_shard() for p in placements)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local part of a DTensor (the tensor itself otherwise)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _group(param: Tensor) -> Any:
+    return param.device_mesh.get_group()
+
+
+def all_reduce_sum(t: Tensor, param: Tensor, kind: str) -> Tensor:
+    """Sum ``t`` over the ranks ``param`` is sharded across (in place; returns t)."""
+    _bytes[kind] += t.numel() * t.element_size()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_group(param))
+    return t
+
+
+def _row_counts(param: Tensor) -> list[int]:
+    """Rows of dim 0 held by each rank (torch.chunk semantics of Shard(0))."""
+    world = param.device_mesh.size()
+    rows = param.shape[0]
+    per = -(-rows // world)
+    return [max(0, min(per, rows - r * per)) for r in range(world)]
+
+
+def _padded(t: Tensor, rows: int) -> Tensor:
+    if t.shape[0] == rows:
+        return t.contiguous()
+    out = t.new_zeros((rows, *t.shape[1:]))
+    out[: t.shape[0]] = t
+    return out
+
+
+def all_gather_rows(t: Tensor, param: Tensor, kind: str) -> Tensor:
+    """The full matrix whose dim-0 shards the ranks of ``param`` hold as ``t``."""
+    counts = _row_counts(param)
+    block = _padded(t, max(counts))
+    parts = [torch.empty_like(block) for _ in counts]
+    _bytes[kind] += block.numel() * block.element_size()
+    dist.all_gather(parts, block, group=_group(param))
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def gather_rows(t: Tensor, param: Tensor, owner: int, kind: str) -> Tensor | None:
+    """The full matrix on rank ``owner`` (None elsewhere), from dim-0 shards ``t``."""
+    group = _group(param)
+    counts = _row_counts(param)
+    block = _padded(t, max(counts))
+    parts = [torch.empty_like(block) for _ in counts] if dist.get_rank(group) == owner else None
+    _bytes[kind] += block.numel() * block.element_size()
+    dist.gather(block, parts, dst=dist.get_global_rank(group, owner), group=group)
+    if parts is None:
+        return None
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def scatter_rows(full: Tensor | None, like: Tensor, param: Tensor, owner: int,
+                 kind: str) -> Tensor:
+    """This rank's dim-0 shard of ``full`` (given on ``owner``), shaped like ``like``."""
+    group = _group(param)
+    counts = _row_counts(param)
+    rows = max(counts)
+    out = like.new_empty((rows, *like.shape[1:]))
+    parts = None
+    if full is not None:
+        parts = [_padded(chunk, rows) for chunk in full.split(counts)]
+        _bytes[kind] += sum(p.numel() * p.element_size() for p in parts)
+    dist.scatter(out, parts, src=dist.get_global_rank(group, owner), group=group)
+    return out[: like.shape[0]]
+
+
+def any_flag(flag: Tensor, param: Tensor | None) -> bool:
+    """True if ``flag`` (a 0-d float, 1 = yes) is set on any rank (one all-reduce)."""
+    if param is not None:
+        all_reduce_sum(flag, param, "finite_check")
+    return bool(flag > 0)

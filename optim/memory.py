@@ -1,0 +1,152 @@
+"""How many bytes a model's weights, gradients and optimizer state take, before training.
+
+Works on meta-device copies (nothing is allocated), so a LLaMA-7B config is estimated in
+seconds. The state counts what each optimizer keeps after its first step, byte for byte.
+"""
+
+from __future__ import annotations
+
+import copy
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from memopt.projections import DCTProjector, PolarProjector, SVDProjector
+from memopt.projections.base import compute_dtype, resolve_side
+from memopt.projections.dct import dct_table_bytes
+
+from .base import MemoptOptimizer, as_matrix, moment_dtype, state_bytes
+from .lowrank import PROJ_PREFIX, LowRankAdamW
+from .polar import OrthogonalizedOptimizer
+from .registry import create_optimizer
+from .states import tensor_bytes
+
+META = torch.device("meta")
+
+
+def estimate_memory(model_or_config: Any, optimizer_name: str, *, per_layer: bool = False,
+                    weight_dtype: torch.dtype | None = None,
+                    **optimizer_kwargs: Any) -> dict[str, int]:
+    """Bytes of weights, gradients and optimizer state for training a model with an optimizer.
+
+    total = weights + gradients + optimizer_state, with weights = sum numel(p) size(dtype),
+    gradients = the same sum over trainable parameters (``per_layer=True``: only the largest
+    one, as when each gradient is freed right after its update in the backward pass, i.e.
+    ``step_in_backward`` without gradient accumulation), and
+    optimizer_state = what ``create_optimizer(optimizer_name, model, **optimizer_kwargs)``
+    holds after one step (``state_bytes``). Activations and temporaries are not counted.
+
+    Args:
+        model_or_config: an ``nn.Module`` (left untouched) or a ``transformers`` config, whose
+            causal-LM model is built on the meta device.
+        optimizer_name: a name of ``OPTIMIZER_NAMES``; ValueError otherwise.
+        per_layer: gradients freed one parameter at a time (see above).
+        weight_dtype: the dtype the floating-point parameters are kept in, and so their
+            gradients and torch AdamW's moments (default: the model's own dtypes).
+        optimizer_kwargs: passed to the optimizer as by ``create_optimizer`` (e.g. ``rank``).
+
+    Returns:
+        dict with ``weights``, ``gradients``, ``optimizer_state``, ``total`` (bytes) and
+        ``parameters`` (count).
+    """
+    model = _meta_copy(_as_module(model_or_config), weight_dtype)
+    optimizer = create_optimizer(optimizer_name, model, **optimizer_kwargs)
+    params = list(model.parameters())
+    grads = [tensor_bytes(p) for p in params if p.requires_grad]
+    if isinstance(optimizer, MemoptOptimizer):
+        state = _memopt_state_bytes(optimizer)
+    else:
+        state = _stepped_state_bytes(optimizer, params)
+    out = {"weights": sum(tensor_bytes(p) for p in params),
+           "gradients": max(grads, default=0) if per_layer else sum(grads),
+           "optimizer_state": state}
+    out["total"] = sum(out.values())
+    out["parameters"] = sum(p.numel() for p in params)
+    return out
+
+
+def _memopt_state_bytes(optimizer: MemoptOptimizer) -> int:
+    """``state_bytes(optimizer)`` after its first step, computed from shapes alone.
+
+    Per parameter, the state the optimizer creates, as meta tensors: low-rank moments and
+    basis (:func:`_lowrank_state`), a momentum buffer of the matrix shape for orthogonalized
+    matrices, AdamW's two moments otherwise; plus the shared DCT tables, once per size.
+    """
+    total, dct_sizes = 0, set()
+    for group in optimizer.param_groups:
+        store = optimizer._store(group["state_bits"])
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            state: dict[str, Any] = {}
+            if isinstance(optimizer, LowRankAdamW) and optimizer.is_projected(group, p):
+                dct_sizes |= _lowrank_state(optimizer, group, p, state)
+            elif (isinstance(optimizer, OrthogonalizedOptimizer)
+                  and optimizer.is_orthogonalized(group, p)):
+                store.init(state, "momentum_buffer", as_matrix(p).shape, META, moment_dtype(p))
+            else:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    store.init(state, key, p.shape, META, moment_dtype(p))
+            total += sum(tensor_bytes(v) for v in state.values())
+    return total + sum(dct_table_bytes(d, META, dtype) for d, dtype in dct_sizes)
+
+
+def _lowrank_state(optimizer: LowRankAdamW, group: dict[str, Any], p: Tensor,
+                   state: dict[str, Any]) -> set[tuple[int, torch.dtype]]:
+    """Fill ``state`` with meta tensors of a projected matrix's state; return DCT table sizes.
+
+    For an (m, n) matrix and rank r: moments (m, r) with a right basis, (r, n) with a left
+    one; the basis (d, r) for SVD and polar, r int64 indices for DCT; Fira's residual norm.
+    """
+    store = optimizer._store(group["state_bits"])
+    projector = optimizer._projector(p, group)
+    m, n = as_matrix(p).shape
+    side = resolve_side(projector.requested_side, (m, n))
+    d = n if side == "right" else m
+    r = min(projector.rank, d)
+    dtype = compute_dtype(p.dtype)            # bases, projected gradients and moments
+    for key in ("exp_avg", "exp_avg_sq"):
+        store.init(state, key, (m, r) if side == "right" else (r, n), META, dtype)
+    if group["residual"] == "fira":
+        state["residual_norm"] = torch.empty((), dtype=dtype, device=META)
+    if isinstance(projector, DCTProjector):
+        state[PROJ_PREFIX + "indices"] = torch.empty(r, dtype=torch.int64, device=META)
+        return {(d, dtype)}
+    if isinstance(projector, (SVDProjector, PolarProjector)):
+        state[PROJ_PREFIX + "basis"] = torch.empty((d, r), dtype=dtype, device=META)
+        return set()
+    raise ValueError(f"cannot estimate the state of projector {type(projector).__name__}")
+
+
+def _stepped_state_bytes(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> int:
+    """State of any other optimizer (torch, bitsandbytes): one real step on meta tensors."""
+    for p in params:
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    return state_bytes(optimizer)
+
+
+def _as_module(model_or_config: Any) -> nn.Module:
+    """The module itself, or the causal-LM model of a transformers config on the meta device."""
+    if isinstance(model_or_config, nn.Module):
+        return model_or_config
+    import transformers
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(model_or_config)
+
+
+def _meta_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """A copy of ``model`` with every parameter and buffer on the meta device (tied ones stay
+    tied), floating-point ones cast to ``dtype`` when given."""
+    memo: dict[int, Any] = {}
+    for t in chain(model.parameters(), model.buffers()):
+        cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        meta = torch.empty_like(t, device=META, dtype=cast)
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+__all__ = ["estimate_memory"]

@@ -1,0 +1,92 @@
+"""Model and training presets for the LLaMA pretraining recipes.
+
+``tiny`` runs on a laptop CPU in minutes; ``small`` on a GPU in minutes. ``60m`` ... ``1b`` use
+the LLaMA shapes of the GaLore paper (Zhao et al., 2024, Table 8: hidden / intermediate /
+heads / layers) with that paper's ranks (128 / 256 / 256 / 512), update gap 200, scale 0.25
+and GaLore learning rate 0.01; our vocabulary is 256 bytes instead of the paper's 32k
+tokens, so parameter counts are a little lower and losses are in nats per byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+#: Learning rates per optimizer family; "lowrank" covers galore, dct and fira.
+FAMILIES = {"adamw": "adamw", "galore": "lowrank", "dct": "lowrank", "fira": "lowrank",
+            "muon": "muon", "polargrad": "polargrad"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Shapes, batch and schedule of one recipe size."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    heads: int
+    layers: int
+    seq_len: int
+    batch_size: int
+    steps: int
+    rank: int
+    update_proj_gap: int
+    lr: dict[str, float] = field(default_factory=dict)
+    adamw_lr: float = 3e-3          # embeddings, head and norms under Muon / PolarGrad
+    warmup: float = 0.1             # fraction of steps
+    eval_every: int = 50
+    eval_batches: int = 8
+
+    def family(self, optimizer: str) -> str:
+        base = optimizer.lower().removesuffix("8bit")
+        if base not in FAMILIES:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of "
+                             f"{', '.join(sorted(FAMILIES))} (each also with an 8bit suffix)")
+        return FAMILIES[base]
+
+    def optimizer_kwargs(self, optimizer: str, lr: float | None = None,
+                         rank: int | None = None) -> dict[str, Any]:
+        """Constructor arguments for ``optimizer`` under this preset."""
+        family = self.family(optimizer)
+        kwargs: dict[str, Any] = {"lr": lr if lr is not None else self.lr[family]}
+        if family == "lowrank":
+            kwargs.update(rank=rank or self.rank, update_proj_gap=self.update_proj_gap,
+                          scale=0.25)
+        elif family in ("muon", "polargrad"):
+            kwargs.update(adamw_lr=self.adamw_lr)
+        return kwargs
+
+    def llama_config(self) -> Any:
+        from transformers import LlamaConfig
+        return LlamaConfig(vocab_size=256, hidden_size=self.hidden,
+                           intermediate_size=self.intermediate,
+                           num_hidden_layers=self.layers, num_attention_heads=self.heads,
+                           num_key_value_heads=self.heads, max_position_embeddings=self.seq_len,
+                           tie_word_embeddings=False)
+
+
+_TINY_LR = {"adamw": 3e-3, "lowrank": 1e-2, "muon": 0.02, "polargrad": 2e-3}
+_PAPER_LR = {"adamw": 1e-3, "lowrank": 1e-2, "muon": 0.02, "polargrad": 2e-3}
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset("tiny", hidden=128, intermediate=352, heads=4, layers=4, seq_len=128,
+                   batch_size=16, steps=300, rank=32, update_proj_gap=50, lr=_TINY_LR,
+                   eval_every=50, eval_batches=8),
+    "small": Preset("small", hidden=384, intermediate=1024, heads=6, layers=6, seq_len=256,
+                    batch_size=32, steps=2000, rank=96, update_proj_gap=200, lr=_TINY_LR,
+                    eval_every=200, eval_batches=16),
+    "60m": Preset("60m", 512, 1376, 8, 8, 256, 64, 10_000, 128, 200, _PAPER_LR, eval_every=500),
+    "130m": Preset("130m", 768, 2048, 12, 12, 256, 64, 20_000, 256, 200, _PAPER_LR,
+                   eval_every=1000),
+    "350m": Preset("350m", 1024, 2736, 16, 24, 256, 64, 60_000, 256, 200, _PAPER_LR,
+                   eval_every=2000),
+    "1b": Preset("1b", 2048, 5461, 32, 24, 256, 64, 100_000, 512, 200, _PAPER_LR,
+                 eval_every=5000),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> Preset:
+    """A preset by name, with fields replaced by ``overrides`` (None values ignored)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,223 @@
+"""Pretrain a byte-level LLaMA with any optimizer of the registry: the `memopt train` job.
+
+A model built from a ``transformers.LlamaConfig`` (no download) learns next-byte prediction
+on a corpus from :mod:`.data`, with linear warm-up and cosine decay to 10% of the learning
+rate. Every run logs JSON lines and can checkpoint model, optimizer and scheduler in files
+that load with ``torch.load(weights_only=True)``; ``--resume`` continues exactly where a
+checkpoint stopped (batches depend only on the seed and the step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from memopt.optim import create_optimizer, state_bytes, step_in_backward
+
+from .data import ByteCorpus, batch_at, eval_batches, load_corpus
+from .presets import Preset, get_preset
+from .timing import resolve_device
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+
+
+@dataclass
+class RunConfig:
+    """One training run."""
+
+    optimizer: str = "galore"
+    preset: str = "tiny"
+    lr: float | None = None
+    rank: int | None = None
+    steps: int | None = None
+    data: str | None = None
+    device: str = "auto"
+    out: str | None = None
+    seed: int = 0
+    resume: bool = False
+    checkpoint_every: int | None = None     # also always at the end when out is set
+    progress: bool = True
+    per_layer: bool = False                 # update each parameter during backward
+    activation_checkpointing: bool = False
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
+
+
+def build_model(preset: Preset, device: torch.device, seed: int) -> torch.nn.Module:
+    """A LLaMA of the preset's shape, initialised from ``seed``."""
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(preset.llama_config()).to(device)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0.1 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def next_byte_loss(model: torch.nn.Module, inputs: torch.Tensor,
+                   targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (nats per byte) of the model's next-byte predictions."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if inputs.is_cuda else \
+        torch.autocast("cpu", enabled=False)
+    with autocast:
+        logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+             device: torch.device) -> float:
+    """Mean validation loss over fixed batches."""
+    was_training = model.training
+    model.eval()
+    losses = [float(next_byte_loss(model, x.to(device), y.to(device))) for x, y in batches]
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+class Run:
+    """Model, optimizer, scheduler and data of one run; ``train()`` executes it."""
+
+    def __init__(self, config: RunConfig, corpus: ByteCorpus | None = None) -> None:
+        self.config = config
+        self.preset = get_preset(config.preset, steps=config.steps)
+        self.device = resolve_device(config.device)
+        self.corpus = corpus or load_corpus(config.data)
+        self.model = build_model(self.preset, self.device, config.seed)
+        if config.activation_checkpointing:
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {**self.preset.optimizer_kwargs(config.optimizer, config.lr, config.rank),
+                  **config.optimizer_options}
+        self.optimizer = create_optimizer(config.optimizer, self.model, **kwargs)
+        total, warmup = self.preset.steps, max(1, int(self.preset.warmup * self.preset.steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, total, warmup))
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.out = Path(config.out) if config.out else None
+        if config.resume:
+            self.load_checkpoint()
+        self.per_layer = step_in_backward(self.model, self.optimizer) if config.per_layer \
+            else None
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        if self.out is None:
+            raise ValueError("saving a checkpoint needs an output folder (--out)")
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / CHECKPOINT
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "step": self.step,
+                    "history": self.history}, tmp)
+        tmp.replace(path)
+        return path
+
+    def load_checkpoint(self) -> None:
+        if self.out is None or not (self.out / CHECKPOINT).exists():
+            raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {self.out}")
+        state = torch.load(self.out / CHECKPOINT, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.history = int(state["step"]), list(state["history"])
+
+    # ------------------------------------------------------------------------ train
+    def train(self) -> dict[str, Any]:
+        """Run to the preset's step count; return the summary of :meth:`summary`."""
+        cfg, preset, device = self.config, self.preset, self.device
+        val = eval_batches(self.corpus.val, preset.eval_batches, preset.batch_size,
+                           preset.seq_len)
+        if self.out:
+            self.out.mkdir(parents=True, exist_ok=True)
+        log = open(self.out / LOG, "a") if self.out else None
+        bar = _progress(cfg.progress, preset.steps, self.step, cfg.optimizer)
+        tokens = preset.batch_size * preset.seq_len
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            while self.step < preset.steps:
+                x, y = batch_at(self.corpus.train, self.step, preset.batch_size,
+                                preset.seq_len, cfg.seed, device)
+                start = time.perf_counter()
+                if self.per_layer is None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                loss = next_byte_loss(self.model, x, y)
+                loss.backward()                     # per-layer: the update happens here
+                if self.per_layer is None:
+                    self.optimizer.step()
+                self.scheduler.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                ms = (time.perf_counter() - start) * 1e3
+                self.step += 1
+                record = {"step": self.step, "loss": loss.item(), "ms": ms,
+                          "lr": self.scheduler.get_last_lr()[0]}
+                if self.step % preset.eval_every == 0 or self.step == preset.steps:
+                    record["val_loss"] = evaluate(self.model, val, device)
+                self.history.append(record)
+                if log:
+                    log.write(json.dumps(record) + "\n")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens / ms * 1e3:.0f}",
+                                    state_mb=f"{state_bytes(self.optimizer) / 2**20:.1f}")
+                if self.out and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            if log:
+                log.close()
+        if self.out:
+            self.save_checkpoint()
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        """Final train loss (mean of the last 10 steps), validation loss, bits per byte,
+        median ms per step (after the first 5), optimizer-state MB and peak GPU MB."""
+        losses = [h["loss"] for h in self.history[-10:]]
+        vals = [h for h in self.history if "val_loss" in h]
+        times = sorted(h["ms"] for h in self.history[5:]) or [math.nan]
+        n_params = sum(p.numel() for p in self.model.parameters())
+        out = {"optimizer": self.config.optimizer, "preset": self.preset.name,
+               "steps": self.step, "parameters": n_params,
+               "train_loss": sum(losses) / max(1, len(losses)),
+               "val_loss": vals[-1]["val_loss"] if vals else math.nan,
+               "ms_per_step": times[len(times) // 2],
+               "optimizer_state_mb": state_bytes(self.optimizer) / 2**20,
+               "lr": self.preset.optimizer_kwargs(self.config.optimizer, self.config.lr,
+                                                  self.config.rank)["lr"],
+               "config": asdict(self.config), "corpus": self.corpus.describe(),
+               "history": self.history}
+        out["val_bits_per_byte"] = out["val_loss"] / math.log(2)
+        if self.device.type == "cuda":
+            out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return out
+
+
+def _progress(enabled: bool, total: int, initial: int, name: str) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True, leave=False)
+
+
+def train(config: RunConfig, corpus: ByteCorpus | None = None) -> dict[str, Any]:
+    """Build a :class:`Run` and train it; returns its summary."""
+    return Run(config, corpus).train()
