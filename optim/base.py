@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .distributed import any_flag, is_sharded, local
+from .distributed import (any_flag, as_sharded_state, from_sharded_state, is_sharded, local,
+                          trim_absmax)
 from .states import MomentStore, tensor_bytes
 
 
@@ -170,7 +171,8 @@ class MemoptOptimizer(Optimizer, ABC):
             if not state:
                 state["step"] = 0
                 for key in ("exp_avg", "exp_avg_sq"):
-                    store.init(state, key, local(p).shape, p.device, moment_dtype(p))
+                    store.init(state, key, local(p).shape, p.device, moment_dtype(p),
+                               full_numel=p.numel())
             state["step"] += 1
             buckets.setdefault((state["step"], p.device), []).append(p)
         for (step, _), bucket in buckets.items():
@@ -180,12 +182,21 @@ class MemoptOptimizer(Optimizer, ABC):
 
     # ---------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
-        """Like torch.optim's, with group values that are not plain data replaced by a name."""
+        """Like torch.optim's, with group values that are not plain data replaced by a name.
+
+        For FSDP2 parameters the row-sharded state (moments, momentum, their 8-bit codes and
+        absmax) is returned as DTensors, so ``torch.distributed.checkpoint`` saves each shard
+        once; the rest (bases, indices, norms) is the same on every rank."""
         sd = super().state_dict()
         for group in sd["param_groups"]:
             for key, value in list(group.items()):
                 if callable(value):
                     group[key] = f"<callable {getattr(value, '__name__', type(value).__name__)}>"
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        for index, values in sd["state"].items():
+            if is_sharded(params[index]):
+                sd["state"][index] = {k: as_sharded_state(v, k, params[index])
+                                      for k, v in values.items()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -203,13 +214,14 @@ class MemoptOptimizer(Optimizer, ABC):
                 continue
             param = id_map[key]
             self.state[param] = {k: self._load_value(param, k, v) for k, v in values.items()}
+            trim_absmax(self.state[param])
         self._after_load()
 
     @staticmethod
     def _load_value(param: Tensor, key: str, value: Any) -> Any:
         if not isinstance(value, Tensor):
             return value
-        return value.detach().to(device=param.device, copy=True)
+        return from_sharded_state(value, key).detach().to(device=param.device, copy=True)
 
     def _after_load(self) -> None:
         """Drop caches derived from state (subclasses)."""

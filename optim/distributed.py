@@ -52,6 +52,11 @@ def _group(param: Tensor) -> Any:
     return param.device_mesh.get_group()
 
 
+def world_size(param: Tensor) -> int:
+    """Ranks that ``param``'s shards are spread over."""
+    return param.device_mesh.size()
+
+
 def all_reduce_sum(t: Tensor, param: Tensor, kind: str) -> Tensor:
     """Sum ``t`` over the ranks ``param`` is sharded across (in place; returns t)."""
     _bytes[kind] += t.numel() * t.element_size()
@@ -65,6 +70,11 @@ def _row_counts(param: Tensor) -> list[int]:
     rows = param.shape[0]
     per = -(-rows // world)
     return [max(0, min(per, rows - r * per)) for r in range(world)]
+
+
+def local_rows(full: Tensor, param: Tensor) -> Tensor:
+    """This rank's dim-0 shard of a full matrix laid out like ``param``."""
+    return full.split(_row_counts(param))[dist.get_rank(_group(param))]
 
 
 def _padded(t: Tensor, rows: int) -> Tensor:
@@ -118,3 +128,50 @@ def any_flag(flag: Tensor, param: Tensor | None) -> bool:
     if param is not None:
         all_reduce_sum(flag, param, "finite_check")
     return bool(flag > 0)
+
+
+#: State keys whose dim 0 follows the parameter's rows (and so is sharded with it).
+ROW_SHARDED_STATE = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+ABSMAX = "_absmax"
+
+
+def as_sharded_state(value: Any, key: str, param: Tensor) -> Any:
+    """A state tensor of an FSDP2 parameter as the DTensor ``torch.distributed.checkpoint``
+    expects. Row-sharded moments become Shard(0) of their full shape; the absmax of an
+    8-bit moment (one value per 256 local values, so not a slice of a global vector) is
+    padded to the largest rank's length and stacked as one row per rank."""
+    from torch.distributed.tensor import DTensor, Shard
+    if not isinstance(value, Tensor):
+        return value
+    mesh = param.device_mesh
+    if key.endswith(ABSMAX) and key[: -len(ABSMAX)] in ROW_SHARDED_STATE:
+        cols = param.numel() // param.shape[0] if param.shape[0] else 0
+        longest = -(-max(_row_counts(param)) * cols // 256) if cols else 0
+        row = value.new_zeros((1, max(longest, value.numel())))
+        row[0, : value.numel()] = value
+        return DTensor.from_local(row, mesh, [Shard(0)], run_check=False,
+                                  shape=(mesh.size(), row.shape[1]), stride=(row.shape[1], 1))
+    if key in ROW_SHARDED_STATE:
+        shape = (int(param.shape[0]), *value.shape[1:])
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(value.contiguous(), mesh, [Shard(0)], run_check=False,
+                                  shape=shape, stride=stride)
+    return value
+
+
+def from_sharded_state(value: Tensor, key: str) -> Tensor:
+    """Inverse of :func:`as_sharded_state` on this rank: the local tensor (an absmax row
+    still carries its padding; :func:`trim_absmax` cuts it)."""
+    if hasattr(value, "to_local"):
+        value = value.to_local()
+        if key.endswith(ABSMAX) and value.ndim == 2:
+            value = value[0]
+    return value
+
+
+def trim_absmax(state: dict[str, Any]) -> None:
+    """Cut padded absmax vectors back to one value per 256 values of their 8-bit codes."""
+    for key in [k for k in state if k.endswith(ABSMAX)]:
+        codes = state.get(key[: -len(ABSMAX)])
+        if isinstance(codes, Tensor):
+            state[key] = state[key][: -(-codes.numel() // 256)]

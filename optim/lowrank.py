@@ -268,7 +268,8 @@ class LowRankAdamW(MemoptOptimizer):
             R = project_onto(G, B, proj.side)
             if "exp_avg" not in state:
                 for key in ("exp_avg", "exp_avg_sq"):
-                    store.init(state, key, R.shape, R.device, moment_dtype(B))
+                    store.init(state, key, R.shape, R.device, moment_dtype(B),
+                               full_numel=R.numel() * p.shape[0] // max(1, G.shape[0]))
             state["step"] += 1
             chunk.append((p, G, B, proj.side, R))
             chunk_bytes += 2 * R.numel() * R.element_size() + B.numel() * B.element_size()

@@ -17,10 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from memopt.projections.polar import orthogonalize_many
+from memopt.projections.polar import iteration_dtype, orthogonalize_many
 
 from .base import (MemoptOptimizer, as_matrix, check_betas, check_choice, check_nonnegative,
                    check_positive_int, moment_dtype)
+from .distributed import (all_gather_rows, all_reduce_sum, gather_rows, is_sharded, local,
+                          local_rows, scatter_rows, world_size)
 from .states import MomentStore
 
 ORTHOGONALIZERS = ("newton_schulz", "polar_express", "svd")
@@ -28,6 +30,11 @@ ADJUST_LR = ("original", "match_rms_adamw", "none")
 SCALINGS = ("none", "nuclear_norm")
 VARIANTS = ("momentum_first", "polar_first")
 NS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def matrix_shape(p: Tensor) -> tuple[int, int]:
+    """The (out, in * k * k) shape a weight acts as (global shape for an FSDP2 DTensor)."""
+    return int(p.shape[0]), int(p.numel() // p.shape[0]) if p.shape[0] else 0
 
 
 def lr_adjustment(shape: tuple[int, int], adjust_lr: str) -> float:
@@ -75,6 +82,8 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
             scales ``adamw_lr`` by the same factor as ``lr``).
         state_bits: 32, or 8 for bitsandbytes blockwise 8-bit momentum and AdamW moments.
         ns_dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16" or "float32".
+        redundant: FSDP2 only: all-gather each matrix and orthogonalize it on every rank
+            instead of on one owner rank (gather + scatter); for small models.
         adamw: True sends the whole group to AdamW.
         check_finite: raise FloatingPointError on a non-finite gradient before any change.
     """
@@ -83,13 +92,14 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
                  weight_decay: float, ns_steps: int, orthogonalizer: str, adjust_lr: str,
                  scaling: str, variant: str, adamw_lr: float,
                  adamw_betas: tuple[float, float], adamw_eps: float, state_bits: int,
-                 ns_dtype: str = "auto", adamw: bool = False, check_finite: bool = True) -> None:
+                 ns_dtype: str = "auto", redundant: bool = False, adamw: bool = False,
+                 check_finite: bool = True) -> None:
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         ns_steps=ns_steps, orthogonalizer=orthogonalizer, adjust_lr=adjust_lr,
                         scaling=scaling, variant=variant, adamw_lr=adamw_lr,
                         adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
-                        state_bits=state_bits, ns_dtype=ns_dtype, adamw=adamw,
-                        check_finite=check_finite)
+                        state_bits=state_bits, ns_dtype=ns_dtype, redundant=redundant,
+                        adamw=adamw, check_finite=check_finite)
         self._stores: dict[int, MomentStore] = {}
         super().__init__(params, defaults)
 
@@ -111,6 +121,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         check_choice("state_bits", group["state_bits"], (8, 32))
         check_choice("ns_dtype", group["ns_dtype"], NS_DTYPES)
         check_choice("adamw", group["adamw"], (True, False))
+        check_choice("redundant", group["redundant"], (True, False))
         self._store(group["state_bits"])
 
     def _store(self, bits: int) -> MomentStore:
@@ -149,12 +160,12 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         inputs: list[Tensor] = []
         for p in params:
             state = self.state[p]
+            G = as_matrix(local(p.grad))
             if not state:
                 state["step"] = 0
-                store.init(state, "momentum_buffer", as_matrix(p).shape, p.device,
-                           moment_dtype(p))
+                store.init(state, "momentum_buffer", G.shape, p.device, moment_dtype(p),
+                           full_numel=p.numel())
             state["step"] += 1
-            G = as_matrix(p.grad)
             if polar_first:
                 inputs.append(G)
             else:
@@ -162,24 +173,73 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
                 inputs.append(momentum_direction(G.to(buf.dtype), buf, mu, nesterov))
                 store.write(state, "momentum_buffer", buf)
 
-        polars = orthogonalize_many(inputs, group["orthogonalizer"], steps=group["ns_steps"],
-                                    dtype=NS_DTYPES[group["ns_dtype"]])
+        polars = self._polar_factors(inputs, params, group)
+        norms = self._nuclear_norms(inputs, polars, params) \
+            if group["scaling"] == "nuclear_norm" else None
 
         lr, wd = group["lr"], group["weight_decay"]
-        nuclear = group["scaling"] == "nuclear_norm"
-        for p, M, U in zip(params, inputs, polars):
-            state = self.state[p]
+        for i, (p, U) in enumerate(zip(params, polars)):
+            state, W = self.state[p], local(p)
             direction = U
             if polar_first:
                 buf = store.read(state, "momentum_buffer")
                 direction = momentum_direction(U.to(buf.dtype), buf, mu, nesterov)
                 store.write(state, "momentum_buffer", buf)
-            if nuclear:
-                direction = direction * nuclear_norm(M, U)
-            step_size = lr * lr_adjustment(tuple(as_matrix(p).shape), group["adjust_lr"])
+            if norms is not None:
+                direction = direction * norms[i]
+            step_size = lr * lr_adjustment(matrix_shape(p), group["adjust_lr"])
             if wd != 0:
-                p.mul_(1 - lr * wd)
-            p.add_(direction.reshape_as(p), alpha=-step_size)
+                W.mul_(1 - lr * wd)
+            W.add_(direction.reshape_as(W), alpha=-step_size)
+
+    @staticmethod
+    def _polar_factors(inputs: list[Tensor], params: list[Tensor],
+                       group: dict[str, Any]) -> list[Tensor]:
+        """polar(M) of each input; for FSDP2 row shards, of the whole matrix, returned as the
+        local rows: gathered on an owner rank (round-robin), orthogonalized in one batched
+        call per shape there and scattered back, or all-gathered everywhere (redundant)."""
+        method, steps = group["orthogonalizer"], group["ns_steps"]
+        dtype = NS_DTYPES[group["ns_dtype"]]
+        sharded = [i for i, p in enumerate(params) if is_sharded(p)]
+        out = [None] * len(inputs)
+        plain = [i for i in range(len(inputs)) if i not in set(sharded)]
+        for i, U in zip(plain, orthogonalize_many([inputs[i] for i in plain], method, steps,
+                                                  dtype)):
+            out[i] = U
+        if not sharded:
+            return out
+        if group["redundant"]:
+            full = [all_gather_rows(inputs[i], params[i], "polar_gather") for i in sharded]
+            for i, U in zip(sharded, orthogonalize_many(full, method, steps, dtype)):
+                out[i] = local_rows(U, params[i])
+            return out
+        owned: dict[int, Tensor] = {}
+        for k, i in enumerate(sharded):
+            full = gather_rows(inputs[i], params[i], k % world_size(params[i]), "polar_gather")
+            if full is not None:
+                owned[i] = full
+        results = dict(zip(owned, orthogonalize_many(list(owned.values()), method, steps,
+                                                     dtype)))
+        for k, i in enumerate(sharded):
+            wire = inputs[i].dtype if method == "svd" else iteration_dtype(inputs[i], dtype)
+            like = inputs[i].to(wire) if wire != inputs[i].dtype else inputs[i]
+            sent = results[i].to(wire) if i in results else None
+            out[i] = scatter_rows(sent, like, params[i], k % world_size(params[i]),
+                                  "polar_scatter")
+        return out
+
+    @staticmethod
+    def _nuclear_norms(inputs: list[Tensor], polars: list[Tensor],
+                       params: list[Tensor]) -> list[Tensor]:
+        """||M||_* = <M, polar(M)> per matrix; row shards add their parts in one all-reduce."""
+        norms = [nuclear_norm(M, U) for M, U in zip(inputs, polars)]
+        sharded = [i for i, p in enumerate(params) if is_sharded(p)]
+        if sharded:
+            parts = torch.stack([norms[i] for i in sharded])
+            all_reduce_sum(parts, params[sharded[0]], "nuclear_norm")
+            for i, value in zip(sharded, parts.unbind(0)):
+                norms[i] = value
+        return norms
 
 
 class Muon(OrthogonalizedOptimizer):

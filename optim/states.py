@@ -80,10 +80,13 @@ class MomentStore:
         return self.bits == 8 and numel >= MIN_8BIT_NUMEL
 
     def init(self, state: dict, key: str, shape: torch.Size | tuple[int, ...],
-             device: torch.device, dtype: torch.dtype = torch.float32) -> None:
-        """Zero moment of ``shape`` (``dtype`` when kept unquantized)."""
+             device: torch.device, dtype: torch.dtype = torch.float32,
+             full_numel: int | None = None) -> None:
+        """Zero moment of ``shape`` (``dtype`` when kept unquantized). ``full_numel``: the
+        size of the whole moment when this is one shard of it (FSDP2), so that every shard
+        is stored as the unsharded moment would be."""
         zeros = torch.zeros(shape, dtype=dtype, device=device)
-        if self.quantized(zeros.numel()):
+        if self.quantized(zeros.numel() if full_numel is None else full_numel):
             self._quantize_into(state, key, zeros)
         else:
             state[key] = zeros

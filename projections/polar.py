@@ -74,8 +74,11 @@ def _schedule(method: str, steps: int) -> list[Coefficients]:
     return list(table[:steps]) + [table[-1]] * max(0, steps - len(table))
 
 
-def _default_iteration_dtype(G: Tensor) -> torch.dtype:
-    """bf16 on CUDA (the matrix units' fast path), fp32 elsewhere, fp64 kept as fp64."""
+def iteration_dtype(G: Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
+    """``dtype`` if given, else bf16 on CUDA (the matrix units' fast path), fp32 elsewhere,
+    fp64 kept as fp64: the dtype iterative polar factors are computed and returned in."""
+    if dtype is not None:
+        return dtype
     if G.dtype == torch.float64:
         return torch.float64
     return torch.bfloat16 if G.is_cuda else torch.float32
@@ -98,7 +101,7 @@ def _polar_batch(mats: Sequence[Tensor], method: str, steps: int | None,
     """
     first = mats[0]
     m, n = first.shape
-    work_dtype = dtype or _default_iteration_dtype(first)
+    work_dtype = iteration_dtype(first, dtype)
     multiple = pad_to if pad_to is not None else (64 if first.is_cuda else 1)
     cols = -(-n // multiple) * multiple
     buffer = torch.empty((len(mats), m, cols), dtype=work_dtype, device=first.device)
