@@ -27,6 +27,13 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="update each parameter in the backward pass (frees gradients early)")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute activations in backward instead of keeping them")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        type=_option, dest="options",
+                        help="extra optimizer argument, e.g. --set moments_on_refresh=rotate "
+                             "(repeatable; values are Python literals or plain strings)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--ddp", action="store_true", help="DistributedDataParallel (torchrun)")
+    mode.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard (torchrun)")
 
 
 def _run_config(args: argparse.Namespace, optimizer: str, out: str | None):
@@ -36,7 +43,20 @@ def _run_config(args: argparse.Namespace, optimizer: str, out: str | None):
                      seed=args.seed, resume=getattr(args, "resume", False),
                      checkpoint_every=getattr(args, "checkpoint_every", None),
                      progress=not args.no_progress, per_layer=args.per_layer,
-                     activation_checkpointing=args.activation_checkpointing)
+                     activation_checkpointing=args.activation_checkpointing,
+                     distributed="ddp" if args.ddp else "fsdp" if args.fsdp else None,
+                     optimizer_options=dict(args.options))
+
+
+def _option(text: str) -> tuple[str, object]:
+    import ast
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def _optimizer_name(name: str) -> str:
@@ -62,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                    help="also checkpoint every N steps (always at the end)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop (checkpointed) after N steps; continue with --resume")
 
     p = sub.add_parser("compare", help="the same run with several optimizers, side by side")
     from .compare import DEFAULT_OPTIMIZERS
@@ -82,12 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
-        from .train import train
-        summary = train(_run_config(args, args.optimizer, args.out))
+        from .train import Run
+        summary = Run(_run_config(args, args.optimizer, args.out)).train(args.stop_after)
         brief = {k: v for k, v in summary.items() if k not in ("history", "config")}
-        if args.out:
-            Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1))
-        print(json.dumps(brief, indent=1))
+        import os
+        if os.environ.get("RANK", "0") == "0":
+            if args.out:
+                Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1))
+            print(json.dumps(brief, indent=1))
         return 0
     if args.command == "compare":
         from .compare import compare

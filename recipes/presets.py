@@ -65,8 +65,11 @@ class Preset:
                            tie_word_embeddings=False)
 
 
-_TINY_LR = {"adamw": 3e-3, "lowrank": 1e-2, "muon": 0.02, "polargrad": 2e-3}
-_PAPER_LR = {"adamw": 1e-3, "lowrank": 1e-2, "muon": 0.02, "polargrad": 2e-3}
+#: Best of a grid on the tiny preset (300 steps, seed 0, validation loss; see README):
+#: adamw {1e-3, 3e-3, 1e-2}, galore {3e-3, 1e-2, 3e-2}, muon {0.01, 0.02, 0.05},
+#: polargrad {0.01, 0.03, 0.1, 0.3}. dct and fira share galore's rate.
+_TINY_LR = {"adamw": 1e-3, "lowrank": 3e-2, "muon": 0.02, "polargrad": 0.1}
+_PAPER_LR = {"adamw": 1e-3, "lowrank": 1e-2, "muon": 0.02, "polargrad": 0.1}
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", hidden=128, intermediate=352, heads=4, layers=4, seq_len=128,

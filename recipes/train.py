@@ -47,6 +47,7 @@ class RunConfig:
     progress: bool = True
     per_layer: bool = False                 # update each parameter during backward
     activation_checkpointing: bool = False
+    distributed: str | None = None          # "ddp" or "fsdp", under torchrun
     optimizer_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -92,12 +93,23 @@ class Run:
     def __init__(self, config: RunConfig, corpus: ByteCorpus | None = None) -> None:
         self.config = config
         self.preset = get_preset(config.preset, steps=config.steps)
-        self.device = resolve_device(config.device)
+        self.rank, self.world = 0, 1
+        if config.distributed:
+            self.rank, self.world, device = init_distributed(config.device)
+        else:
+            device = resolve_device(config.device)
+        self.device = device
         self.corpus = corpus or load_corpus(config.data)
         self.model = build_model(self.preset, self.device, config.seed)
         if config.activation_checkpointing:
             self.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.trained = self.model            # what forward runs: maybe a DDP wrapper
+        if config.distributed:
+            self.trained = wrap_model(self.model, config.distributed, self.device)
+            if self.preset.batch_size % self.world:
+                raise ValueError(f"batch size {self.preset.batch_size} does not split over "
+                                 f"{self.world} ranks")
         kwargs = {**self.preset.optimizer_kwargs(config.optimizer, config.lr, config.rank),
                   **config.optimizer_options}
         self.optimizer = create_optimizer(config.optimizer, self.model, **kwargs)
@@ -117,6 +129,10 @@ class Run:
         if self.out is None:
             raise ValueError("saving a checkpoint needs an output folder (--out)")
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.config.distributed == "fsdp":
+            return save_sharded(self)
+        if self.rank != 0:
+            return self.out / CHECKPOINT
         path = self.out / CHECKPOINT
         tmp = path.with_suffix(".tmp")
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -126,6 +142,9 @@ class Run:
         return path
 
     def load_checkpoint(self) -> None:
+        if self.config.distributed == "fsdp":
+            load_sharded(self)
+            return
         if self.out is None or not (self.out / CHECKPOINT).exists():
             raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {self.out}")
         state = torch.load(self.out / CHECKPOINT, map_location="cpu", weights_only=True)
@@ -135,26 +154,31 @@ class Run:
         self.step, self.history = int(state["step"]), list(state["history"])
 
     # ------------------------------------------------------------------------ train
-    def train(self) -> dict[str, Any]:
-        """Run to the preset's step count; return the summary of :meth:`summary`."""
+    def train(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Run to the preset's step count (or stop, checkpointed, after ``stop_after`` steps,
+        to continue later with ``resume``); return the summary of :meth:`summary`."""
+        last = self.preset.steps if stop_after is None else min(stop_after, self.preset.steps)
         cfg, preset, device = self.config, self.preset, self.device
         val = eval_batches(self.corpus.val, preset.eval_batches, preset.batch_size,
                            preset.seq_len)
         if self.out:
             self.out.mkdir(parents=True, exist_ok=True)
-        log = open(self.out / LOG, "a") if self.out else None
-        bar = _progress(cfg.progress, preset.steps, self.step, cfg.optimizer)
+        lead = self.rank == 0
+        log = open(self.out / LOG, "a") if self.out and lead else None
+        bar = _progress(cfg.progress and lead, preset.steps, self.step, cfg.optimizer)
+        share = preset.batch_size // self.world
         tokens = preset.batch_size * preset.seq_len
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            while self.step < preset.steps:
+            while self.step < last:
                 x, y = batch_at(self.corpus.train, self.step, preset.batch_size,
                                 preset.seq_len, cfg.seed, device)
+                x, y = (t[self.rank * share:(self.rank + 1) * share] for t in (x, y))
                 start = time.perf_counter()
                 if self.per_layer is None:
                     self.optimizer.zero_grad(set_to_none=True)
-                loss = next_byte_loss(self.model, x, y)
+                loss = next_byte_loss(self.trained, x, y)
                 loss.backward()                     # per-layer: the update happens here
                 if self.per_layer is None:
                     self.optimizer.step()
@@ -166,7 +190,7 @@ class Run:
                 record = {"step": self.step, "loss": loss.item(), "ms": ms,
                           "lr": self.scheduler.get_last_lr()[0]}
                 if self.step % preset.eval_every == 0 or self.step == preset.steps:
-                    record["val_loss"] = evaluate(self.model, val, device)
+                    record["val_loss"] = evaluate(self.trained, val, device)
                 self.history.append(record)
                 if log:
                     log.write(json.dumps(record) + "\n")
@@ -206,6 +230,71 @@ class Run:
         if self.device.type == "cuda":
             out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return out
+
+
+def init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """Join the torchrun process group: NCCL and this rank's GPU on CUDA, gloo on the CPU."""
+    import os
+
+    import torch.distributed as dist
+    if "RANK" not in os.environ:
+        raise SystemExit("--ddp / --fsdp need torchrun (torchrun --nproc_per_node N -m memopt "
+                         "train ...)")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    where = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), where
+
+
+def wrap_model(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
+    """DDP around the model, or FSDP2 (``fully_shard``) on each decoder layer and the root."""
+    import torch.distributed as dist
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if mode != "fsdp":
+        raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {mode!r}")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def save_sharded(run: "Run") -> Path:
+    """FSDP2: model and optimizer through torch.distributed.checkpoint, the rest on rank 0."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_state, optim_state = get_state_dict(run.model, run.optimizer)
+    where = run.out / "sharded"
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(where))
+    if run.rank == 0:
+        torch.save({"scheduler": run.scheduler.state_dict(), "step": run.step,
+                    "history": run.history}, run.out / CHECKPOINT)
+    dist.barrier()
+    return where
+
+
+def load_sharded(run: "Run") -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    if run.out is None or not (run.out / CHECKPOINT).exists():
+        raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {run.out}")
+    model_state, optim_state = get_state_dict(run.model, run.optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(run.out / "sharded"))
+    set_state_dict(run.model, run.optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+    rest = torch.load(run.out / CHECKPOINT, map_location="cpu", weights_only=True)
+    run.scheduler.load_state_dict(rest["scheduler"])
+    run.step, run.history = int(rest["step"]), list(rest["history"])
 
 
 def _progress(enabled: bool, total: int, initial: int, name: str) -> Any:
