@@ -89,7 +89,8 @@ def run(name: str, mode: str | None, preset: Any, corpus: Any, device: torch.dev
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        next_byte_loss(trained, x, y).backward()
+        loss = next_byte_loss(trained, x, y)
+        loss.backward()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -99,7 +100,7 @@ def run(name: str, mode: str | None, preset: Any, corpus: Any, device: torch.dev
               for n, p in model.named_parameters()}
     start = {n: p.detach().float().cpu() for n, p in build_model(preset, device, 0).named_parameters()}
     gap = preset.update_proj_gap
-    return {"params": params, "moved": max_difference(params, start),
+    return {"params": params, "moved": max_difference(params, start), "loss": loss.item(),
             "ms": statistics.median(times[1:] or times),
             "bytes_per_step": sent / steps,
             "predicted": predicted_bytes_per_step(model, name, world, gap, rank)
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         ddp = run(name, "ddp", preset, corpus, device, args.steps, rank, world, False)
         fsdp = run(name, "fsdp", preset, corpus, device, args.steps, rank, world, True)
         if rank == 0:
-            rows.append({"optimizer": name, "max_param_change": refs[False]["moved"],
+            rows.append({"optimizer": name, "final_loss": refs[False]["loss"],
+                         "max_param_change": refs[False]["moved"],
                          "ddp_max_diff": max_difference(ddp["params"], refs[False]["params"]),
                          "fsdp_max_diff": max_difference(fsdp["params"], refs[True]["params"]),
                          "one_process_ms": refs[False]["ms"], "ddp_ms": ddp["ms"],

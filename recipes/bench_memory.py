@@ -28,9 +28,7 @@ MODELS = {"7b": (4096, 11008, 32, 32), "1b": (2048, 5461, 32, 24)}
 ROWS = {
     "7b": [("adamw", False, {}), ("adamw8bit", False, {}), ("adamw8bit", True, {}),
            ("galore8bit", True, {"rank": 1024}), ("dct8bit", True, {"rank": 1024})],
-    "1b": [("adamw", False, {}), ("adamw8bit", False, {}), ("galore", False, {"rank": 512}),
-           ("dct", False, {"rank": 512}), ("fira", False, {"rank": 512}), ("muon", False, {}),
-           ("polargrad", False, {}), ("galore8bit", True, {"rank": 512}),
+    "1b": [("adamw", False, {}), ("adamw8bit", False, {}), ("galore8bit", True, {"rank": 512}),
            ("dct8bit", True, {"rank": 512}), ("muon8bit", True, {})],
 }
 SEQ_LEN, BATCH = 256, 1

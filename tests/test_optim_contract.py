@@ -307,8 +307,10 @@ def test_resume_from_cpu_onto_gpu(name, bits):
         opt2.step()
         gpu_losses.append(loss.item())
     assert gpu_losses == pytest.approx(cpu_losses, rel=1e-4)
+    # 8-bit codes: CPU and CUDA quantizers may round a value to neighbouring codes
+    atol = 1e-4 if bits == 32 else 2e-3
     for a, b in zip(model.parameters(), gpu.parameters()):
-        assert torch.allclose(a, b.cpu(), atol=1e-4, rtol=1e-3)
+        assert torch.allclose(a, b.cpu(), atol=atol, rtol=1e-3)
 
 
 def bad_hyperparameters():
