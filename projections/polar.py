@@ -156,21 +156,34 @@ def orthogonalize(G: Tensor, method: str = "newton_schulz", steps: int | None = 
     return X.reshape(*batch, m, n).to(G.dtype)
 
 
+#: Largest input buffer of one batched iteration; its working set is about four times this.
+MAX_BATCH_BYTES = 512 * 2**20
+
+
 def orthogonalize_many(matrices: Sequence[Tensor], method: str = "newton_schulz",
                        steps: int | None = None, dtype: torch.dtype | None = None,
-                       pad_to: int | None = None) -> list[Tensor]:
-    """polar(M) for every matrix of a list, with same-shape matrices in one batched call.
+                       pad_to: int | None = None,
+                       max_batch_bytes: int = MAX_BATCH_BYTES) -> list[Tensor]:
+    """polar(M) for every matrix of a list, with same-shape matrices in batched calls.
 
-    Each matrix is copied once, scaled, straight into its batch's buffer. The results of the
-    iterative methods stay in the iteration dtype (bf16 on CUDA): views to add to the
-    weights directly. Inputs are not checked for finiteness (optimizers check gradients).
+    Each matrix is copied once, scaled, straight into its batch's buffer; a batch holds at
+    most ``max_batch_bytes`` of matrices (at least one), which bounds the step's transient
+    memory for any model. The results of the iterative methods stay in the iteration dtype
+    (bf16 on CUDA): views to add to the weights directly. Inputs are not checked for
+    finiteness (optimizers check gradients).
     """
     _check_method_and_steps(method, steps)
     out: list[Tensor | None] = [None] * len(matrices)
     batches: dict[tuple[Any, ...], list[int]] = {}
     for i, M in enumerate(matrices):
         batches.setdefault((tuple(M.shape), M.dtype, M.device), []).append(i)
+    split: list[list[int]] = []
     for indices in batches.values():
+        first = matrices[indices[0]]
+        size = first.numel() * torch.empty((), dtype=iteration_dtype(first, dtype)).element_size()
+        per_batch = max(1, max_batch_bytes // max(1, size))
+        split += [indices[k:k + per_batch] for k in range(0, len(indices), per_batch)]
+    for indices in split:
         group = [matrices[i] for i in indices]
         if method == "svd":
             polars = _exact_polar(torch.stack(group)).to(group[0].dtype)

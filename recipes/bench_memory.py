@@ -28,7 +28,9 @@ MODELS = {"7b": (4096, 11008, 32, 32), "1b": (2048, 5461, 32, 24)}
 ROWS = {
     "7b": [("adamw", False, {}), ("adamw8bit", False, {}), ("adamw8bit", True, {}),
            ("galore8bit", True, {"rank": 1024}), ("dct8bit", True, {"rank": 1024})],
-    "1b": [("adamw", False, {}), ("adamw8bit", False, {}), ("galore8bit", True, {"rank": 512}),
+    "1b": [("adamw", False, {}), ("adamw8bit", False, {}), ("galore", False, {"rank": 512}),
+           ("dct", False, {"rank": 512}), ("fira", False, {"rank": 512}), ("muon", False, {}),
+           ("polargrad", False, {}), ("galore8bit", True, {"rank": 512}),
            ("dct8bit", True, {"rank": 512}), ("muon8bit", True, {})],
 }
 SEQ_LEN, BATCH = 256, 1
@@ -78,6 +80,8 @@ def measure(model_name: str, optimizer: str, per_layer: bool, kwargs: dict[str, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="7b,1b")
+    parser.add_argument("--optimizers", default=None,
+                        help="comma-separated: only these rows (e.g. muon,polargrad)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)   # child process
     args = parser.parse_args(argv)
@@ -90,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model_name in args.models.split(","):
         for optimizer, per_layer, kwargs in ROWS[model_name]:
+            if args.optimizers and optimizer not in args.optimizers.split(","):
+                continue
             spec = json.dumps({"model_name": model_name, "optimizer": optimizer,
                                "per_layer": per_layer, "kwargs": kwargs})
             done = subprocess.run([sys.executable, "-m", "memopt.recipes.bench_memory",

@@ -216,6 +216,17 @@ def test_zero_padding_does_not_change_the_polar_factor(method, shape):
     assert torch.allclose(padded, orthogonalize(G, method, pad_to=1), atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["newton_schulz", "polar_express"])
+def test_orthogonalize_many_in_small_batches_equals_one_batch(method):
+    from memopt.projections import orthogonalize_many
+    gen = torch.Generator().manual_seed(5)
+    mats = [torch.randn(s, generator=gen) for s in [(16, 24)] * 5 + [(24, 16)] * 3]
+    whole = orthogonalize_many(mats, method)
+    pieces = orthogonalize_many(mats, method, max_batch_bytes=2 * 16 * 24 * 4)   # 2 per batch
+    for a, b, m in zip(whole, pieces, mats):
+        assert a.shape == m.shape and torch.allclose(a, b, atol=1e-6)
+
+
 def test_orthogonalize_returns_the_input_dtype():
     G = well_conditioned(16, 24).to(torch.bfloat16)
     for method in ("newton_schulz", "polar_express", "svd"):
