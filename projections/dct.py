@@ -102,12 +102,17 @@ def dct_energy(G: Tensor, side: str, method: str = "auto") -> Tensor:
 
 def select_dct_indices(G: Tensor, side: str, r: int, method: str = "auto",
                        row_reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """Indices (ascending, int64) of the r DCT vectors best aligned with G (with the right-side
-    energy summed over row shards by ``row_reduce``)."""
+    """Indices (int64) of the r DCT vectors best aligned with G, strongest first (with the
+    right-side energy summed over row shards by ``row_reduce``).
+
+    Strongest first, as singular vectors come: an optimizer that keeps its subspace moments
+    across a refresh then keeps them for the direction of the same rank. Sorted by index
+    instead, a moment row would follow whatever index landed in its slot (measured: a loss
+    jump after the refresh, README "Moments at a refresh")."""
     energy = dct_energy(G, side, method)
     if row_reduce is not None:
         energy = row_reduce(energy)
-    return torch.topk(energy, r, sorted=False).indices.sort().values
+    return torch.topk(energy, r, sorted=True).indices
 
 
 class DCTProjector(Projector):
