@@ -217,6 +217,30 @@ class Projector(ABC):
                              f"{self.side} basis of rank {r} on a {m} x {n} matrix")
 
 
+class StoredBasisProjector(Projector):
+    """A projector that keeps its (d x r) basis, with the seed and draw count of its sketches
+    (SVD and polar; DCT keeps only indices)."""
+
+    def __init__(self, rank: int, side: str = "auto", seed: int = 0) -> None:
+        super().__init__(rank, side)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
+        self.draws = 0
+        self._basis: Tensor | None = None
+
+    def basis(self) -> Tensor:
+        self._check_fitted()
+        return self._basis
+
+    def _basis_state(self) -> dict[str, Any]:
+        return {"basis": self._basis, "seed": self.seed, "draws": self.draws}
+
+    def _load_basis_state(self, state: dict[str, Any]) -> None:
+        self._basis = state["basis"]
+        self.seed, self.draws = int(state["seed"]), int(state["draws"])
+
+
 def orthonormality_error(B: Tensor) -> float:
     """max |B^T B - I|, in float64: how far the columns of B are from orthonormal."""
     B64 = B.detach().to(torch.float64)

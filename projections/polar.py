@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Projector, accurate_svd, full_fp32_matmul, seeded_gaussian
+from .base import StoredBasisProjector, accurate_svd, full_fp32_matmul, seeded_gaussian
 
 Coefficients = tuple[float, float, float]
 
@@ -238,7 +238,7 @@ def orthonormal_columns(Y: Tensor, polish_steps: int = 8) -> Tensor:
         return U
 
 
-class PolarProjector(Projector):
+class PolarProjector(StoredBasisProjector):
     """SVD-free, QR-free basis: a range-finder sketch orthonormalized by a polar step.
 
     Right basis (row space of G): Q = polar(G^T Z) with Z = G Q_prev (warm start: one power
@@ -259,16 +259,11 @@ class PolarProjector(Projector):
 
     def __init__(self, rank: int, side: str = "auto", power_iters: int = 1,
                  warm_start: bool = True, seed: int = 0) -> None:
-        super().__init__(rank, side)
+        super().__init__(rank, side, seed)
         if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0:
             raise ValueError(f"power_iters must be an integer >= 0, got {power_iters!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
         self.power_iters = power_iters
         self.warm_start = bool(warm_start)
-        self.seed = seed
-        self.draws = 0
-        self._basis: Tensor | None = None
 
     def _fit(self, G: Tensor, side: str, dim: int, r: int) -> None:
         A = G if side == "left" else G.mT          # the basis spans A's column space
@@ -285,17 +280,6 @@ class PolarProjector(Projector):
                 Y = A @ approximate_polar(A.mT @ approximate_polar(Y))
         self._basis = orthonormal_columns(Y)
         self.draws = draws
-
-    def basis(self) -> Tensor:
-        self._check_fitted()
-        return self._basis
-
-    def _basis_state(self) -> dict[str, Any]:
-        return {"basis": self._basis, "seed": self.seed, "draws": self.draws}
-
-    def _load_basis_state(self, state: dict[str, Any]) -> None:
-        self._basis = state["basis"]
-        self.seed, self.draws = int(state["seed"]), int(state["draws"])
 
 
 __all__ = [

@@ -8,12 +8,10 @@ previous basis, which is what a slowly drifting gradient subspace wants.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from .base import (Projector, accurate_svd, canonical_signs, full_fp32_matmul,
+from .base import (StoredBasisProjector, accurate_svd, canonical_signs, full_fp32_matmul,
                    orthonormality_error, seeded_gaussian)
 
 METHODS = ("exact", "randomized")
@@ -61,7 +59,7 @@ def randomized_basis(G: Tensor, side: str, r: int, start: Tensor, power_iters: i
         return canonical_signs(Q @ top).contiguous()
 
 
-class SVDProjector(Projector):
+class SVDProjector(StoredBasisProjector):
     """Top-r singular vectors of G on one side, computed in fp32 (fp64 for fp64 input).
 
     Args:
@@ -78,20 +76,15 @@ class SVDProjector(Projector):
 
     def __init__(self, rank: int, side: str = "auto", method: str = "exact",
                  power_iters: int = 2, oversample: int = 8, seed: int = 0) -> None:
-        super().__init__(rank, side)
+        super().__init__(rank, side, seed)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         for name, value in (("power_iters", power_iters), ("oversample", oversample)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
         self.method = method
         self.power_iters = power_iters
         self.oversample = oversample
-        self.seed = seed
-        self.draws = 0
-        self._basis: Tensor | None = None
 
     def _fit(self, G: Tensor, side: str, dim: int, r: int) -> None:
         if self.method == "exact" or r == dim:
@@ -106,14 +99,3 @@ class SVDProjector(Projector):
             iters, draws = max(1, self.power_iters), draws + 1
         self._basis = randomized_basis(G, side, r, start, iters)
         self.draws = draws
-
-    def basis(self) -> Tensor:
-        self._check_fitted()
-        return self._basis
-
-    def _basis_state(self) -> dict[str, Any]:
-        return {"basis": self._basis, "seed": self.seed, "draws": self.draws}
-
-    def _load_basis_state(self, state: dict[str, Any]) -> None:
-        self._basis = state["basis"]
-        self.seed, self.draws = int(state["seed"]), int(state["draws"])
