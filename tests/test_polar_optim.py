@@ -20,11 +20,10 @@ def grads(shapes, seed):
     return [torch.randn(s, generator=gen) for s in shapes]
 
 
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="this torch has no torch.optim.Muon")
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("adjust_lr", ["original", "match_rms_adamw"])
 def test_agrees_with_torch_optim_muon(nesterov, adjust_lr):
-    if not hasattr(torch.optim, "Muon"):
-        pytest.skip("this torch has no torch.optim.Muon")
     shapes = [(32, 48), (48, 32), (40, 40), (32, 48)]
     ours_p = matrices(shapes)
     theirs_p = copy.deepcopy(ours_p)
