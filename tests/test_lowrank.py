@@ -14,6 +14,17 @@ def matrix_param(shape=(48, 32), seed=0, dtype=torch.float32):
     return torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype))
 
 
+def first_step(cls, shape, **kwargs):
+    """One step of ``cls`` from a fixed matrix: (W before, G, the parameter after)."""
+    p = matrix_param(shape)
+    W0 = p.detach().double().clone()
+    G = gradient(shape, 0)
+    opt = cls([p], **kwargs)
+    p.grad = G.clone()
+    opt.step()
+    return W0, G, p
+
+
 def gradient(shape, seed):
     gen = torch.Generator().manual_seed(100 + seed)
     return torch.randn(shape, generator=gen, dtype=torch.float64).float()
@@ -21,13 +32,8 @@ def gradient(shape, seed):
 
 @pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
 def test_first_galore_step_is_minus_lr_scale_P_psi_of_PtG(shape):
-    p = matrix_param(shape)
-    W0 = p.detach().double().clone()
-    G = gradient(shape, 0)
     lr, scale, rank, eps = 0.01, 0.25, 6, 1e-8
-    opt = mo.GaLoreAdamW([p], lr=lr, scale=scale, rank=rank, eps=eps)
-    p.grad = G.clone()
-    opt.step()
+    W0, G, p = first_step(mo.GaLoreAdamW, shape, lr=lr, scale=scale, rank=rank, eps=eps)
     U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
     if shape[0] >= shape[1]:               # right basis Q: R = G Q, update = psi Q^T
         Q = Vh[:rank].T
@@ -76,14 +82,8 @@ def test_fira_update_has_an_out_of_subspace_part(projector):
 
 
 def test_fira_residual_matches_the_paper_formula():
-    shape = (40, 24)
-    p = matrix_param(shape)
-    W0 = p.detach().double().clone()
-    G = gradient(shape, 0)
     lr, scale, rank, eps = 0.01, 0.25, 4, 1e-8
-    opt = mo.FiraAdamW([p], lr=lr, scale=scale, rank=rank, eps=eps)
-    p.grad = G.clone()
-    opt.step()
+    W0, G, p = first_step(mo.FiraAdamW, (40, 24), lr=lr, scale=scale, rank=rank, eps=eps)
     Q = torch.linalg.svd(G.double(), full_matrices=False)[2][:rank].T
     R = G.double() @ Q
     psi = R / (R.abs() + eps)
