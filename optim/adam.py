@@ -6,8 +6,10 @@ u = -(m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)   (the step Adam takes at l
 
 Two implementations, chosen by device and tested against each other: torch's fused AdamW
 kernel (one multi-tensor pass over g, m, v; CUDA and CPU) and a plain tensor-op reference for
-everything else. The low-rank engine gets u for projected gradients by running the fused
-kernel on zero "parameters": one kernel for many tensors instead of seven passes each.
+everything else. The low-rank engine gets u for projected gradients from the fused kernel
+too, run at lr = 1 on "parameters" that are zero (a zeroed buffer), or that the kernel's
+weight decay of 1 zeroes first (the gradient itself: p <- p (1 - 1) + u, in place, which
+saves the buffer and a read); either way the parameter ends up holding exactly u.
 """
 
 from __future__ import annotations
@@ -41,24 +43,34 @@ def _step_tensor(step: int, device: torch.device) -> Tensor:
 
 def adam_updates(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
                  beta1: float, beta2: float, eps: float, step: int,
-                 fused: bool | None = None) -> list[Tensor]:
+                 fused: bool | None = None, in_place: bool = False) -> list[Tensor]:
     """Advance the moments of each gradient in place and return Adam's updates u (lr = 1).
 
     ``step`` is the step count after this update (1 on the first call). All tensors share
-    one device and dtype. The fused path is one multi-tensor kernel over all of them,
-    writing into one zeroed buffer; ``fused=None`` picks it where it runs.
+    one device and dtype; the gradients must be finite. The fused path is one multi-tensor
+    kernel over all of them, writing into one zeroed buffer, or, with ``in_place``, into the
+    (contiguous) gradients themselves, which are then returned; ``fused=None`` picks it
+    where it runs. Both give the same bits.
     """
     if not grads:
         return []
     if fused is None:
         fused = fused_available(grads[0])
     if not fused:
-        return [_reference_update(g, m, v, beta1=beta1, beta2=beta2, eps=eps, step=step)
-                for g, m, v in zip(grads, exp_avgs, exp_avg_sqs)]
+        updates = [_reference_update(g, m, v, beta1=beta1, beta2=beta2, eps=eps, step=step)
+                   for g, m, v in zip(grads, exp_avgs, exp_avg_sqs)]
+        if in_place:
+            updates = [g.copy_(u) for g, u in zip(grads, updates)]
+        return updates
+    steps = [_step_tensor(step, grads[0].device)] * len(grads)
+    if in_place:       # p <- p (1 - lr wd) - lr step with p = g, lr = wd = 1: exactly -step
+        torch._fused_adamw_(grads, grads, exp_avgs, exp_avg_sqs, [], steps, lr=1.0,
+                            beta1=beta1, beta2=beta2, weight_decay=1.0, eps=eps, amsgrad=False,
+                            maximize=False)
+        return list(grads)
     sizes = [g.numel() for g in grads]
     flat = torch.zeros(sum(sizes), dtype=grads[0].dtype, device=grads[0].device)
     updates = [u.view(g.shape) for u, g in zip(flat.split(sizes), grads)]
-    steps = [_step_tensor(step, grads[0].device)] * len(grads)
     torch._fused_adamw_(updates, grads, exp_avgs, exp_avg_sqs, [], steps, lr=1.0, beta1=beta1,
                         beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
     return updates

@@ -7,7 +7,10 @@ A subclass validates its hyperparameters in ``_check_group`` and updates one par
 ``_step_group``; this class makes sure that a bad gradient (sparse, complex, inf / nan) is
 reported, naming the parameter, before any parameter or state changes, and that a loaded
 state keeps its dtypes (torch.optim would cast fp32 moments of a bf16 parameter to bf16, and
-8-bit codes to floats).
+8-bit codes to floats). A step runs in three phases over all groups: ``_prepare_group``
+(work that changes nothing, and may offer "witnesses": tensors computed from a gradient that
+are non-finite whenever it is, so the check need not read the gradient again), one
+finiteness check with one device sync, then ``_step_group``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
@@ -58,9 +62,40 @@ def as_matrix(t: Tensor) -> Tensor:
     return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
 
 
+def add_to_matrix_(W: Tensor, T: Tensor, alpha: float, factor: Tensor | None = None) -> None:
+    """W <- W + alpha T (times ``factor``, broadcast), T being W's matrix form (conv kernels
+    as (out, in * k * k)); one pass over W when W can be viewed as that matrix."""
+    if W.ndim == 2 or W.is_contiguous():
+        Wm = as_matrix(W)
+        if factor is None:
+            Wm.add_(T, alpha=alpha)
+        else:
+            Wm.addcmul_(T, factor, value=alpha)
+    else:
+        W.add_((T if factor is None else T * factor).reshape(W.shape), alpha=alpha)
+
+
 def moment_dtype(param: Tensor) -> torch.dtype:
     """Moments are fp32 (fp64 for fp64 parameters), whatever the parameter's dtype."""
     return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+#: Largest total of bytes a step may compute for all parameters before its finiteness check
+#: (projections, momentum directions), so that the check reads them instead of the
+#: gradients; above it the gradients are checked and the step streams in bounded pieces.
+PREPARE_BYTES = 1024 * 2**20
+
+
+@dataclass
+class Prepared:
+    """What a group's step computed before the finiteness check, having changed nothing.
+
+    ``witnesses`` maps a parameter to a tensor that is non-finite whenever its gradient is
+    (a projection or momentum direction computed from it), checked instead of the gradient
+    so the step reads each gradient once; ``data`` is the subclass's, for ``_step_group``.
+    """
+    witnesses: dict[Tensor, Tensor] = field(default_factory=dict)
+    data: Any = None
 
 
 class MemoptOptimizer(Optimizer, ABC):
@@ -79,8 +114,14 @@ class MemoptOptimizer(Optimizer, ABC):
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise ValueError naming any invalid hyperparameter of ``group``."""
 
+    def _prepare_group(self, group: dict[str, Any], params: list[Tensor]) -> Prepared:
+        """Work of ``group``'s step that changes nothing and may stand in for the gradient
+        check (subclasses; default: none). Runs before the finiteness check."""
+        return Prepared()
+
     @abstractmethod
-    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _step_group(self, group: dict[str, Any], params: list[Tensor],
+                    prepared: Prepared) -> None:
         """Update the parameters of ``group`` that have gradients (already checked)."""
 
     # ---------------------------------------------------------------------- step
@@ -91,9 +132,7 @@ class MemoptOptimizer(Optimizer, ABC):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._checked_params()
-        for group, params in work:
-            self._step_group(group, params)
+        self._run(self._collect())
         return loss
 
     @torch.no_grad()
@@ -103,14 +142,19 @@ class MemoptOptimizer(Optimizer, ABC):
         Used for per-layer updates during the backward pass (:func:`step_in_backward`); the
         gradient is checked first, so a bad one raises before this parameter changes.
         """
-        for group, params in self._checked_params(only=param):
-            if params:
-                self._step_group(group, params)
+        self._run([(g, ps) for g, ps in self._collect(only=param) if ps])
 
-    def _checked_params(self, only: Tensor | None = None
-                        ) -> list[tuple[dict[str, Any], list[Tensor]]]:
-        """Parameters with gradients per group (or just ``only``), after checking them."""
-        work, checked = [], []
+    def _run(self, work: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
+        """Prepare every group, check every gradient (or its witness), then update: a bad
+        gradient anywhere raises before any parameter or state of any group changes."""
+        prepared = [self._prepare_group(group, params) for group, params in work]
+        self._check_finite(work, prepared)
+        for (group, params), prep in zip(work, prepared):
+            self._step_group(group, params, prep)
+
+    def _collect(self, only: Tensor | None = None) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        """Parameters with gradients per group (or just ``only``); sparse or complex ones raise."""
+        work = []
         for gi, group in enumerate(self.param_groups):
             params = []
             for pi, p in enumerate(group["params"]):
@@ -124,35 +168,56 @@ class MemoptOptimizer(Optimizer, ABC):
                     raise RuntimeError(f"{type(self).__name__} does not support complex "
                                        f"parameters (parameter {self._label(gi, pi)})")
                 params.append(p)
-                if group.get("check_finite", True):
-                    checked.append((gi, pi, grad))
             work.append((group, params))
-        if checked:
-            self._raise_if_non_finite(checked)
         return work
 
-    def _raise_if_non_finite(self, checked: list[tuple[int, int, Tensor]]) -> None:
-        """One device sync for all gradients: the 2-norm of each, accumulated in fp64 (which
-        no square of an fp32 or bf16 value overflows), is finite iff the gradient is.
-        With FSDP2 each rank checks its shards and one all-reduced flag tells them all."""
+    def _check_finite(self, work: list[tuple[dict[str, Any], list[Tensor]]],
+                      prepared: list[Prepared]) -> None:
+        """Raise FloatingPointError naming the parameter if a checked gradient is not finite.
+
+        One device sync for all: the 2-norm of each gradient, or of its witness, accumulated
+        in fp64 (which no square of an fp32 or bf16 value overflows), is finite iff the tensor
+        is. With FSDP2 each rank checks its shards and one all-reduced flag tells them all."""
+        checked = []
+        for (group, params), prep in zip(work, prepared):
+            if not group.get("check_finite", True):
+                continue
+            for p in params:
+                checked.append((group, p, prep.witnesses.get(p, p.grad)))
+        if not checked:
+            return
         groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for _, _, g in checked:
-            groups.setdefault((g.device, g.dtype), []).append(local(g))
+        for _, _, t in checked:
+            t = local(t)
+            groups.setdefault((t.device, t.dtype), []).append(t)
         bad = None
-        for gs in groups.values():
-            norms = torch._foreach_norm(gs, 2, dtype=torch.float64)
+        for ts in groups.values():
+            norms = torch._foreach_norm(ts, 2, dtype=torch.float64)
             flag = (~torch.stack(norms).isfinite().all()).float()
             bad = flag if bad is None else bad + flag.to(bad.device)
-        sharded = next((g for _, _, g in checked if is_sharded(g)), None)
+        sharded = next((p.grad for _, p, _ in checked if is_sharded(p.grad)), None)
         if not any_flag(bad, sharded):
             return
-        for gi, pi, g in checked:
-            if not bool(torch.isfinite(local(g)).all()):
+        for _, p, _ in checked:
+            if not bool(torch.isfinite(local(p.grad)).all()):
                 raise FloatingPointError(
-                    f"non-finite gradient (inf or nan) in parameter {self._label(gi, pi)}; "
+                    f"non-finite gradient (inf or nan) in parameter {self._name(p)}; "
                     "the step was not taken and nothing was changed")
+        for _, p, t in checked:
+            if not bool(torch.isfinite(local(t)).all()):
+                raise FloatingPointError(
+                    f"the gradient of parameter {self._name(p)} is finite but so large that "
+                    "its update overflows (inf or nan); the step was not taken and nothing "
+                    "was changed")
         raise FloatingPointError("non-finite gradient (inf or nan) on another rank; the step "
                                  "was not taken and nothing was changed")
+
+    def _name(self, param: Tensor) -> str:
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p is param:
+                    return self._label(gi, pi)
+        return f"of shape {tuple(param.shape)}"
 
     def _label(self, gi: int, pi: int) -> str:
         group = self.param_groups[gi]

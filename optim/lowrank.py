@@ -18,11 +18,12 @@ import torch
 from torch import Tensor
 
 from memopt.projections import PROJECTORS, Projector, lift, make_projector, project_onto
-from memopt.projections.base import float32_matmul_precision
+from memopt.projections.base import aligned_width, bases, float32_matmul_precision
 from memopt.projections.dct import dct_table_bytes
 
-from .base import (MemoptOptimizer, as_matrix, check_betas, check_choice, check_nonnegative,
-                   check_positive_int, moment_dtype)
+from .base import (PREPARE_BYTES, MemoptOptimizer, Prepared, add_to_matrix_, as_matrix,
+                   check_betas, check_choice, check_nonnegative, check_positive_int,
+                   moment_dtype)
 from .distributed import all_gather_rows, all_reduce_sum, is_sharded, local
 from .states import MomentStore
 
@@ -39,44 +40,55 @@ RESIDUALS = ("none", "fira")
 #: 10 mantissa bits, an error far below the gradient noise the projection already drops.
 PROJECTION_PRECISIONS = ("auto", "highest", "high")
 PROJ_PREFIX = "proj_"
-#: Bytes of projected gradients, their updates and gathered bases alive at once in a step.
+#: Bytes of projected gradients, their updates and generated bases alive at once in a step.
 CHUNK_BYTES = 256 * 2**20
 FIRA_EPS = 1e-8   # added to ||R_col|| in phi, as in Fira's released code
 
 
-def fira_residual(G: Tensor, R: Tensor, psi: Tensor, B: Tensor, side: str) -> Tensor:
-    """Fira's scaled residual S = phi * (G - project_back(R)) (Chen et al., 2024).
+def fira_scales(R: Tensor, u: Tensor, sq_norms: Tensor, side: str,
+                previous_norm: Tensor | None, gamma: float,
+                sum_over_shards: Callable[[Tensor], Tensor] | None = None
+                ) -> tuple[Tensor, Tensor]:
+    """Fira's residual scale per column of G (left basis) or row (right basis), limited
+    (Chen et al., 2024).
 
-    phi = ||psi_j|| / ||R_j|| per column j of R (left basis, R is r x n) or per row (right
-    basis, R is m x r), psi being Adam's direction for R (its sign does not matter here):
-    the norm gain that Adam gives the low-rank part, lent to the rest.
-    The paper subtracts P R (the exact component outside the subspace), which we follow;
-    Fira's released code subtracts scale * P R, which leaves (1 - scale) of the in-subspace
-    gradient inside S and so applies that part twice.
+    phi_j = ||u_j|| / (||R_j|| + eps), u being Adam's update for R = project(G): the norm
+    gain Adam gives the low-rank part, lent to the residual S = phi (G - P R). Since P has
+    orthonormal columns, ||G_j - P R_j||^2 = ||G_j||^2 - ||R_j||^2 (``sq_norms`` holds the
+    ||G_j||^2), so ||S|| needs no pass over S. Limiter: if ||S|| > gamma ||S_prev||, S is
+    scaled by gamma ||S_prev|| / ||S||. Returns (phi times that factor, ||S|| after it),
+    without a host sync; ``sum_over_shards`` adds the squared norms of row shards.
     """
     dim = 0 if side == "left" else 1
-    phi = torch.linalg.vector_norm(psi, dim=dim, keepdim=True) / (
-        torch.linalg.vector_norm(R, dim=dim, keepdim=True) + FIRA_EPS)
-    residual = G.to(R.dtype) - lift(R, B, side)
-    return residual.mul_(phi)
-
-
-def limit_norm_growth(S: Tensor, previous_norm: Tensor | None, gamma: float,
-                      sum_over_shards: Callable[[Tensor], Tensor] | None = None
-                      ) -> tuple[Tensor, Tensor]:
-    """Fira's limiter: if ||S|| > gamma ||S_prev||, scale S down to gamma ||S_prev||.
-
-    Returns (S, ||S||) after limiting, without a host sync. For row shards of S,
-    ``sum_over_shards`` adds up the squared norms of all ranks.
-    """
-    squared = torch.linalg.vector_norm(S).square()
+    R_norms = torch.linalg.vector_norm(R, dim=dim)
+    phi = torch.linalg.vector_norm(u, dim=dim) / (R_norms + FIRA_EPS)
+    residual_sq = (sq_norms - R_norms.square()).clamp_(min=0)
+    squared = (phi.square() * residual_sq).sum()
     if sum_over_shards is not None:
         squared = sum_over_shards(squared)
     norm = squared.sqrt()
     if previous_norm is None:
-        return S, norm
+        return phi, norm
     ratio = torch.clamp(norm / (previous_norm + 1e-30), min=gamma) / gamma
-    return S.div_(ratio), norm / ratio
+    return phi / ratio, norm / ratio
+
+
+def add_lifted_(W: Tensor, L: Tensor, B: Tensor, side: str, alpha: float,
+                beta: float = 1.0) -> None:
+    """W <- beta W + alpha project_back(L): one matrix product that writes into W when W has
+    B's dtype and aligned contiguous rows (weight decay rides on beta for free); else the
+    product is formed apart and added."""
+    Wm = as_matrix(W)
+    if (W.dtype == B.dtype and W.is_contiguous() and
+            aligned_width(Wm.shape[1], Wm) == Wm.shape[1]):
+        if side == "right":
+            Wm.addmm_(L, B.mT, beta=beta, alpha=alpha)
+        else:
+            Wm.addmm_(B, L, beta=beta, alpha=alpha)
+        return
+    if beta != 1:
+        W.mul_(beta)
+    add_to_matrix_(W, lift(L, B, side), alpha)
 
 
 class LowRankAdamW(MemoptOptimizer):
@@ -207,7 +219,26 @@ class LowRankAdamW(MemoptOptimizer):
         return lambda t: all_reduce_sum(t, p, "fira_limiter")
 
     # ---------------------------------------------------------------------- step
-    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _prepare_group(self, group: dict[str, Any], params: list[Tensor]) -> Prepared:
+        """Project the gradients of the matrices that keep their basis this step, before the
+        finiteness check, so that the check reads one row (or column) of each projection
+        instead of the whole gradient: a non-finite entry of G makes its whole column of
+        B^T G (row of G B) non-finite. Only when the projections fit in ``PREPARE_BYTES``;
+        matrices whose basis is refreshed this step are checked on G."""
+        if not group["check_finite"]:
+            return Prepared()
+        ready = [p for p in params if self.is_projected(group, p) and not self._refresh_due(
+            group, p)]
+        if not ready or sum(self._work_bytes(group, p) for p in ready) > PREPARE_BYTES:
+            return Prepared()
+        with self._precision(group, ready[0]):
+            projected = self._project(group, ready)
+        witnesses = {p: R[:1] if side == "left" else R[:, :1]
+                     for p, (_, side, R) in projected.items()}
+        return Prepared(witnesses, projected)
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor],
+                    prepared: Prepared) -> None:
         store = self._store(group["state_bits"])
         lowrank, dense = [], []
         for p in params:
@@ -216,11 +247,34 @@ class LowRankAdamW(MemoptOptimizer):
             self._adamw(dense, store, lr=group["lr"], betas=group["betas"], eps=group["eps"],
                         weight_decay=group["weight_decay"])
         if lowrank:
-            level = group["projection_precision"]
-            if level == "auto":
-                level = "high" if lowrank[0].is_cuda else "highest"
-            with float32_matmul_precision(level):
-                self._lowrank_step(group, lowrank, store)
+            with self._precision(group, lowrank[0]):
+                self._lowrank_step(group, lowrank, store, prepared.data or {})
+
+    @staticmethod
+    def _precision(group: dict[str, Any], p: Tensor) -> Any:
+        level = group["projection_precision"]
+        if level == "auto":
+            level = "high" if p.is_cuda else "highest"
+        return float32_matmul_precision(level)
+
+    def _refresh_due(self, group: dict[str, Any], p: Tensor) -> bool:
+        state = self.state[p]
+        return "exp_avg" not in state or state["step"] % group["update_proj_gap"] == 0
+
+    def _work_bytes(self, group: dict[str, Any], p: Tensor) -> int:
+        """Bytes of p's projected gradient, its Adam update and a generated basis (upper
+        bound: the rank on the larger side)."""
+        m, n = as_matrix(local(p)).shape
+        r = min(group["rank"], m, n)
+        size = 8 if p.dtype == torch.float64 else 4
+        return (2 * r * max(m, n) + r * max(m, n)) * size
+
+    def _project(self, group: dict[str, Any], params: list[Tensor]
+                 ) -> dict[Tensor, tuple[Tensor, str, Tensor]]:
+        """(basis, side, projected gradient) of each parameter; bases generated together."""
+        projectors = [self._projector(p, group) for p in params]
+        return {p: (B, proj.side, project_onto(as_matrix(local(p.grad)), B, proj.side))
+                for p, proj, B in zip(params, projectors, bases(projectors))}
 
     def _refresh(self, p: Tensor, G: Tensor, group: dict[str, Any], store: MomentStore) -> None:
         """New basis from G; then keep, reset or rotate the subspace moments."""
@@ -249,75 +303,70 @@ class LowRankAdamW(MemoptOptimizer):
                 moment = store.read(state, key)
                 store.write(state, key, mix @ moment if proj.side == "left" else moment @ mix.mT)
 
-    def _lowrank_step(self, group: dict[str, Any], params: list[Tensor],
-                      store: MomentStore) -> None:
-        """Project, then Adam and apply in chunks: at most ``CHUNK_BYTES`` of projected
-        gradients and their updates are alive at once (one matrix at least), so memory stays
-        bounded for any model while each chunk's Adam is one fused kernel."""
-        chunk: list[tuple[Tensor, Tensor, Tensor, str, Tensor]] = []
-        chunk_bytes = 0
-        for p in params:
+    def _lowrank_step(self, group: dict[str, Any], params: list[Tensor], store: MomentStore,
+                      prepared: dict[Tensor, tuple[Tensor, str, Tensor]]) -> None:
+        """Refresh the bases that are due, then project (unless prepared), Adam and apply in
+        chunks: at most ``CHUNK_BYTES`` of projected gradients, their updates and generated
+        bases are alive at once (one matrix at least), so memory stays bounded for any model
+        while each chunk's Adam is one fused kernel."""
+        rest = [p for p in params if p not in prepared]
+        for p in rest:
             state = self.state[p]
             if not state:
                 state["step"] = 0
-            G = as_matrix(local(p.grad))
             if state["step"] % group["update_proj_gap"] == 0:
-                self._refresh(p, G, group, store)
-            proj = self._projector(p, group)
-            B = proj.basis()
-            R = project_onto(G, B, proj.side)
-            if "exp_avg" not in state:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    store.init(state, key, R.shape, R.device, moment_dtype(B),
-                               full_numel=R.numel() * p.shape[0] // max(1, G.shape[0]))
-            state["step"] += 1
-            chunk.append((p, G, B, proj.side, R))
-            chunk_bytes += 2 * R.numel() * R.element_size() + B.numel() * B.element_size()
+                self._refresh(p, as_matrix(local(p.grad)), group, store)
+        chunks: list[list[Tensor]] = [list(prepared)] if prepared else []
+        chunk_bytes = CHUNK_BYTES
+        for p in rest:
             if chunk_bytes >= CHUNK_BYTES:
-                self._adam_and_apply(group, chunk, store)
-                chunk, chunk_bytes = [], 0
-        if chunk:
-            self._adam_and_apply(group, chunk, store)
+                chunks.append([])
+                chunk_bytes = 0
+            chunks[-1].append(p)
+            chunk_bytes += self._work_bytes(group, p)
+        for chunk in chunks:
+            projected = prepared if chunk and chunk[0] in prepared else \
+                self._project(group, chunk)
+            for p in chunk:
+                state, R = self.state[p], projected[p][2]
+                if "exp_avg" not in state:
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        store.init(state, key, R.shape, R.device, moment_dtype(p),
+                                   full_numel=R.numel() * p.shape[0] // max(1, local(p).shape[0]))
+                state["step"] += 1
+            self._adam_and_apply(group, [(p, *projected[p]) for p in chunk], store)
 
     def _adam_and_apply(self, group: dict[str, Any],
-                        chunk: list[tuple[Tensor, Tensor, Tensor, str, Tensor]],
+                        chunk: list[tuple[Tensor, Tensor, str, Tensor]],
                         store: MomentStore) -> None:
         beta1, beta2 = group["betas"]
         lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
+        fira = group["residual"] == "fira"
         buckets: dict[tuple[int, torch.device], list[int]] = {}
         for i, (p, *_, R) in enumerate(chunk):
             buckets.setdefault((self.state[p]["step"], R.device), []).append(i)
         for (step, _), indices in buckets.items():
             updates = store.adam_updates([self.state[chunk[i][0]] for i in indices],
-                                         [chunk[i][4] for i in indices], beta1=beta1,
-                                         beta2=beta2, eps=group["eps"], step=step)
+                                         [chunk[i][3] for i in indices], beta1=beta1,
+                                         beta2=beta2, eps=group["eps"], step=step,
+                                         in_place=not fira)
             for i, u in zip(indices, updates):
-                p, G, B, side, R = chunk[i]
+                p, B, side, R = chunk[i]
                 W = local(p)
-                if wd != 0:
-                    W.mul_(1 - lr * wd)
-                if group["residual"] == "fira":
-                    state = self.state[p]
-                    S = fira_residual(G, R, u, B, side)
-                    S, state["residual_norm"] = limit_norm_growth(
-                        S, state.get("residual_norm"), group["limiter_gamma"],
-                        self._sum_over_shards(p))
-                    update = lift(u, B, side).mul_(scale).sub_(S)
-                    W.add_(update.view_as(W), alpha=lr)
-                else:
-                    self._add_lifted(W, u, B, side, lr * scale)
-
-    @staticmethod
-    def _add_lifted(p: Tensor, L: Tensor, B: Tensor, side: str, alpha: float) -> None:
-        """p <- p + alpha * project_back(L), fused into one matrix product when possible."""
-        if p.dtype == B.dtype and p.is_contiguous():
-            W = as_matrix(p)                   # a view: addmm_ writes into p
-            if side == "right":
-                W.addmm_(L, B.mT, alpha=alpha)
-            else:
-                W.addmm_(B, L, alpha=alpha)
-        else:
-            p.add_(lift(L, B, side).view_as(p), alpha=alpha)
+                if not fira:
+                    add_lifted_(W, u, B, side, alpha=lr * scale, beta=1 - lr * wd)
+                    continue
+                state, G = self.state[p], as_matrix(local(p.grad))
+                dim = 0 if side == "left" else 1
+                sq_norms = torch.linalg.vector_norm(G, dim=dim, dtype=R.dtype).square()
+                phi, state["residual_norm"] = fira_scales(
+                    R, u, sq_norms, side, state.get("residual_norm"), group["limiter_gamma"],
+                    self._sum_over_shards(p))
+                # W (1 - lr wd) + lr scale P u - lr S with S = phi (G - P R)
+                #   = W (1 - lr wd) + lr scale P (u + phi R / scale) - lr phi G
+                u.addcmul_(R, phi.unsqueeze(dim), value=1 / scale)
+                add_lifted_(W, u, B, side, alpha=lr * scale, beta=1 - lr * wd)
+                add_to_matrix_(W, G, alpha=-lr, factor=phi.unsqueeze(dim))
 
     # --------------------------------------------------------------------- bytes
     def _shared_state_bytes(self) -> int:
@@ -332,4 +381,4 @@ class LowRankAdamW(MemoptOptimizer):
         return sum(dct_table_bytes(d, device, dtype) for d, device, dtype in sizes)
 
 
-__all__ = ["LowRankAdamW", "REFRESH_MODES", "fira_residual", "limit_norm_growth"]
+__all__ = ["LowRankAdamW", "REFRESH_MODES", "add_lifted_", "fira_scales"]

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from memopt.projections.polar import iteration_dtype, orthogonalize_many
+from memopt.projections.polar import (MAX_BATCH_BYTES, frobenius_norms, iterate_polar_,
+                                     orthogonalize_many, polar_buffer, work_dtype)
 
-from .base import (MemoptOptimizer, as_matrix, check_betas, check_choice, check_nonnegative,
-                   check_positive_int, moment_dtype)
+from .base import (PREPARE_BYTES, MemoptOptimizer, Prepared, add_to_matrix_, as_matrix,
+                   check_betas, check_choice, check_nonnegative, check_positive_int,
+                   moment_dtype)
 from .distributed import (all_gather_rows, all_reduce_sum, gather_rows, is_sharded, local,
                           local_rows, scatter_rows, world_size)
 from .states import MomentStore
@@ -55,6 +58,15 @@ def momentum_direction(grad: Tensor, buf: Tensor, momentum: float, nesterov: boo
     """buf <- mu buf + (1 - mu) g (in place); return (1 - mu) g + mu buf (Nesterov) or buf."""
     buf.lerp_(grad, 1 - momentum)
     return grad.lerp(buf, momentum) if nesterov else buf
+
+
+@dataclass
+class _Filled:
+    """One batch of same-shape matrices with their orthogonalizer inputs (unscaled, in a
+    zero-padded (count, m, cols) buffer) and the inputs' Frobenius norms."""
+    params: list[Tensor]
+    buffer: Tensor
+    norms: Tensor
 
 
 def nuclear_norm(M: Tensor, U: Tensor) -> Tensor:
@@ -142,19 +154,139 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         """Whether ``p`` gets the orthogonalized update under ``group``'s settings."""
         return not group["adamw"] and p.ndim >= 2
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    # ---------------------------------------------------------------------- step
+    def _prepare_group(self, group: dict[str, Any], params: list[Tensor]) -> Prepared:
+        """Write every local matrix's orthogonalizer input (the momentum direction, or G for
+        polar-first) into its batch before the finiteness check, which then reads the
+        inputs' norms instead of the gradients: with finite momentum an input is
+        non-finite iff its gradient is. Only when all inputs fit in ``PREPARE_BYTES``."""
+        if not group["check_finite"]:
+            return Prepared()
+        batches = self._batches(group, [p for p in params if self.is_orthogonalized(group, p)
+                                        and not is_sharded(p)])
+        if not batches or sum(self._batch_bytes(group, b) for b in batches) > PREPARE_BYTES:
+            return Prepared()
+        store = self._store(group["state_bits"])
+        filled = [self._fill(group, batch, store) for batch in batches]
+        witnesses = {p: f.norms[i:i + 1] for f in filled for i, p in enumerate(f.params)}
+        return Prepared(witnesses, filled)
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor],
+                    prepared: Prepared) -> None:
         store = self._store(group["state_bits"])
         dense = [p for p in params if not self.is_orthogonalized(group, p)]
-        matrices = [p for p in params if self.is_orthogonalized(group, p)]
         if dense:
             self._adamw(dense, store, lr=group["adamw_lr"] * self.schedule_factor(group),
                         betas=group["adamw_betas"], eps=group["adamw_eps"],
                         weight_decay=group["weight_decay"])
-        if matrices:
-            self._orthogonalized_step(group, matrices, store)
+        matrices = [p for p in params if self.is_orthogonalized(group, p)]
+        if prepared.data is not None:
+            for filled in prepared.data:
+                self._finish(group, filled, store)
+        else:
+            for batch in self._batches(group, [p for p in matrices if not is_sharded(p)]):
+                self._finish(group, self._fill(group, batch, store), store)
+        sharded = [p for p in matrices if is_sharded(p)]
+        if sharded:
+            self._sharded_step(group, sharded, store)
 
-    def _orthogonalized_step(self, group: dict[str, Any], params: list[Tensor],
-                             store: MomentStore) -> None:
+    @staticmethod
+    def _work_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
+        return work_dtype(group["orthogonalizer"], p, NS_DTYPES[group["ns_dtype"]])
+
+    def _batch_bytes(self, group: dict[str, Any], batch: list[Tensor]) -> int:
+        size = torch.empty((), dtype=self._work_dtype(group, batch[0])).element_size()
+        return sum(p.numel() for p in batch) * size
+
+    def _batches(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
+        """Same-shape matrices (same dtype and device) in batches of at most
+        ``MAX_BATCH_BYTES`` of orthogonalizer input (one matrix at least)."""
+        by_shape: dict[tuple[Any, ...], list[Tensor]] = {}
+        for p in params:
+            by_shape.setdefault((matrix_shape(p), p.dtype, p.device), []).append(p)
+        out = []
+        for same in by_shape.values():
+            per = max(1, MAX_BATCH_BYTES // max(1, self._batch_bytes(group, same[:1])))
+            out += [same[k:k + per] for k in range(0, len(same), per)]
+        return out
+
+    def _fill(self, group: dict[str, Any], params: list[Tensor], store: MomentStore) -> _Filled:
+        """The batch's inputs, unscaled, in the orthogonalizer's dtype, and their norms;
+        changes nothing. The Nesterov direction (1 - mu) G + mu buf_new, with buf_new =
+        mu buf + (1 - mu) G, is lerp(buf, G, 1 - mu^2), read before buf is advanced."""
+        G0 = as_matrix(local(params[0].grad))
+        method, n = group["orthogonalizer"], G0.shape[1]
+        buffer = polar_buffer(len(params), tuple(G0.shape), self._work_dtype(group, params[0]),
+                              G0.device, 1 if method == "svd" else None)
+        mu = group["momentum"]
+        weight = 1 - mu * mu if group["nesterov"] else 1 - mu
+        for slot, p in zip(buffer, params):
+            G, state = as_matrix(local(p.grad)), self.state[p]
+            if group["variant"] == "polar_first":
+                slot[:, :n].copy_(G)
+            elif "momentum_buffer" in state:
+                buf = store.read(state, "momentum_buffer")
+                torch.lerp(buf, G.to(buf.dtype), weight, out=slot[:, :n])
+            else:                                   # momentum starts at zero
+                torch.mul(G, weight, out=slot[:, :n])
+        return _Filled(params, buffer, frobenius_norms(buffer))
+
+    def _finish(self, group: dict[str, Any], filled: _Filled, store: MomentStore) -> None:
+        """Advance the momentum, orthogonalize the batch and update its matrices."""
+        params, mu = filled.params, group["momentum"]
+        grads = [as_matrix(local(p.grad)) for p in params]
+        for p, G in zip(params, grads):
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                store.init(state, "momentum_buffer", G.shape, p.device, moment_dtype(p),
+                           full_numel=p.numel())
+            state["step"] += 1
+        polar_first = group["variant"] == "polar_first"
+        if not polar_first:
+            self._advance_momentum(params, grads, store, mu)
+        X, scales = iterate_polar_(filled.buffer, group["orthogonalizer"], group["ns_steps"],
+                                   filled.norms)
+        U = X[..., :grads[0].shape[1]]
+        nuclear = None
+        if group["scaling"] == "nuclear_norm":      # <M, polar(M)>, the buffer holding M scaled
+            nuclear = (filled.buffer * X).sum(dim=(1, 2), dtype=scales.dtype) / scales
+        lr, wd = group["lr"], group["weight_decay"]
+        step_size = lr * lr_adjustment(matrix_shape(params[0]), group["adjust_lr"])
+        weights = [local(p) for p in params]
+        if wd != 0:
+            torch._foreach_mul_(weights, 1 - lr * wd)
+        for i, (p, W) in enumerate(zip(params, weights)):
+            direction = U[i]
+            if polar_first:
+                state = self.state[p]
+                buf = store.read(state, "momentum_buffer")
+                direction = momentum_direction(direction.to(buf.dtype), buf, mu,
+                                               group["nesterov"])
+                store.write(state, "momentum_buffer", buf)
+            add_to_matrix_(W, direction, -step_size,
+                           None if nuclear is None else nuclear[i].to(W.dtype))
+
+    def _advance_momentum(self, params: list[Tensor], grads: list[Tensor],
+                          store: MomentStore, mu: float) -> None:
+        """buf <- mu buf + (1 - mu) G for each matrix (one kernel for all fp32 buffers)."""
+        bufs, gs = [], []
+        for p, G in zip(params, grads):
+            state = self.state[p]
+            if state["momentum_buffer"].dtype == torch.uint8:
+                buf = store.read(state, "momentum_buffer")
+                store.write(state, "momentum_buffer", buf.lerp_(G.to(buf.dtype), 1 - mu))
+            else:
+                bufs.append(state["momentum_buffer"])
+                gs.append(G.to(bufs[-1].dtype))
+        if bufs:
+            torch._foreach_lerp_(bufs, gs, 1 - mu)
+
+    def _sharded_step(self, group: dict[str, Any], params: list[Tensor],
+                      store: MomentStore) -> None:
+        """FSDP2 row shards: momentum on the local rows, the polar factor of each whole
+        matrix (gathered on an owner rank, or everywhere with ``redundant``), then the local
+        rows' update."""
         mu, nesterov = group["momentum"], group["nesterov"]
         polar_first = group["variant"] == "polar_first"
         inputs: list[Tensor] = []
@@ -190,56 +322,42 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
             step_size = lr * lr_adjustment(matrix_shape(p), group["adjust_lr"])
             if wd != 0:
                 W.mul_(1 - lr * wd)
-            W.add_(direction.reshape_as(W), alpha=-step_size)
+            add_to_matrix_(W, direction, -step_size)
 
     @staticmethod
     def _polar_factors(inputs: list[Tensor], params: list[Tensor],
                        group: dict[str, Any]) -> list[Tensor]:
-        """polar(M) of each input; for FSDP2 row shards, of the whole matrix, returned as the
-        local rows: gathered on an owner rank (round-robin), orthogonalized in one batched
-        call per shape there and scattered back, or all-gathered everywhere (redundant)."""
+        """polar(M) of the whole matrix of each row shard, returned as the local rows:
+        gathered on an owner rank (round-robin), orthogonalized in one batched call per shape
+        there and scattered back, or all-gathered everywhere (redundant)."""
         method, steps = group["orthogonalizer"], group["ns_steps"]
         dtype = NS_DTYPES[group["ns_dtype"]]
-        sharded = [i for i, p in enumerate(params) if is_sharded(p)]
-        out = [None] * len(inputs)
-        plain = [i for i in range(len(inputs)) if i not in set(sharded)]
-        for i, U in zip(plain, orthogonalize_many([inputs[i] for i in plain], method, steps,
-                                                  dtype)):
-            out[i] = U
-        if not sharded:
-            return out
         if group["redundant"]:
-            full = [all_gather_rows(inputs[i], params[i], "polar_gather") for i in sharded]
-            for i, U in zip(sharded, orthogonalize_many(full, method, steps, dtype)):
-                out[i] = local_rows(U, params[i])
-            return out
+            full = [all_gather_rows(M, p, "polar_gather") for M, p in zip(inputs, params)]
+            return [local_rows(U, p) for U, p in
+                    zip(orthogonalize_many(full, method, steps, dtype), params)]
         owned: dict[int, Tensor] = {}
-        for k, i in enumerate(sharded):
-            full = gather_rows(inputs[i], params[i], k % world_size(params[i]), "polar_gather")
+        for i, (M, p) in enumerate(zip(inputs, params)):
+            full = gather_rows(M, p, i % world_size(p), "polar_gather")
             if full is not None:
                 owned[i] = full
         results = dict(zip(owned, orthogonalize_many(list(owned.values()), method, steps,
                                                      dtype)))
-        for k, i in enumerate(sharded):
-            wire = inputs[i].dtype if method == "svd" else iteration_dtype(inputs[i], dtype)
-            like = inputs[i].to(wire) if wire != inputs[i].dtype else inputs[i]
+        out = []
+        for i, (M, p) in enumerate(zip(inputs, params)):
+            wire = work_dtype(method, M, dtype)
+            like = M.to(wire) if wire != M.dtype else M
             sent = results[i].to(wire) if i in results else None
-            out[i] = scatter_rows(sent, like, params[i], k % world_size(params[i]),
-                                  "polar_scatter")
+            out.append(scatter_rows(sent, like, p, i % world_size(p), "polar_scatter"))
         return out
 
     @staticmethod
     def _nuclear_norms(inputs: list[Tensor], polars: list[Tensor],
                        params: list[Tensor]) -> list[Tensor]:
-        """||M||_* = <M, polar(M)> per matrix; row shards add their parts in one all-reduce."""
-        norms = [nuclear_norm(M, U) for M, U in zip(inputs, polars)]
-        sharded = [i for i, p in enumerate(params) if is_sharded(p)]
-        if sharded:
-            parts = torch.stack([norms[i] for i in sharded])
-            all_reduce_sum(parts, params[sharded[0]], "nuclear_norm")
-            for i, value in zip(sharded, parts.unbind(0)):
-                norms[i] = value
-        return norms
+        """||M||_* = <M, polar(M)> per whole matrix: one all-reduce adds the row shards' parts."""
+        parts = torch.stack([nuclear_norm(M, U) for M, U in zip(inputs, polars)])
+        all_reduce_sum(parts, params[0], "nuclear_norm")
+        return list(parts.unbind(0))
 
 
 class Muon(OrthogonalizedOptimizer):

@@ -106,9 +106,10 @@ class MomentStore:
             state[key].copy_(value)
 
     def adam_updates(self, states: list[dict], grads: list[Tensor], *, beta1: float,
-                     beta2: float, eps: float, step: int) -> list[Tensor]:
+                     beta2: float, eps: float, step: int, in_place: bool = False) -> list[Tensor]:
         """Advance ``exp_avg`` / ``exp_avg_sq`` of each state with its gradient (all of one
-        device) and return Adam's updates u (lr = 1)."""
+        device) and return Adam's updates u (lr = 1). ``in_place``: fp32 moments may write
+        u over their (contiguous) gradient; 8-bit ones always return new tensors."""
         out: list[Tensor | None] = [None] * len(states)
         plain = [i for i, s in enumerate(states) if s["exp_avg"].dtype != torch.uint8]
         by_dtype: dict[torch.dtype, list[int]] = {}
@@ -118,7 +119,7 @@ class MomentStore:
             updates = adam.adam_updates(
                 [grads[i] for i in indices], [states[i]["exp_avg"] for i in indices],
                 [states[i]["exp_avg_sq"] for i in indices], beta1=beta1, beta2=beta2, eps=eps,
-                step=step)
+                step=step, in_place=in_place)
             for i, u in zip(indices, updates):
                 out[i] = u
         for i in sorted(set(range(len(states))) - set(plain)):

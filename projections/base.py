@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -73,18 +73,72 @@ def full_fp32_matmul() -> contextlib.AbstractContextManager[None]:
     return float32_matmul_precision("highest")
 
 
+#: Row length, in bytes, that GPU matrix products want: a float32 matrix whose rows are not a
+#: multiple of 16 bytes long (LLaMA's 5461 columns) gets the slow unaligned kernels, about
+#: two times slower on an H100 (``python -m memopt.recipes.bench_step``). Products over such
+#: a matrix go through a zero-padded copy of it; the padding adds zeros to every product.
+ALIGN_BYTES = 16
+
+
+def aligned_width(n: int, like: Tensor) -> int:
+    """``n`` rounded up so that rows of ``n`` elements of ``like``'s dtype are aligned
+    (CUDA only; on the CPU rows are never padded)."""
+    if not like.is_cuda:
+        return n
+    per = max(1, ALIGN_BYTES // like.element_size())
+    return -(-n // per) * per
+
+
+def pad_columns(X: Tensor, width: int, dtype: torch.dtype | None = None) -> Tensor:
+    """X (rows x n) copied into a zeroed (rows x width) matrix of ``dtype`` (X's if None)."""
+    out = X.new_empty((X.shape[0], width), dtype=dtype or X.dtype)
+    out[:, :X.shape[1]].copy_(X)
+    out[:, X.shape[1]:].zero_()
+    return out
+
+
 def project_onto(G: Tensor, B: Tensor, side: str) -> Tensor:
-    """Low-rank coordinates of G in basis B: G B (right, m x r) or B^T G (left, r x n)."""
-    if G.dtype != B.dtype:
-        G = G.to(B.dtype)
-    return torch.mm(G, B) if side == "right" else torch.mm(B.mT, G)
+    """Low-rank coordinates of G in basis B: G B (right, m x r) or B^T G (left, r x n), a
+    contiguous matrix in B's dtype. Unaligned rows of G are padded first (``ALIGN_BYTES``)."""
+    n = G.shape[1]
+    width = aligned_width(n, B)
+    if width == n:
+        if G.dtype != B.dtype:
+            G = G.to(B.dtype)
+        return torch.mm(G, B) if side == "right" else torch.mm(B.mT, G)
+    G = pad_columns(G, width, B.dtype)
+    if side == "right":                      # pad B's rows too: the zeros meet G's zeros
+        return torch.mm(G, pad_columns(B.mT, width).mT)
+    return torch.mm(B.mT, G)[:, :n].contiguous()
 
 
 def lift(L: Tensor, B: Tensor, side: str) -> Tensor:
-    """Back to full size: L B^T (right) or B L (left); the adjoint of :func:`project_onto`."""
+    """Back to full size: L B^T (right) or B L (left); the adjoint of :func:`project_onto`.
+
+    In B's dtype; where the full matrix's rows are unaligned (``ALIGN_BYTES``) the product
+    is taken padded and the result is a view of the padded matrix's first columns.
+    """
     if L.dtype != B.dtype:
         L = L.to(B.dtype)
-    return torch.mm(L, B.mT) if side == "right" else torch.mm(B, L)
+    n = L.shape[1] if side == "left" else B.shape[0]
+    width = aligned_width(n, B)
+    if side == "right":
+        Bt = B.mT if width == n else pad_columns(B.mT, width)
+        return torch.mm(L, Bt)[:, :n]
+    return torch.mm(B, L if width == n else pad_columns(L, width))[:, :n]
+
+
+def bases(projectors: Sequence["Projector"]) -> list[Tensor]:
+    """``basis()`` of each projector; projectors of one class that generate their bases
+    share the work (DCT: one generated matrix per size)."""
+    out: list[Tensor | None] = [None] * len(projectors)
+    by_class: dict[type, list[int]] = {}
+    for i, proj in enumerate(projectors):
+        by_class.setdefault(type(proj), []).append(i)
+    for cls, indices in by_class.items():
+        for i, B in zip(indices, cls.basis_many([projectors[i] for i in indices])):
+            out[i] = B
+    return out
 
 
 class Projector(ABC):
@@ -163,6 +217,11 @@ class Projector(ABC):
     @abstractmethod
     def basis(self) -> Tensor:
         """The orthonormal basis as a dense (d x r) tensor."""
+
+    @classmethod
+    def basis_many(cls, projectors: Sequence["Projector"]) -> list[Tensor]:
+        """``basis()`` of each projector of this class (overridden where they share work)."""
+        return [proj.basis() for proj in projectors]
 
     def state_dict(self) -> dict[str, Any]:
         """Flat dict of tensors and plain numbers; loads with ``torch.load(weights_only=True)``."""

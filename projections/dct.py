@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,16 +45,22 @@ def _dct_tables(d: int, device: torch.device, dtype: torch.dtype) -> tuple[Tenso
     return tables
 
 
-def dct_columns(d: int, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """DCT-II basis vectors ``indices`` of size d as the columns of a (d x r) matrix.
+def dct_rows(d: int, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """DCT-II basis vectors ``indices`` of size d as the rows of a contiguous (r x d) matrix.
 
-    Entry (i, j) is sqrt(2/d) c_k cos(pi (2i + 1) k / 2d) for k = indices[j]
+    Entry (j, i) is sqrt(2/d) c_k cos(pi (2i + 1) k / 2d) for k = indices[j]
     (c_0 = 1/sqrt(2), c_k = 1 otherwise); the phase (2i + 1) k is reduced modulo 4d in
     integers, so the cosine is exact to the dtype's rounding for any d.
     """
     cosines, odd, scale = _dct_tables(d, indices.device, dtype)
-    phase = torch.outer(odd, indices).remainder_(4 * d)
-    return cosines[phase].mul_(scale[indices])
+    phase = torch.outer(indices, odd).remainder_(4 * d)
+    return cosines[phase].mul_(scale[indices].unsqueeze(1))
+
+
+def dct_columns(d: int, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The same vectors as the columns of a (d x r) matrix (a transposed view of
+    :func:`dct_rows`)."""
+    return dct_rows(d, indices, dtype).mT
 
 
 def dct_matrix(d: int, device: torch.device | str | None = None,
@@ -62,7 +68,20 @@ def dct_matrix(d: int, device: torch.device | str | None = None,
     """Orthonormal DCT-II matrix T (d x d) whose row k is basis vector k
     (``scipy.fft.dct(eye(d), norm="ortho", axis=0)``). Built on each call, not kept."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    return dct_columns(d, torch.arange(d, device=device), dtype).mT.contiguous()
+    return dct_rows(d, torch.arange(d, device=device), dtype)
+
+
+def dct_bases(d: int, indices: list[Tensor], dtype: torch.dtype = torch.float32) -> list[Tensor]:
+    """The (d x r_i) bases of several index sets of one size, from one generated matrix:
+    the rows of all of them, or the whole d x d matrix when that is smaller, then one
+    gather. Columns of each basis are rows of one contiguous block."""
+    total = sum(int(i.numel()) for i in indices)
+    flat = torch.cat(indices)
+    if total <= d:
+        rows = dct_rows(d, flat, dtype)
+    else:
+        rows = dct_rows(d, torch.arange(d, device=flat.device), dtype).index_select(0, flat)
+    return [block.mT for block in rows.split([int(i.numel()) for i in indices])]
 
 
 def dct_table_bytes(d: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
@@ -146,6 +165,20 @@ class DCTProjector(Projector):
         """The chosen DCT vectors as columns (d x r), generated from the indices."""
         self._check_fitted()
         return dct_columns(self.dim, self.indices, self.dtype)
+
+    @classmethod
+    def basis_many(cls, projectors: Sequence[Projector]) -> list[Tensor]:
+        """Bases of several DCT projectors: one generated matrix per size, dtype and device."""
+        out: list[Tensor | None] = [None] * len(projectors)
+        groups: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
+        for i, proj in enumerate(projectors):
+            proj._check_fitted()
+            groups.setdefault((proj.dim, proj.dtype, proj.indices.device), []).append(i)
+        for (d, dtype, _), members in groups.items():
+            blocks = dct_bases(d, [projectors[i].indices for i in members], dtype)
+            for i, B in zip(members, blocks):
+                out[i] = B
+        return out
 
     def _basis_state(self) -> dict[str, Any]:
         return {"indices": self.indices, "float64": int(self.dtype == torch.float64)}

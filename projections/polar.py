@@ -54,16 +54,17 @@ METHODS = ("newton_schulz", "polar_express", "svd")
 def polynomial_iteration(X: Tensor, coefficients: Sequence[Coefficients]) -> Tensor:
     """Map every singular value s of each matrix in X (batch, m, n) to a s + b s^3 + c s^5.
 
-    The Gram matrix is taken on the short side: X <- a X + (b A + c A^2) X with A = X X^T
-    for a wide X, X <- a X + X (b A + c A^2) with A = X^T X for a tall one, so a tall
-    matrix needs no transposed copy. a X is added in the product's fp32 epilogue: in bf16
-    this is about twice as accurate as forming M = a I + b A + c A^2 first.
+    The Gram matrix is taken on the short side: X <- (a I + b A + c A^2) X with A = X X^T for
+    a wide X, X <- X (a I + b A + c A^2) with A = X^T X for a tall one, so a tall matrix
+    needs no transposed copy. The small factor is formed in place (b A + c A^2 in one
+    product, a added to its diagonal), so each step is three products and no copy of X.
     """
     tall = X.shape[-2] > X.shape[-1]
     for a, b, c in coefficients:
         A = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c) if c != 0.0 else A * b
-        X = torch.baddbmm(X, X, B, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)
+        M = torch.baddbmm(A, A, A, beta=b, alpha=c) if c != 0.0 else A.mul_(b)
+        M.diagonal(dim1=-2, dim2=-1).add_(a)
+        X = torch.bmm(X, M) if tall else torch.bmm(M, X)
     return X
 
 
@@ -91,34 +92,67 @@ def _check_method_and_steps(method: str, steps: int | None) -> None:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
 
 
-def _polar_batch(mats: Sequence[Tensor], method: str, steps: int | None,
-                 dtype: torch.dtype | None, pad_to: int | None) -> Tensor:
-    """Iterative polar factors of same-shape matrices, as a (b, m, n) view in the work dtype.
+def work_dtype(method: str, G: Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype ``method`` computes polar factors of G in: :func:`iteration_dtype` for the
+    iterative methods, fp32 (fp64 for fp64) for the exact SVD."""
+    if method == "svd":
+        return torch.float64 if G.dtype == torch.float64 else torch.float32
+    return iteration_dtype(G, dtype)
 
-    Each matrix is scaled (Newton-Schulz: 1 / ||M||_F as torch.optim.Muon; Polar Express:
-    1 / (1.01 ||M||_F + 1e-7), Algorithm 1 of Amsel et al.) while it is copied into one
-    buffer, whose last dimension is zero-padded to a multiple of ``pad_to``.
-    """
-    first = mats[0]
-    m, n = first.shape
-    work_dtype = iteration_dtype(first, dtype)
-    multiple = pad_to if pad_to is not None else (64 if first.is_cuda else 1)
+
+def polar_buffer(count: int, shape: tuple[int, int], dtype: torch.dtype,
+                 device: torch.device, pad_to: int | None = None) -> Tensor:
+    """An uninitialized (count, m, cols) buffer for ``count`` (m x n) matrices whose padding
+    columns (n to cols, a multiple of ``pad_to``: default 64 on CUDA, 1 elsewhere) are zero.
+    Fill ``buffer[i, :, :n]``, then call :func:`iterate_polar_`."""
+    m, n = shape
+    multiple = pad_to if pad_to is not None else (64 if torch.device(device).type == "cuda" else 1)
     cols = -(-n // multiple) * multiple
-    buffer = torch.empty((len(mats), m, cols), dtype=work_dtype, device=first.device)
+    buffer = torch.empty((count, m, cols), dtype=dtype, device=device)
     if cols > n:
         buffer[..., n:].zero_()
-    accumulate = torch.float64 if first.dtype == torch.float64 else torch.float32
-    scales = list(torch._foreach_norm(list(mats), 2, dtype=accumulate))
+    return buffer
+
+
+def frobenius_norms(buffer: Tensor) -> Tensor:
+    """||buffer[i]||_F of each matrix of a (count, m, n) buffer, accumulated in fp32 (fp64)."""
+    acc = torch.float64 if buffer.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(buffer, dim=(1, 2), dtype=acc)
+
+
+def iterate_polar_(buffer: Tensor, method: str, steps: int | None = None,
+                   norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Polar factors of the matrices in ``buffer`` (count, m, cols), which is scaled in place.
+
+    Each matrix is divided by its Frobenius norm (``norms``, computed if None) so that its
+    singular values are at most 1: Newton-Schulz by max(||M||_F, 1e-7), as torch.optim.Muon;
+    Polar Express by 1.01 ||M||_F + 1e-7 (Amsel et al., Algorithm 1). The exact "svd" needs
+    no scaling. Returns (the factors, a new (count, m, cols) tensor in the buffer's dtype;
+    the scale each matrix was multiplied by, (count,) fp32 or fp64).
+    """
+    if norms is None:
+        norms = frobenius_norms(buffer)
+    if method == "svd":
+        return _exact_polar(buffer).to(buffer.dtype), torch.ones_like(norms)
     if method == "newton_schulz":
-        torch._foreach_clamp_min_(scales, 1e-7)
+        scales = norms.clamp(min=1e-7).reciprocal()
     else:
-        torch._foreach_mul_(scales, POLAR_EXPRESS_SAFETY)
-        torch._foreach_add_(scales, 1e-7)
-    torch._foreach_reciprocal_(scales)
-    for slot, (M, scale) in enumerate(zip(mats, scales)):
-        torch.mul(M, scale, out=buffer[slot, :, :n])
+        scales = (norms * POLAR_EXPRESS_SAFETY + 1e-7).reciprocal()
+    buffer.mul_(scales.to(buffer.dtype).view(-1, 1, 1))
     X = polynomial_iteration(buffer, _schedule(method, steps or DEFAULT_STEPS[method]))
-    return X[..., :n]
+    return X, scales
+
+
+def _polar_batch(mats: Sequence[Tensor], method: str, steps: int | None,
+                 dtype: torch.dtype | None, pad_to: int | None) -> Tensor:
+    """Polar factors of same-shape matrices, as a (b, m, n) view in the work dtype."""
+    first = mats[0]
+    n = first.shape[1]
+    buffer = polar_buffer(len(mats), tuple(first.shape), work_dtype(method, first, dtype),
+                          first.device, pad_to if method != "svd" else 1)
+    for slot, M in enumerate(mats):
+        buffer[slot, :, :n].copy_(M)
+    return iterate_polar_(buffer, method, steps)[0][..., :n]
 
 
 def orthogonalize(G: Tensor, method: str = "newton_schulz", steps: int | None = None,
@@ -149,8 +183,6 @@ def orthogonalize(G: Tensor, method: str = "newton_schulz", steps: int | None = 
         raise FloatingPointError("G has non-finite entries (inf or nan)")
     if G.numel() == 0:
         return G.clone()
-    if method == "svd":
-        return _exact_polar(G).to(G.dtype)
     batch, (m, n) = G.shape[:-2], G.shape[-2:]
     X = _polar_batch(G.reshape(-1, m, n).unbind(0), method, steps, dtype, pad_to)
     return X.reshape(*batch, m, n).to(G.dtype)
@@ -180,15 +212,11 @@ def orthogonalize_many(matrices: Sequence[Tensor], method: str = "newton_schulz"
     split: list[list[int]] = []
     for indices in batches.values():
         first = matrices[indices[0]]
-        size = first.numel() * torch.empty((), dtype=iteration_dtype(first, dtype)).element_size()
+        size = first.numel() * torch.empty((), dtype=work_dtype(method, first, dtype)).element_size()
         per_batch = max(1, max_batch_bytes // max(1, size))
         split += [indices[k:k + per_batch] for k in range(0, len(indices), per_batch)]
     for indices in split:
-        group = [matrices[i] for i in indices]
-        if method == "svd":
-            polars = _exact_polar(torch.stack(group)).to(group[0].dtype)
-        else:
-            polars = _polar_batch(group, method, steps, dtype, pad_to)
+        polars = _polar_batch([matrices[i] for i in indices], method, steps, dtype, pad_to)
         for slot, i in enumerate(indices):
             out[i] = polars[slot]
     return out

@@ -1,6 +1,7 @@
 """Step time and state bytes of every optimizer on the same parameters, in one process.
 
     python -m memopt.recipes.bench_step [--device cuda] [--only NAME,...] [--out FILE]
+                                        [--profile FILE]
 
 The parameters are four LLaMA-1B blocks (hidden 2048, intermediate 5461: 28 matrices and 8
 norm vectors, fp32, about 201M parameters; a quarter of the width on the CPU), with fixed
@@ -8,6 +9,8 @@ random gradients. For each optimizer: the first step (state creation and, for lo
 methods, the first basis), the median of the following steps (no refresh), a refresh step
 timed apart (ours: the basis rebuilt from the previous one), bytes of optimizer state per
 parameter, and the step-time ratio to torch.optim.AdamW(fused=True) measured in the same run.
+``--profile FILE`` appends, per optimizer, torch.profiler's table of the kernels of three
+non-refresh steps (device time per kernel, and the host time of the whole step).
 Peers (bitsandbytes, galore-torch, fira) are measured when installed (``pip install
 memopt[bench]``).
 """
@@ -174,9 +177,23 @@ def fresh_copy(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.nn.Parameter(p.detach().clone()) for p in params]
 
 
+def profile_table(step: Callable[[], None], device: torch.device, steps: int = 3) -> str:
+    """torch.profiler's kernel table for ``steps`` calls of ``step`` (after one warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+
+
 def run_entry(entry: Entry, master_matrices: list[torch.Tensor],
               master_vectors: list[torch.Tensor], grads: list[torch.Tensor],
-              device: torch.device, steps: int) -> dict[str, Any]:
+              device: torch.device, steps: int, profile_to: str | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {"optimizer": entry.name}
     matrices, vectors = fresh_copy(master_matrices), fresh_copy(master_vectors)
     n_params = sum(p.numel() for p in matrices + vectors)
@@ -198,6 +215,9 @@ def run_entry(entry: Entry, master_matrices: list[torch.Tensor],
                                                warmup=0))
         row["state_bytes_per_param"] = (mo.state_bytes(opt) if entry.ours
                                         else peer_state_bytes(opt)) / n_params
+        if profile_to and not entry.slow:
+            with open(profile_to, "a") as f:
+                f.write(f"\n## {entry.name} (3 steps)\n{profile_table(step, device)}\n")
     except Exception as exc:     # a peer that crashes is a result, not a reason to stop
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         traceback.print_exc()
@@ -220,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per optimizer")
     parser.add_argument("--only", default=None, help="comma-separated substrings of names")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--profile", default=None, help="append kernel tables to this file")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
@@ -237,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         selected = [e for e in selected if any(k in e.name for k in keys) or e.name.startswith("torch AdamW")]
     rows = []
     for entry in selected:
-        rows.append(run_entry(entry, matrices, vectors, grads, device, args.steps))
+        rows.append(run_entry(entry, matrices, vectors, grads, device, args.steps, args.profile))
         print(f"done {entry.name}: {rows[-1]}", flush=True)
     base = next((r["step_ms"] for r in rows if r["optimizer"].startswith("torch AdamW")
                  and "step_ms" in r), math.nan)

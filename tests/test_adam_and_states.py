@@ -105,3 +105,31 @@ def test_moment_store_keeps_small_tensors_in_fp32():
 def test_moment_store_rejects_other_widths():
     with pytest.raises(ValueError, match="state_bits"):
         MomentStore(16, {})
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [True, False])
+def test_in_place_adam_gives_the_same_bits_as_a_zeroed_buffer(fused, device):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(40, 30), (7,), (5, 3, 2)]
+    moments = {p: [(torch.zeros(s, device=device), torch.zeros(s, device=device)) for s in shapes]
+               for p in (True, False)}
+    for t in range(1, 4):
+        grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
+        kept = [g.clone() for g in grads]
+        out = {}
+        for in_place in (True, False):
+            gs = [g.clone() for g in grads]
+            ms, vs = zip(*moments[in_place])
+            out[in_place] = adam_updates(gs, list(ms), list(vs), beta1=0.9, beta2=0.99,
+                                         eps=1e-8, step=t, fused=fused, in_place=in_place)
+            if in_place:
+                assert all(u.data_ptr() == g.data_ptr() for u, g in zip(out[True], gs))
+        for a, b in zip(out[True], out[False]):
+            assert torch.equal(a, b)
+        for (m1, v1), (m2, v2) in zip(moments[True], moments[False]):
+            assert torch.equal(m1, m2) and torch.equal(v1, v2)
+        assert all(torch.equal(g, k) for g, k in zip(grads, kept))

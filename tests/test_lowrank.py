@@ -81,15 +81,23 @@ def test_fira_update_has_an_out_of_subspace_part(projector):
     assert outside.norm() > 0.3 * delta.norm()
 
 
-def test_fira_residual_matches_the_paper_formula():
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_fira_step_matches_the_paper_formula(shape):
     lr, scale, rank, eps = 0.01, 0.25, 4, 1e-8
-    W0, G, p = first_step(mo.FiraAdamW, (40, 24), lr=lr, scale=scale, rank=rank, eps=eps)
-    Q = torch.linalg.svd(G.double(), full_matrices=False)[2][:rank].T
-    R = G.double() @ Q
-    psi = R / (R.abs() + eps)
-    phi = psi.norm(dim=1, keepdim=True) / (R.norm(dim=1, keepdim=True) + 1e-8)   # per row
-    S = phi * (G.double() - R @ Q.T)
-    expected = W0 - lr * (scale * psi @ Q.T + S)
+    W0, G, p = first_step(mo.FiraAdamW, shape, lr=lr, scale=scale, rank=rank, eps=eps)
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    if shape[0] >= shape[1]:                # right basis Q: phi per row
+        Q = Vh[:rank].T
+        R = G.double() @ Q
+        psi = R / (R.abs() + eps)
+        phi = psi.norm(dim=1, keepdim=True) / (R.norm(dim=1, keepdim=True) + 1e-8)
+        expected = W0 - lr * (scale * psi @ Q.T + phi * (G.double() - R @ Q.T))
+    else:                                   # left basis P: phi per column
+        P = U[:, :rank]
+        R = P.T @ G.double()
+        psi = R / (R.abs() + eps)
+        phi = psi.norm(dim=0, keepdim=True) / (R.norm(dim=0, keepdim=True) + 1e-8)
+        expected = W0 - lr * (scale * P @ psi + phi * (G.double() - P @ R))
     assert torch.allclose(p.detach().double(), expected, atol=1e-6, rtol=0)
 
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import (OPTIMIZERS, SmallNet, all_optimizer_params, byte_batches, make,
+from helpers import (LOWRANK, OPTIMIZERS, SmallNet, all_optimizer_params, byte_batches, make,
                      round_trip, small_loss, tiny_llama, train)
 
 from memopt import optim as mo
@@ -395,3 +395,60 @@ def test_fp32_math_survives_an_nan_free_huge_gradient():
     opt.step()
     assert torch.isfinite(p).all()
     assert math.isfinite(float(p.abs().max()))
+
+
+@pytest.mark.parametrize("name,bits", all_optimizer_params())
+def test_checked_and_unchecked_steps_give_the_same_bits(name, bits, monkeypatch):
+    """The finiteness check reads witnesses computed before it (projections, momentum
+    directions); without the check, or with no room to prepare them, the step streams in
+    pieces. Every way gives the same parameters and state."""
+    from memopt.optim import lowrank, polar
+    results = []
+    for check_finite, prepare_bytes, chunk_bytes in ((True, 2**40, 2**40), (False, 2**40, 1),
+                                                      (True, 0, 1)):
+        monkeypatch.setattr(lowrank, "PREPARE_BYTES", prepare_bytes)
+        monkeypatch.setattr(polar, "PREPARE_BYTES", prepare_bytes)
+        monkeypatch.setattr(lowrank, "CHUNK_BYTES", chunk_bytes)
+        torch.manual_seed(0)
+        model = SmallNet()
+        opt = make(name, model.parameters(), bits, check_finite=check_finite)
+        train(model, opt, 5)                    # gap 3: refreshes at steps 0 and 3
+        params, state = snapshot(model, opt)
+        results.append((params, state["state"]))
+    for other in results[1:]:
+        assert_same(other, results[0])
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
+def test_one_non_finite_entry_anywhere_is_caught(name, shape):
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(shape, generator=gen))
+    opt = make(name, [p], **({"update_proj_gap": 100} if name in LOWRANK else {}))
+    for t in range(2):                          # then a step that keeps its basis
+        p.grad = torch.randn(shape, generator=gen)
+        opt.step()
+    for trial, bad in enumerate([float("nan"), float("inf"), -float("inf")] * 4):
+        g = torch.randn(shape, generator=gen)
+        i, j = (int(torch.randint(0, s, (), generator=gen)) for s in shape)
+        g[i, j] = bad
+        p.grad = g
+        before = (p.detach().clone(), copy.deepcopy(opt.state_dict()))
+        with pytest.raises(FloatingPointError, match="non-finite gradient"):
+            opt.step()
+        assert_same((p.detach(), opt.state_dict()), before)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_finite_gradient_whose_update_overflows_raises_and_changes_nothing(name):
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(48, 32, generator=gen))
+    opt = make(name, [p], **({"update_proj_gap": 100} if name in LOWRANK else {}))
+    for _ in range(2):
+        p.grad = torch.randn(48, 32, generator=gen)
+        opt.step()
+    p.grad = torch.randn(48, 32, generator=gen).sign() * 3e38   # finite; its projection is not
+    before = (p.detach().clone(), copy.deepcopy(opt.state_dict()))
+    with pytest.raises(FloatingPointError, match="finite but so large"):
+        opt.step()
+    assert_same((p.detach(), opt.state_dict()), before)
