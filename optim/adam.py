@@ -42,38 +42,41 @@ def _step_tensor(step: int, device: torch.device) -> Tensor:
 
 
 def adam_updates(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
-                 beta1: float, beta2: float, eps: float, step: int,
-                 fused: bool | None = None, in_place: bool = False) -> list[Tensor]:
+                 beta1: float, beta2: float, eps: float, step: int, fused: bool | None = None,
+                 in_place: bool = False, out: list[Tensor] | None = None) -> list[Tensor]:
     """Advance the moments of each gradient in place and return Adam's updates u (lr = 1).
 
     ``step`` is the step count after this update (1 on the first call). All tensors share
-    one device and dtype; the gradients must be finite. The fused path is one multi-tensor
-    kernel over all of them, writing into one zeroed buffer, or, with ``in_place``, into the
-    (contiguous) gradients themselves, which are then returned; ``fused=None`` picks it
-    where it runs. Both give the same bits.
+    one device and dtype; the gradients must be finite. The updates are written into the
+    (contiguous) gradients themselves with ``in_place``, into ``out`` if given, else into
+    one new buffer. The fused path is one multi-tensor kernel over all of them;
+    ``fused=None`` picks it where it runs. Every way gives the same bits.
     """
     if not grads:
         return []
     if fused is None:
         fused = fused_available(grads[0])
+    if in_place:
+        out = list(grads)
     if not fused:
         updates = [_reference_update(g, m, v, beta1=beta1, beta2=beta2, eps=eps, step=step)
                    for g, m, v in zip(grads, exp_avgs, exp_avg_sqs)]
-        if in_place:
-            updates = [g.copy_(u) for g, u in zip(grads, updates)]
-        return updates
+        return updates if out is None else [o.copy_(u) for o, u in zip(out, updates)]
     steps = [_step_tensor(step, grads[0].device)] * len(grads)
     if in_place:       # p <- p (1 - lr wd) - lr step with p = g, lr = wd = 1: exactly -step
-        torch._fused_adamw_(grads, grads, exp_avgs, exp_avg_sqs, [], steps, lr=1.0,
-                            beta1=beta1, beta2=beta2, weight_decay=1.0, eps=eps, amsgrad=False,
+        torch._fused_adamw_(out, grads, exp_avgs, exp_avg_sqs, [], steps, lr=1.0, beta1=beta1,
+                            beta2=beta2, weight_decay=1.0, eps=eps, amsgrad=False,
                             maximize=False)
-        return list(grads)
-    sizes = [g.numel() for g in grads]
-    flat = torch.zeros(sum(sizes), dtype=grads[0].dtype, device=grads[0].device)
-    updates = [u.view(g.shape) for u, g in zip(flat.split(sizes), grads)]
-    torch._fused_adamw_(updates, grads, exp_avgs, exp_avg_sqs, [], steps, lr=1.0, beta1=beta1,
+        return out
+    if out is None:
+        sizes = [g.numel() for g in grads]
+        flat = torch.zeros(sum(sizes), dtype=grads[0].dtype, device=grads[0].device)
+        out = [u.view(g.shape) for u, g in zip(flat.split(sizes), grads)]
+    else:
+        torch._foreach_zero_(out)
+    torch._fused_adamw_(out, grads, exp_avgs, exp_avg_sqs, [], steps, lr=1.0, beta1=beta1,
                         beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
-    return updates
+    return out
 
 
 def adamw_steps(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],

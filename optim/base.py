@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .distributed import (any_flag, as_sharded_state, from_sharded_state, is_sharded, local,
+from .distributed import (all_reduce_sum, as_sharded_state, from_sharded_state, is_sharded, local,
                           trim_absmax)
 from .states import MomentStore, tensor_bytes
 
@@ -98,6 +98,15 @@ class Prepared:
     data: Any = None
 
 
+@dataclass
+class _Check:
+    """A finiteness check in flight: what was checked, the flag (host memory once ``ready``,
+    a CUDA event, has passed; None on the CPU, where it is ready at once)."""
+    checked: list[tuple[Tensor, Tensor]]
+    flag: Tensor
+    ready: Any
+
+
 class MemoptOptimizer(Optimizer, ABC):
     """Base of memopt optimizers (a torch.optim.Optimizer; see the module docstring)."""
 
@@ -146,11 +155,19 @@ class MemoptOptimizer(Optimizer, ABC):
 
     def _run(self, work: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
         """Prepare every group, check every gradient (or its witness), then update: a bad
-        gradient anywhere raises before any parameter or state of any group changes."""
+        gradient anywhere raises before any parameter or state of any group changes. While
+        the host waits for the check's flag, the device runs work that changes nothing
+        (``_launch_ahead``), so the wait leaves no gap."""
         prepared = [self._prepare_group(group, params) for group, params in work]
-        self._check_finite(work, prepared)
+        check = self._start_check(work, prepared)
+        for (group, _), prep in zip(work, prepared):
+            self._launch_ahead(group, prep)
+        self._finish_check(check)
         for (group, params), prep in zip(work, prepared):
             self._step_group(group, params, prep)
+
+    def _launch_ahead(self, group: dict[str, Any], prepared: Prepared) -> None:
+        """Start prepared work that changes no parameter or state (subclasses)."""
 
     def _collect(self, only: Tensor | None = None) -> list[tuple[dict[str, Any], list[Tensor]]]:
         """Parameters with gradients per group (or just ``only``); sparse or complex ones raise."""
@@ -171,39 +188,53 @@ class MemoptOptimizer(Optimizer, ABC):
             work.append((group, params))
         return work
 
-    def _check_finite(self, work: list[tuple[dict[str, Any], list[Tensor]]],
-                      prepared: list[Prepared]) -> None:
-        """Raise FloatingPointError naming the parameter if a checked gradient is not finite.
-
-        One device sync for all: the 2-norm of each gradient, or of its witness, accumulated
-        in fp64 (which no square of an fp32 or bf16 value overflows), is finite iff the tensor
-        is. With FSDP2 each rank checks its shards and one all-reduced flag tells them all."""
+    def _start_check(self, work: list[tuple[dict[str, Any], list[Tensor]]],
+                     prepared: list[Prepared]) -> _Check | None:
+        """Enqueue the finiteness check of every checked gradient, or of its witness: the
+        2-norm of each, accumulated in fp64 (which no square of an fp32 or bf16 value
+        overflows), is finite iff the tensor is. With FSDP2 each rank checks its shards and
+        one all-reduced flag tells them all. The flag comes to the host asynchronously."""
         checked = []
         for (group, params), prep in zip(work, prepared):
-            if not group.get("check_finite", True):
-                continue
-            for p in params:
-                checked.append((group, p, prep.witnesses.get(p, p.grad)))
+            if group.get("check_finite", True):
+                checked += [(p, prep.witnesses.get(p, p.grad)) for p in params]
         if not checked:
-            return
-        groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for _, _, t in checked:
+            return None
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for _, t in checked:
             t = local(t)
-            groups.setdefault((t.device, t.dtype), []).append(t)
+            by_kind.setdefault((t.device, t.dtype), []).append(t)
         bad = None
-        for ts in groups.values():
+        for ts in by_kind.values():
             norms = torch._foreach_norm(ts, 2, dtype=torch.float64)
             flag = (~torch.stack(norms).isfinite().all()).float()
             bad = flag if bad is None else bad + flag.to(bad.device)
-        sharded = next((p.grad for _, p, _ in checked if is_sharded(p.grad)), None)
-        if not any_flag(bad, sharded):
+        sharded = next((p.grad for p, _ in checked if is_sharded(p.grad)), None)
+        if sharded is not None:
+            all_reduce_sum(bad, sharded, "finite_check")
+        if bad.is_cuda:
+            host = torch.empty((), dtype=bad.dtype, pin_memory=True)
+            host.copy_(bad, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            return _Check(checked, host, ready)
+        return _Check(checked, bad, None)
+
+    def _finish_check(self, check: _Check | None) -> None:
+        """Wait for the flag (not for later work) and raise FloatingPointError naming the
+        first parameter whose gradient is not finite."""
+        if check is None:
             return
-        for _, p, _ in checked:
+        if check.ready is not None:
+            check.ready.synchronize()
+        if not bool(check.flag > 0):
+            return
+        for p, _ in check.checked:
             if not bool(torch.isfinite(local(p.grad)).all()):
                 raise FloatingPointError(
                     f"non-finite gradient (inf or nan) in parameter {self._name(p)}; "
                     "the step was not taken and nothing was changed")
-        for _, p, t in checked:
+        for p, t in check.checked:
             if not bool(torch.isfinite(local(t)).all()):
                 raise FloatingPointError(
                     f"the gradient of parameter {self._name(p)} is finite but so large that "

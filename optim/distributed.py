@@ -123,13 +123,6 @@ def scatter_rows(full: Tensor | None, like: Tensor, param: Tensor, owner: int,
     return out[: like.shape[0]]
 
 
-def any_flag(flag: Tensor, param: Tensor | None) -> bool:
-    """True if ``flag`` (a 0-d float, 1 = yes) is set on any rank (one all-reduce)."""
-    if param is not None:
-        all_reduce_sum(flag, param, "finite_check")
-    return bool(flag > 0)
-
-
 #: State keys whose dim 0 follows the parameter's rows (and so is sharded with it).
 ROW_SHARDED_STATE = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 ABSMAX = "_absmax"

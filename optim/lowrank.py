@@ -10,8 +10,10 @@ residual (Chen et al., 2024) for Fira. The projector decides the method: SVD (Ga
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
@@ -45,32 +47,32 @@ CHUNK_BYTES = 256 * 2**20
 FIRA_EPS = 1e-8   # added to ||R_col|| in phi, as in Fira's released code
 
 
-def fira_scales(R: Tensor, u: Tensor, sq_norms: Tensor, side: str,
-                previous_norm: Tensor | None, gamma: float,
+def fira_scales(R: Tensor, U: Tensor, sq_norms: Tensor, side: str,
+                previous_norms: Tensor, gamma: float,
                 sum_over_shards: Callable[[Tensor], Tensor] | None = None
                 ) -> tuple[Tensor, Tensor]:
     """Fira's residual scale per column of G (left basis) or row (right basis), limited
-    (Chen et al., 2024).
+    (Chen et al., 2024), for a batch of same-shape matrices.
 
     phi_j = ||u_j|| / (||R_j|| + eps), u being Adam's update for R = project(G): the norm
     gain Adam gives the low-rank part, lent to the residual S = phi (G - P R). Since P has
     orthonormal columns, ||G_j - P R_j||^2 = ||G_j||^2 - ||R_j||^2 (``sq_norms`` holds the
     ||G_j||^2), so ||S|| needs no pass over S. Limiter: if ||S|| > gamma ||S_prev||, S is
-    scaled by gamma ||S_prev|| / ||S||. Returns (phi times that factor, ||S|| after it),
-    without a host sync; ``sum_over_shards`` adds the squared norms of row shards.
+    scaled by gamma ||S_prev|| / ||S|| (``previous_norms`` is inf where there is none).
+    R and U are (b, r, n) (left) or (b, m, r) (right). Returns (phi times that factor, (b, n)
+    or (b, m); ||S|| after it, (b,)), without a host sync; ``sum_over_shards`` adds up the
+    squared norms of row shards.
     """
-    dim = 0 if side == "left" else 1
+    dim = 1 if side == "left" else 2
     R_norms = torch.linalg.vector_norm(R, dim=dim)
-    phi = torch.linalg.vector_norm(u, dim=dim) / (R_norms + FIRA_EPS)
-    residual_sq = (sq_norms - R_norms.square()).clamp_(min=0)
-    squared = (phi.square() * residual_sq).sum()
+    phi = torch.linalg.vector_norm(U, dim=dim).div_(R_norms + FIRA_EPS)
+    residual_sq = sq_norms.sub_(R_norms.square_()).clamp_(min=0)
+    squared = (phi.square() * residual_sq).sum(dim=1)
     if sum_over_shards is not None:
         squared = sum_over_shards(squared)
-    norm = squared.sqrt()
-    if previous_norm is None:
-        return phi, norm
-    ratio = torch.clamp(norm / (previous_norm + 1e-30), min=gamma) / gamma
-    return phi / ratio, norm / ratio
+    norms = squared.sqrt_()
+    ratio = torch.clamp(norms / (previous_norms + 1e-30), min=gamma).div_(gamma)
+    return phi.div_(ratio.unsqueeze(1)), norms.div_(ratio)
 
 
 def add_lifted_(W: Tensor, L: Tensor, B: Tensor, side: str, alpha: float,
@@ -89,6 +91,29 @@ def add_lifted_(W: Tensor, L: Tensor, B: Tensor, side: str, alpha: float,
     if beta != 1:
         W.mul_(beta)
     add_to_matrix_(W, lift(L, B, side), alpha)
+
+
+@dataclass
+class _Projected:
+    """A batch of same-shape projected matrices: their bases and the projected gradients
+    (one (b, r, n) or (b, m, r) buffer)."""
+    params: list[Tensor]
+    bases: list[Tensor]
+    side: str
+    R: Tensor
+    sq_norms: Tensor | None = None    # Fira: ||G_j||^2 per column (left) or row (right)
+
+    def gradient_sq_norms(self) -> Tensor:
+        """(b, n) or (b, m) squared column (left) or row (right) norms of the gradients."""
+        if self.sq_norms is None:
+            dim = 0 if self.side == "left" else 1
+            grads = [as_matrix(local(p.grad)) for p in self.params]
+            out = torch.empty(len(grads), grads[0].shape[1 - dim], dtype=self.R.dtype,
+                              device=self.R.device)
+            for G, row in zip(grads, out):
+                torch.linalg.vector_norm(G, dim=dim, dtype=self.R.dtype, out=row)
+            self.sq_norms = out.square_()
+        return self.sq_norms
 
 
 class LowRankAdamW(MemoptOptimizer):
@@ -221,21 +246,26 @@ class LowRankAdamW(MemoptOptimizer):
     # ---------------------------------------------------------------------- step
     def _prepare_group(self, group: dict[str, Any], params: list[Tensor]) -> Prepared:
         """Project the gradients of the matrices that keep their basis this step, before the
-        finiteness check, so that the check reads one row (or column) of each projection
-        instead of the whole gradient: a non-finite entry of G makes its whole column of
-        B^T G (row of G B) non-finite. Only when the projections fit in ``PREPARE_BYTES``;
-        matrices whose basis is refreshed this step are checked on G."""
+        finiteness check, so that the check reads the projections instead of the gradients:
+        a non-finite entry of G makes its whole column of B^T G (row of G B) non-finite.
+        Only when they fit in ``PREPARE_BYTES``; matrices whose basis is refreshed this step
+        are checked on G."""
         if not group["check_finite"]:
             return Prepared()
         ready = [p for p in params if self.is_projected(group, p) and not self._refresh_due(
             group, p)]
-        if not ready or sum(self._work_bytes(group, p) for p in ready) > PREPARE_BYTES:
+        batches = self._batches(group, ready, limit=None)
+        if not batches or sum(self._work_bytes(group, p) for p in ready) > PREPARE_BYTES:
             return Prepared()
         with self._precision(group, ready[0]):
-            projected = self._project(group, ready)
-        witnesses = {p: R[:1] if side == "left" else R[:, :1]
-                     for p, (_, side, R) in projected.items()}
-        return Prepared(witnesses, projected)
+            projected = [self._project(group, batch) for batch in batches]
+        return Prepared({p: R for b in projected for p, R in zip(b.params, b.R)}, projected)
+
+    def _launch_ahead(self, group: dict[str, Any], prepared: Prepared) -> None:
+        """Fira: the gradients' column (row) norms, while the host waits for the check."""
+        if group["residual"] == "fira":
+            for batch in prepared.data or []:
+                batch.gradient_sq_norms()
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor],
                     prepared: Prepared) -> None:
@@ -248,7 +278,7 @@ class LowRankAdamW(MemoptOptimizer):
                         weight_decay=group["weight_decay"])
         if lowrank:
             with self._precision(group, lowrank[0]):
-                self._lowrank_step(group, lowrank, store, prepared.data or {})
+                self._lowrank_step(group, lowrank, store, prepared.data or [])
 
     @staticmethod
     def _precision(group: dict[str, Any], p: Tensor) -> Any:
@@ -266,15 +296,37 @@ class LowRankAdamW(MemoptOptimizer):
         bound: the rank on the larger side)."""
         m, n = as_matrix(local(p)).shape
         r = min(group["rank"], m, n)
-        size = 8 if p.dtype == torch.float64 else 4
-        return (2 * r * max(m, n) + r * max(m, n)) * size
+        return 3 * r * max(m, n) * (8 if p.dtype == torch.float64 else 4)
 
-    def _project(self, group: dict[str, Any], params: list[Tensor]
-                 ) -> dict[Tensor, tuple[Tensor, str, Tensor]]:
-        """(basis, side, projected gradient) of each parameter; bases generated together."""
+    def _batches(self, group: dict[str, Any], params: list[Tensor],
+                 limit: int | None = CHUNK_BYTES) -> list[list[Tensor]]:
+        """Matrices with fitted bases, grouped by shape, side, rank, dtype and device, each
+        group cut into batches of at most ``limit`` work bytes (one matrix at least)."""
+        same: dict[tuple[Any, ...], list[Tensor]] = {}
+        for p in params:
+            proj = self._projector(p, group)
+            key = (tuple(as_matrix(local(p)).shape), proj.side, proj.effective_rank, p.dtype,
+                   p.device, is_sharded(p))
+            same.setdefault(key, []).append(p)
+        out = []
+        for members in same.values():
+            per = len(members) if limit is None else \
+                max(1, limit // max(1, self._work_bytes(group, members[0])))
+            out += [members[k:k + per] for k in range(0, len(members), per)]
+        return out
+
+    def _project(self, group: dict[str, Any], params: list[Tensor]) -> _Projected:
+        """Bases (generated together) and projected gradients of one batch."""
         projectors = [self._projector(p, group) for p in params]
-        return {p: (B, proj.side, project_onto(as_matrix(local(p.grad)), B, proj.side))
-                for p, proj, B in zip(params, projectors, bases(projectors))}
+        Bs = bases(projectors)
+        side = projectors[0].side
+        G0 = as_matrix(local(params[0].grad))
+        r = projectors[0].effective_rank
+        shape = (r, G0.shape[1]) if side == "left" else (G0.shape[0], r)
+        R = torch.empty((len(params), *shape), dtype=Bs[0].dtype, device=G0.device)
+        for p, B, out in zip(params, Bs, R):
+            project_onto(as_matrix(local(p.grad)), B, side, out=out)
+        return _Projected(params, Bs, side, R)
 
     def _refresh(self, p: Tensor, G: Tensor, group: dict[str, Any], store: MomentStore) -> None:
         """New basis from G; then keep, reset or rotate the subspace moments."""
@@ -304,69 +356,66 @@ class LowRankAdamW(MemoptOptimizer):
                 store.write(state, key, mix @ moment if proj.side == "left" else moment @ mix.mT)
 
     def _lowrank_step(self, group: dict[str, Any], params: list[Tensor], store: MomentStore,
-                      prepared: dict[Tensor, tuple[Tensor, str, Tensor]]) -> None:
+                      prepared: list[_Projected]) -> None:
         """Refresh the bases that are due, then project (unless prepared), Adam and apply in
-        chunks: at most ``CHUNK_BYTES`` of projected gradients, their updates and generated
-        bases are alive at once (one matrix at least), so memory stays bounded for any model
-        while each chunk's Adam is one fused kernel."""
-        rest = [p for p in params if p not in prepared]
+        batches of same-shape matrices: at most ``CHUNK_BYTES`` of projected gradients,
+        their updates and generated bases are alive at once (one matrix at least), so memory
+        stays bounded for any model, while each batch's Adam is one fused kernel and its
+        small reductions (Fira's) one kernel each."""
+        done = {id(p) for batch in prepared for p in batch.params}
+        rest = [p for p in params if id(p) not in done]
         for p in rest:
             state = self.state[p]
             if not state:
                 state["step"] = 0
             if state["step"] % group["update_proj_gap"] == 0:
                 self._refresh(p, as_matrix(local(p.grad)), group, store)
-        chunks: list[list[Tensor]] = [list(prepared)] if prepared else []
-        chunk_bytes = CHUNK_BYTES
-        for p in rest:
-            if chunk_bytes >= CHUNK_BYTES:
-                chunks.append([])
-                chunk_bytes = 0
-            chunks[-1].append(p)
-            chunk_bytes += self._work_bytes(group, p)
-        for chunk in chunks:
-            projected = prepared if chunk and chunk[0] in prepared else \
-                self._project(group, chunk)
-            for p in chunk:
-                state, R = self.state[p], projected[p][2]
-                if "exp_avg" not in state:
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        store.init(state, key, R.shape, R.device, moment_dtype(p),
-                                   full_numel=R.numel() * p.shape[0] // max(1, local(p).shape[0]))
-                state["step"] += 1
-            self._adam_and_apply(group, [(p, *projected[p]) for p in chunk], store)
+        for batch in prepared:
+            self._adam_and_apply(group, batch, store)
+        for params_of_batch in self._batches(group, rest):
+            self._adam_and_apply(group, self._project(group, params_of_batch), store)
 
-    def _adam_and_apply(self, group: dict[str, Any],
-                        chunk: list[tuple[Tensor, Tensor, str, Tensor]],
+    def _adam_and_apply(self, group: dict[str, Any], batch: _Projected,
                         store: MomentStore) -> None:
         beta1, beta2 = group["betas"]
         lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
         fira = group["residual"] == "fira"
-        buckets: dict[tuple[int, torch.device], list[int]] = {}
-        for i, (p, *_, R) in enumerate(chunk):
-            buckets.setdefault((self.state[p]["step"], R.device), []).append(i)
-        for (step, _), indices in buckets.items():
-            updates = store.adam_updates([self.state[chunk[i][0]] for i in indices],
-                                         [chunk[i][3] for i in indices], beta1=beta1,
-                                         beta2=beta2, eps=group["eps"], step=step,
-                                         in_place=not fira)
-            for i, u in zip(indices, updates):
-                p, B, side, R = chunk[i]
-                W = local(p)
-                if not fira:
-                    add_lifted_(W, u, B, side, alpha=lr * scale, beta=1 - lr * wd)
-                    continue
-                state, G = self.state[p], as_matrix(local(p.grad))
-                dim = 0 if side == "left" else 1
-                sq_norms = torch.linalg.vector_norm(G, dim=dim, dtype=R.dtype).square()
-                phi, state["residual_norm"] = fira_scales(
-                    R, u, sq_norms, side, state.get("residual_norm"), group["limiter_gamma"],
-                    self._sum_over_shards(p))
-                # W (1 - lr wd) + lr scale P u - lr S with S = phi (G - P R)
-                #   = W (1 - lr wd) + lr scale P (u + phi R / scale) - lr phi G
-                u.addcmul_(R, phi.unsqueeze(dim), value=1 / scale)
-                add_lifted_(W, u, B, side, alpha=lr * scale, beta=1 - lr * wd)
-                add_to_matrix_(W, G, alpha=-lr, factor=phi.unsqueeze(dim))
+        states = [self.state[p] for p in batch.params]
+        for p, state in zip(batch.params, states):
+            if "exp_avg" not in state:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    store.init(state, key, batch.R.shape[1:], batch.R.device, moment_dtype(p),
+                               full_numel=batch.R[0].numel() * p.shape[0]
+                               // max(1, local(p).shape[0]))
+            state["step"] += 1
+        U = torch.empty_like(batch.R) if fira else batch.R     # GaLore: u replaces R in place
+        steps: dict[int, list[int]] = {}
+        for i, state in enumerate(states):
+            steps.setdefault(state["step"], []).append(i)
+        for step, indices in steps.items():
+            store.adam_updates([states[i] for i in indices], [batch.R[i] for i in indices],
+                               beta1=beta1, beta2=beta2, eps=group["eps"], step=step,
+                               in_place=not fira, out=[U[i] for i in indices] if fira else None)
+        if not fira:
+            for p, B, u in zip(batch.params, batch.bases, U):
+                add_lifted_(local(p), u, B, batch.side, alpha=lr * scale, beta=1 - lr * wd)
+            return
+        # W (1 - lr wd) + lr scale P u - lr S with S = phi (G - P R)
+        #   = W (1 - lr wd) + lr scale P (u + phi R / scale) - lr phi G
+        dim = 0 if batch.side == "left" else 1
+        grads = [as_matrix(local(p.grad)) for p in batch.params]
+        sq_norms = batch.gradient_sq_norms()
+        previous = torch.stack([s.get("residual_norm", torch.tensor(math.inf, device=U.device))
+                                for s in states])
+        phi, norms = fira_scales(batch.R, U, sq_norms, batch.side, previous,
+                                 group["limiter_gamma"], self._sum_over_shards(batch.params[0]))
+        U.addcmul_(batch.R, phi.unsqueeze(dim + 1), value=1 / scale)
+        for state, norm in zip(states, norms):
+            state["residual_norm"] = norm
+        for p, B, u, G, f in zip(batch.params, batch.bases, U, grads, phi):
+            W = local(p)
+            add_lifted_(W, u, B, batch.side, alpha=lr * scale, beta=1 - lr * wd)
+            add_to_matrix_(W, G, alpha=-lr, factor=f.unsqueeze(dim))
 
     # --------------------------------------------------------------------- bytes
     def _shared_state_bytes(self) -> int:

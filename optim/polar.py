@@ -67,6 +67,7 @@ class _Filled:
     params: list[Tensor]
     buffer: Tensor
     norms: Tensor
+    polar: tuple[Tensor, Tensor] | None = None    # iterate_polar_'s result, once started
 
 
 def nuclear_norm(M: Tensor, U: Tensor) -> Tensor:
@@ -171,6 +172,13 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         witnesses = {p: f.norms[i:i + 1] for f in filled for i, p in enumerate(f.params)}
         return Prepared(witnesses, filled)
 
+    def _launch_ahead(self, group: dict[str, Any], prepared: Prepared) -> None:
+        """Orthogonalize the first prepared batch while the host waits for the check."""
+        if prepared.data:
+            filled = prepared.data[0]
+            filled.polar = iterate_polar_(filled.buffer, group["orthogonalizer"],
+                                          group["ns_steps"], filled.norms)
+
     def _step_group(self, group: dict[str, Any], params: list[Tensor],
                     prepared: Prepared) -> None:
         store = self._store(group["state_bits"])
@@ -245,8 +253,8 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         polar_first = group["variant"] == "polar_first"
         if not polar_first:
             self._advance_momentum(params, grads, store, mu)
-        X, scales = iterate_polar_(filled.buffer, group["orthogonalizer"], group["ns_steps"],
-                                   filled.norms)
+        X, scales = filled.polar or iterate_polar_(filled.buffer, group["orthogonalizer"],
+                                                   group["ns_steps"], filled.norms)
         U = X[..., :grads[0].shape[1]]
         nuclear = None
         if group["scaling"] == "nuclear_norm":      # <M, polar(M)>, the buffer holding M scaled

@@ -106,11 +106,13 @@ class MomentStore:
             state[key].copy_(value)
 
     def adam_updates(self, states: list[dict], grads: list[Tensor], *, beta1: float,
-                     beta2: float, eps: float, step: int, in_place: bool = False) -> list[Tensor]:
+                     beta2: float, eps: float, step: int, in_place: bool = False,
+                     out: list[Tensor] | None = None) -> list[Tensor]:
         """Advance ``exp_avg`` / ``exp_avg_sq`` of each state with its gradient (all of one
-        device) and return Adam's updates u (lr = 1). ``in_place``: fp32 moments may write
-        u over their (contiguous) gradient; 8-bit ones always return new tensors."""
-        out: list[Tensor | None] = [None] * len(states)
+        device) and return Adam's updates u (lr = 1): written over the (contiguous)
+        gradients with ``in_place`` (fp32 moments; 8-bit ones need a separate tensor), into
+        ``out`` if given, else into new tensors."""
+        result: list[Tensor | None] = [None] * len(states)
         plain = [i for i, s in enumerate(states) if s["exp_avg"].dtype != torch.uint8]
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i in plain:
@@ -119,15 +121,19 @@ class MomentStore:
             updates = adam.adam_updates(
                 [grads[i] for i in indices], [states[i]["exp_avg"] for i in indices],
                 [states[i]["exp_avg_sq"] for i in indices], beta1=beta1, beta2=beta2, eps=eps,
-                step=step, in_place=in_place)
+                step=step, in_place=in_place,
+                out=None if out is None else [out[i] for i in indices])
             for i, u in zip(indices, updates):
-                out[i] = u
+                result[i] = u
         for i in sorted(set(range(len(states))) - set(plain)):
-            update = torch.zeros(grads[i].shape, dtype=torch.float32, device=grads[i].device)
+            if in_place or out is None:
+                update = torch.zeros(grads[i].shape, dtype=torch.float32, device=grads[i].device)
+            else:
+                update = out[i].zero_()
             self._bnb_adam(states[i], grads[i].float().contiguous(), update, lr=1.0,
                            weight_decay=0.0, beta1=beta1, beta2=beta2, eps=eps, step=step)
-            out[i] = update
-        return out
+            result[i] = grads[i].copy_(update) if in_place else update
+        return result
 
     def adamw_steps(self, states: list[dict], params: list[Tensor], grads: list[Tensor], *,
                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,

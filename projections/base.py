@@ -97,19 +97,21 @@ def pad_columns(X: Tensor, width: int, dtype: torch.dtype | None = None) -> Tens
     return out
 
 
-def project_onto(G: Tensor, B: Tensor, side: str) -> Tensor:
+def project_onto(G: Tensor, B: Tensor, side: str, out: Tensor | None = None) -> Tensor:
     """Low-rank coordinates of G in basis B: G B (right, m x r) or B^T G (left, r x n), a
-    contiguous matrix in B's dtype. Unaligned rows of G are padded first (``ALIGN_BYTES``)."""
+    contiguous matrix in B's dtype (written into ``out`` if given). Unaligned rows of G are
+    padded first (``ALIGN_BYTES``)."""
     n = G.shape[1]
     width = aligned_width(n, B)
     if width == n:
         if G.dtype != B.dtype:
             G = G.to(B.dtype)
-        return torch.mm(G, B) if side == "right" else torch.mm(B.mT, G)
+        return torch.mm(G, B, out=out) if side == "right" else torch.mm(B.mT, G, out=out)
     G = pad_columns(G, width, B.dtype)
     if side == "right":                      # pad B's rows too: the zeros meet G's zeros
-        return torch.mm(G, pad_columns(B.mT, width).mT)
-    return torch.mm(B.mT, G)[:, :n].contiguous()
+        return torch.mm(G, pad_columns(B.mT, width).mT, out=out)
+    R = torch.mm(B.mT, G)[:, :n]
+    return R.contiguous() if out is None else out.copy_(R)
 
 
 def lift(L: Tensor, B: Tensor, side: str) -> Tensor:
