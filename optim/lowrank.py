@@ -94,6 +94,17 @@ def add_lifted_(W: Tensor, L: Tensor, B: Tensor, side: str, alpha: float,
 
 
 @dataclass
+class _Route:
+    """A param group's parameters with gradients: plain AdamW ones, projected ones, and
+    those in same-shape batches (None until every basis is fitted); bytes of their work."""
+    key: tuple[Any, ...]
+    dense: list[Tensor]
+    projected: list[Tensor]
+    batches: list[list[Tensor]] | None
+    work_bytes: int
+
+
+@dataclass
 class _Projected:
     """A batch of same-shape projected matrices: their bases and the projected gradients
     (one (b, r, n) or (b, m, r) buffer)."""
@@ -165,6 +176,7 @@ class LowRankAdamW(MemoptOptimizer):
                         projection_precision=projection_precision, adamw=adamw,
                         check_finite=check_finite)
         self._projectors: dict[Tensor, Projector] = {}
+        self._routes: dict[int, _Route] = {}
         self._stores: dict[int, MomentStore] = {}
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
@@ -236,6 +248,7 @@ class LowRankAdamW(MemoptOptimizer):
 
     def _after_load(self) -> None:
         self._projectors.clear()
+        self._routes.clear()
 
     @staticmethod
     def _sum_over_shards(p: Tensor) -> Callable[[Tensor], Tensor] | None:
@@ -252,14 +265,35 @@ class LowRankAdamW(MemoptOptimizer):
         are checked on G."""
         if not group["check_finite"]:
             return Prepared()
-        ready = [p for p in params if self.is_projected(group, p) and not self._refresh_due(
-            group, p)]
-        batches = self._batches(group, ready, limit=None)
-        if not batches or sum(self._work_bytes(group, p) for p in ready) > PREPARE_BYTES:
+        route = self._route(group, params)
+        if route.batches is None or route.work_bytes > PREPARE_BYTES:
             return Prepared()
-        with self._precision(group, ready[0]):
+        gap, state = group["update_proj_gap"], self.state
+        batches = [[p for p in b if "exp_avg" in state[p] and state[p]["step"] % gap]
+                   for b in route.batches]
+        batches = [b for b in batches if b]
+        if not batches:
+            return Prepared()
+        with self._precision(group, batches[0][0]):
             projected = [self._project(group, batch) for batch in batches]
         return Prepared({p: R for b in projected for p, R in zip(b.params, b.R)}, projected)
+
+    def _route(self, group: dict[str, Any], params: list[Tensor]) -> _Route:
+        """Which of ``params`` are projected, and their same-shape batches once every basis
+        is fitted; cached while the group's parameters with gradients stay the same."""
+        key = (group["rank"], group["adamw"], tuple(map(id, params)))
+        route = self._routes.get(id(group))
+        if route is not None and route.key == key and route.batches is not None:
+            return route
+        dense, projected = [], []
+        for p in params:
+            (projected if self.is_projected(group, p) else dense).append(p)
+        fitted = all(self._projector(p, group).shape is not None for p in projected)
+        route = _Route(key, dense, projected,
+                       self._batches(group, projected, limit=None) if fitted else None,
+                       sum(self._work_bytes(group, p) for p in projected))
+        self._routes[id(group)] = route
+        return route
 
     def _launch_ahead(self, group: dict[str, Any], prepared: Prepared) -> None:
         """Fira: the gradients' column (row) norms, while the host waits for the check."""
@@ -270,9 +304,8 @@ class LowRankAdamW(MemoptOptimizer):
     def _step_group(self, group: dict[str, Any], params: list[Tensor],
                     prepared: Prepared) -> None:
         store = self._store(group["state_bits"])
-        lowrank, dense = [], []
-        for p in params:
-            (lowrank if self.is_projected(group, p) else dense).append(p)
+        route = self._route(group, params)
+        dense, lowrank = route.dense, route.projected
         if dense:
             self._adamw(dense, store, lr=group["lr"], betas=group["betas"], eps=group["eps"],
                         weight_decay=group["weight_decay"])
@@ -286,10 +319,6 @@ class LowRankAdamW(MemoptOptimizer):
         if level == "auto":
             level = "high" if p.is_cuda else "highest"
         return float32_matmul_precision(level)
-
-    def _refresh_due(self, group: dict[str, Any], p: Tensor) -> bool:
-        state = self.state[p]
-        return "exp_avg" not in state or state["step"] % group["update_proj_gap"] == 0
 
     def _work_bytes(self, group: dict[str, Any], p: Tensor) -> int:
         """Bytes of p's projected gradient, its Adam update and a generated basis (upper
@@ -405,8 +434,8 @@ class LowRankAdamW(MemoptOptimizer):
         dim = 0 if batch.side == "left" else 1
         grads = [as_matrix(local(p.grad)) for p in batch.params]
         sq_norms = batch.gradient_sq_norms()
-        previous = torch.stack([s.get("residual_norm", torch.tensor(math.inf, device=U.device))
-                                for s in states])
+        previous = torch.stack([s["residual_norm"] if "residual_norm" in s else
+                                torch.full((), math.inf, device=U.device) for s in states])
         phi, norms = fira_scales(batch.R, U, sq_norms, batch.side, previous,
                                  group["limiter_gamma"], self._sum_over_shards(batch.params[0]))
         U.addcmul_(batch.R, phi.unsqueeze(dim + 1), value=1 / scale)

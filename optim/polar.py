@@ -61,6 +61,17 @@ def momentum_direction(grad: Tensor, buf: Tensor, momentum: float, nesterov: boo
 
 
 @dataclass
+class _Route:
+    """A param group's parameters with gradients: AdamW ones, same-shape batches of local
+    matrices, FSDP2-sharded matrices; bytes of the batches' orthogonalizer inputs."""
+    key: tuple[Any, ...]
+    dense: list[Tensor]
+    batches: list[list[Tensor]]
+    sharded: list[Tensor]
+    work_bytes: int
+
+
+@dataclass
 class _Filled:
     """One batch of same-shape matrices with their orthogonalizer inputs (unscaled, in a
     zero-padded (count, m, cols) buffer) and the inputs' Frobenius norms."""
@@ -114,6 +125,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
                         state_bits=state_bits, ns_dtype=ns_dtype, redundant=redundant,
                         adamw=adamw, check_finite=check_finite)
         self._stores: dict[int, MomentStore] = {}
+        self._routes: dict[int, _Route] = {}
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -163,14 +175,31 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         non-finite iff its gradient is. Only when all inputs fit in ``PREPARE_BYTES``."""
         if not group["check_finite"]:
             return Prepared()
-        batches = self._batches(group, [p for p in params if self.is_orthogonalized(group, p)
-                                        and not is_sharded(p)])
-        if not batches or sum(self._batch_bytes(group, b) for b in batches) > PREPARE_BYTES:
+        route = self._route(group, params)
+        if not route.batches or route.work_bytes > PREPARE_BYTES:
             return Prepared()
         store = self._store(group["state_bits"])
-        filled = [self._fill(group, batch, store) for batch in batches]
-        witnesses = {p: f.norms[i:i + 1] for f in filled for i, p in enumerate(f.params)}
+        filled = [self._fill(group, batch, store) for batch in route.batches]
+        witnesses = {p: norm for f in filled for p, norm in zip(f.params, f.norms.split(1))}
         return Prepared(witnesses, filled)
+
+    def _route(self, group: dict[str, Any], params: list[Tensor]) -> _Route:
+        """AdamW parameters, batches of local matrices and FSDP2-sharded matrices of the
+        group; cached while its parameters with gradients and settings stay the same."""
+        key = (group["adamw"], group["orthogonalizer"], group["ns_dtype"], tuple(map(id, params)))
+        route = self._routes.get(id(group))
+        if route is None or route.key != key:
+            dense, local_, sharded = [], [], []
+            for p in params:
+                if not self.is_orthogonalized(group, p):
+                    dense.append(p)
+                else:
+                    (sharded if is_sharded(p) else local_).append(p)
+            batches = self._batches(group, local_)
+            route = _Route(key, dense, batches, sharded,
+                           sum(self._batch_bytes(group, b) for b in batches))
+            self._routes[id(group)] = route
+        return route
 
     def _launch_ahead(self, group: dict[str, Any], prepared: Prepared) -> None:
         """Orthogonalize the first prepared batch while the host waits for the check."""
@@ -182,21 +211,19 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
     def _step_group(self, group: dict[str, Any], params: list[Tensor],
                     prepared: Prepared) -> None:
         store = self._store(group["state_bits"])
-        dense = [p for p in params if not self.is_orthogonalized(group, p)]
-        if dense:
-            self._adamw(dense, store, lr=group["adamw_lr"] * self.schedule_factor(group),
+        route = self._route(group, params)
+        if route.dense:
+            self._adamw(route.dense, store, lr=group["adamw_lr"] * self.schedule_factor(group),
                         betas=group["adamw_betas"], eps=group["adamw_eps"],
                         weight_decay=group["weight_decay"])
-        matrices = [p for p in params if self.is_orthogonalized(group, p)]
         if prepared.data is not None:
             for filled in prepared.data:
                 self._finish(group, filled, store)
         else:
-            for batch in self._batches(group, [p for p in matrices if not is_sharded(p)]):
+            for batch in route.batches:
                 self._finish(group, self._fill(group, batch, store), store)
-        sharded = [p for p in matrices if is_sharded(p)]
-        if sharded:
-            self._sharded_step(group, sharded, store)
+        if route.sharded:
+            self._sharded_step(group, route.sharded, store)
 
     @staticmethod
     def _work_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
@@ -228,15 +255,16 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
                               G0.device, 1 if method == "svd" else None)
         mu = group["momentum"]
         weight = 1 - mu * mu if group["nesterov"] else 1 - mu
-        for slot, p in zip(buffer, params):
+        polar_first = group["variant"] == "polar_first"
+        for slot, p in zip(buffer[..., :n].unbind(0), params):
             G, state = as_matrix(local(p.grad)), self.state[p]
-            if group["variant"] == "polar_first":
-                slot[:, :n].copy_(G)
+            if polar_first:
+                slot.copy_(G)
             elif "momentum_buffer" in state:
                 buf = store.read(state, "momentum_buffer")
-                torch.lerp(buf, G.to(buf.dtype), weight, out=slot[:, :n])
+                torch.lerp(buf, G if G.dtype == buf.dtype else G.to(buf.dtype), weight, out=slot)
             else:                                   # momentum starts at zero
-                torch.mul(G, weight, out=slot[:, :n])
+                torch.mul(G, weight, out=slot)
         return _Filled(params, buffer, frobenius_norms(buffer))
 
     def _finish(self, group: dict[str, Any], filled: _Filled, store: MomentStore) -> None:
