@@ -10,6 +10,7 @@ parameter, and any group with ``adamw=True``, gets AdamW with the ``adamw_*`` se
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ import torch
 from torch import Tensor
 
 from memopt.projections.polar import (MAX_BATCH_BYTES, frobenius_norms, iterate_polar_,
-                                     orthogonalize_many, polar_buffer, work_dtype)
+                                     orthogonalize_many, polar_buffer, polynomial_iteration,
+                                     scale_for_polar_, schedule, work_dtype)
 
 from .base import (PREPARE_BYTES, MemoptOptimizer, Prepared, add_to_matrix_, as_matrix,
                    check_betas, check_choice, check_nonnegative, check_positive_int,
@@ -78,7 +80,20 @@ class _Filled:
     params: list[Tensor]
     buffer: Tensor
     norms: Tensor
-    polar: tuple[Tensor, Tensor] | None = None    # iterate_polar_'s result, once started
+    polar: tuple[Any, ...] | None = None    # OrthogonalizedOptimizer._orthogonalize's result
+
+
+@functools.lru_cache(maxsize=None)
+def _products_cast_into_fp32(device_type: str) -> bool:
+    """Whether ``torch.addmm`` on this device adds a bf16 product into an fp32 matrix in
+    place (``out_dtype``; CUDA in recent torch)."""
+    try:
+        C = torch.zeros(2, 2, device=device_type)
+        A = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+        torch.addmm(C, A, A, out_dtype=torch.float32, out=C)
+        return bool(C[0, 0] == 2)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 def nuclear_norm(M: Tensor, U: Tensor) -> Tensor:
@@ -204,9 +219,36 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
     def _launch_ahead(self, group: dict[str, Any], prepared: Prepared) -> None:
         """Orthogonalize the first prepared batch while the host waits for the check."""
         if prepared.data:
-            filled = prepared.data[0]
-            filled.polar = iterate_polar_(filled.buffer, group["orthogonalizer"],
-                                          group["ns_steps"], filled.norms)
+            self._orthogonalize(group, prepared.data[0])
+
+    def _orthogonalize(self, group: dict[str, Any], filled: _Filled) -> tuple[Any, ...]:
+        """(X, M, scales): the batch's polar factors X (M None), or, where the last product
+        goes straight into the weights (:meth:`_last_product_into_weights`), X before the
+        last step and that step's factor M."""
+        if filled.polar is None:
+            method = group["orthogonalizer"]
+            if self._last_product_into_weights(group, filled):
+                scales = scale_for_polar_(filled.buffer, method, filled.norms)
+                X, M = polynomial_iteration(filled.buffer, schedule(method, group["ns_steps"]),
+                                            last_factor=True)
+                filled.polar = (X, M, scales)
+            else:
+                X, scales = iterate_polar_(filled.buffer, method, group["ns_steps"], filled.norms)
+                filled.polar = (X, None, scales)
+        return filled.polar
+
+    @staticmethod
+    def _last_product_into_weights(group: dict[str, Any], filled: _Filled) -> bool:
+        """Muon's last Newton-Schulz product can add itself to each weight (W <- beta W +
+        alpha M X in one matrix product, no polar factor written and read back) when the
+        step is not rescaled by a norm of the result, the momentum comes first, and W has
+        the iteration's dtype or is an fp32 target the GPU product can write into."""
+        if (group["scaling"] != "none" or group["variant"] != "momentum_first"
+                or group["orthogonalizer"] == "svd"):
+            return False
+        W, work = filled.params[0], filled.buffer.dtype
+        return W.dtype == work or (W.dtype == torch.float32 and W.is_cuda
+                                   and _products_cast_into_fp32(W.device.type))
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor],
                     prepared: Prepared) -> None:
@@ -281,15 +323,26 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         polar_first = group["variant"] == "polar_first"
         if not polar_first:
             self._advance_momentum(params, grads, store, mu)
-        X, scales = filled.polar or iterate_polar_(filled.buffer, group["orthogonalizer"],
-                                                   group["ns_steps"], filled.norms)
-        U = X[..., :grads[0].shape[1]]
-        nuclear = None
-        if group["scaling"] == "nuclear_norm":      # <M, polar(M)>, the buffer holding M scaled
-            nuclear = (filled.buffer * X).sum(dim=(1, 2), dtype=scales.dtype) / scales
+        X, M, scales = self._orthogonalize(group, filled)
         lr, wd = group["lr"], group["weight_decay"]
         step_size = lr * lr_adjustment(matrix_shape(params[0]), group["adjust_lr"])
         weights = [local(p) for p in params]
+        n = grads[0].shape[1]
+        if M is not None:                        # W <- (1 - lr wd) W - lr adj (M X or X M)
+            tall = X.shape[-2] > X.shape[-1]
+            for W, Xi, Mi in zip(weights, X, M):
+                left, right = (Xi[:, :n], Mi[:n, :n]) if tall else (Mi, Xi[:, :n])
+                Wm = as_matrix(W)
+                if Wm.dtype == Xi.dtype:
+                    Wm.addmm_(left, right, beta=1 - lr * wd, alpha=-step_size)
+                else:
+                    torch.addmm(Wm, left, right, beta=1 - lr * wd, alpha=-step_size,
+                                out_dtype=Wm.dtype, out=Wm)
+            return
+        U = X[..., :n]
+        nuclear = None
+        if group["scaling"] == "nuclear_norm":      # <M, polar(M)>, the buffer holding M scaled
+            nuclear = (filled.buffer * X).sum(dim=(1, 2), dtype=scales.dtype) / scales
         if wd != 0:
             torch._foreach_mul_(weights, 1 - lr * wd)
         for i, (p, W) in enumerate(zip(params, weights)):

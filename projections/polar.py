@@ -51,24 +51,34 @@ DEFAULT_STEPS = {"newton_schulz": 5, "polar_express": 5}
 METHODS = ("newton_schulz", "polar_express", "svd")
 
 
-def polynomial_iteration(X: Tensor, coefficients: Sequence[Coefficients]) -> Tensor:
+def polynomial_iteration(X: Tensor, coefficients: Sequence[Coefficients],
+                         last_factor: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Map every singular value s of each matrix in X (batch, m, n) to a s + b s^3 + c s^5.
 
     The Gram matrix is taken on the short side: X <- (a I + b A + c A^2) X with A = X X^T for
     a wide X, X <- X (a I + b A + c A^2) with A = X^T X for a tall one, so a tall matrix
     needs no transposed copy. The small factor is formed in place (b A + c A^2 in one
     product, a added to its diagonal), so each step is three products and no copy of X.
+    ``last_factor``: return (X before the last step, that step's small factor M) instead,
+    for a caller that takes the last product itself (M X wide, X M tall).
     """
     tall = X.shape[-2] > X.shape[-1]
-    for a, b, c in coefficients:
+    M = None
+    for k, (a, b, c) in enumerate(coefficients):
+        if M is not None:
+            X = torch.bmm(X, M) if tall else torch.bmm(M, X)
         A = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
         M = torch.baddbmm(A, A, A, beta=b, alpha=c) if c != 0.0 else A.mul_(b)
         M.diagonal(dim1=-2, dim2=-1).add_(a)
-        X = torch.bmm(X, M) if tall else torch.bmm(M, X)
-    return X
+    if last_factor:
+        return X, M
+    return torch.bmm(X, M) if tall else torch.bmm(M, X)
 
 
-def _schedule(method: str, steps: int) -> list[Coefficients]:
+def schedule(method: str, steps: int | None = None) -> list[Coefficients]:
+    """The (a, b, c) of each of ``steps`` steps (default 5) of "newton_schulz" or
+    "polar_express" (whose last pair repeats beyond its table)."""
+    steps = steps or DEFAULT_STEPS[method]
     if method == "newton_schulz":
         return [NEWTON_SCHULZ_COEFFICIENTS] * steps
     table = POLAR_EXPRESS_COEFFICIENTS
@@ -120,27 +130,32 @@ def frobenius_norms(buffer: Tensor) -> Tensor:
     return torch.linalg.vector_norm(buffer, dim=(1, 2), dtype=acc)
 
 
-def iterate_polar_(buffer: Tensor, method: str, steps: int | None = None,
-                   norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Polar factors of the matrices in ``buffer`` (count, m, cols), which is scaled in place.
-
-    Each matrix is divided by its Frobenius norm (``norms``, computed if None) so that its
-    singular values are at most 1: Newton-Schulz by max(||M||_F, 1e-7), as torch.optim.Muon;
-    Polar Express by 1.01 ||M||_F + 1e-7 (Amsel et al., Algorithm 1). The exact "svd" needs
-    no scaling. Returns (the factors, a new (count, m, cols) tensor in the buffer's dtype;
-    the scale each matrix was multiplied by, (count,) fp32 or fp64).
-    """
+def scale_for_polar_(buffer: Tensor, method: str, norms: Tensor | None = None) -> Tensor:
+    """Scale each matrix of ``buffer`` (count, m, cols) in place so that its singular values
+    are at most 1, from its Frobenius norm (``norms``, computed if None): Newton-Schulz
+    divides by max(||M||_F, 1e-7), as torch.optim.Muon; Polar Express by 1.01 ||M||_F + 1e-7
+    (Amsel et al., Algorithm 1). Returns the (count,) factors, fp32 (fp64 for fp64)."""
     if norms is None:
         norms = frobenius_norms(buffer)
-    if method == "svd":
-        return _exact_polar(buffer).to(buffer.dtype), torch.ones_like(norms)
     if method == "newton_schulz":
         scales = norms.clamp(min=1e-7).reciprocal()
     else:
         scales = (norms * POLAR_EXPRESS_SAFETY + 1e-7).reciprocal()
     buffer.mul_(scales.to(buffer.dtype).view(-1, 1, 1))
-    X = polynomial_iteration(buffer, _schedule(method, steps or DEFAULT_STEPS[method]))
-    return X, scales
+    return scales
+
+
+def iterate_polar_(buffer: Tensor, method: str, steps: int | None = None,
+                   norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Polar factors of the matrices in ``buffer`` (count, m, cols), which is scaled in place
+    (:func:`scale_for_polar_`; the exact "svd" needs no scaling). Returns (the factors, a new
+    (count, m, cols) tensor in the buffer's dtype; the scale each matrix was multiplied by)."""
+    if method == "svd":
+        ones = torch.ones(buffer.shape[0], dtype=torch.promote_types(buffer.dtype, torch.float32),
+                          device=buffer.device)
+        return _exact_polar(buffer).to(buffer.dtype), ones
+    scales = scale_for_polar_(buffer, method, norms)
+    return polynomial_iteration(buffer, schedule(method, steps)), scales
 
 
 def _polar_batch(mats: Sequence[Tensor], method: str, steps: int | None,
@@ -240,7 +255,7 @@ def approximate_polar(Y: Tensor) -> Tensor:
     with full_fp32_matmul():
         X = Y.mT.unsqueeze(0)
         X = X / (torch.linalg.vector_norm(X) * POLAR_EXPRESS_SAFETY + torch.finfo(Y.dtype).tiny)
-        X = polynomial_iteration(X, _schedule("polar_express", len(POLAR_EXPRESS_COEFFICIENTS)))
+        X = polynomial_iteration(X, schedule("polar_express", len(POLAR_EXPRESS_COEFFICIENTS)))
         return X[0].mT
 
 

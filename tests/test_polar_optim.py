@@ -20,22 +20,26 @@ def grads(shapes, seed):
     return [torch.randn(s, generator=gen) for s in shapes]
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="this torch has no torch.optim.Muon")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("adjust_lr", ["original", "match_rms_adamw"])
-def test_agrees_with_torch_optim_muon(nesterov, adjust_lr):
-    shapes = [(32, 48), (48, 32), (40, 40), (32, 48)]
-    ours_p = matrices(shapes)
+def test_agrees_with_torch_optim_muon(nesterov, adjust_lr, device):
+    shapes = [(32, 48), (48, 32), (40, 40), (32, 48), (24, 37)]
+    ours_p = [torch.nn.Parameter(p.detach().to(device)) for p in matrices(shapes)]
     theirs_p = copy.deepcopy(ours_p)
     kw = dict(lr=0.02, momentum=0.95, nesterov=nesterov, weight_decay=0.1)
     ours = mo.Muon(ours_p, **kw, adjust_lr=adjust_lr, ns_dtype="bfloat16")
     theirs = torch.optim.Muon(theirs_p, **kw, adjust_lr_fn=adjust_lr)
     for t in range(6):
         for a, b, g in zip(ours_p, theirs_p, grads(shapes, t)):
-            a.grad, b.grad = g.clone(), g.clone()
+            a.grad, b.grad = g.to(device), g.to(device)
         ours.step()
         theirs.step()
-    start = matrices(shapes)
+    start = [p.to(device) for p in matrices(shapes)]
     for a, b, w in zip(ours_p, theirs_p, start):
         # both run Newton-Schulz in bf16; we scale by the fp32 norm while casting (torch:
         # the bf16 norm after), so the two agree to bf16 rounding, far inside the 8e-3 by
