@@ -105,6 +105,14 @@ class _Route:
 
 
 @dataclass
+class _Ready:
+    """What a step prepared before its check: projected batches, and one batch whose
+    projection waits for the check's launch (its gradients are checked instead)."""
+    batches: list[_Projected]
+    deferred: list[Tensor]
+
+
+@dataclass
 class _Projected:
     """A batch of same-shape projected matrices: their bases and the projected gradients
     (one (b, r, n) or (b, m, r) buffer)."""
@@ -274,9 +282,13 @@ class LowRankAdamW(MemoptOptimizer):
         batches = [b for b in batches if b]
         if not batches:
             return Prepared()
+        # the last batch is projected while the host waits for the check, which then reads
+        # that batch's gradients: the device has work across the wait
+        deferred = batches.pop() if len(batches) > 1 else []
         with self._precision(group, batches[0][0]):
             projected = [self._project(group, batch) for batch in batches]
-        return Prepared({p: R for b in projected for p, R in zip(b.params, b.R)}, projected)
+        witnesses = {p: R for b in projected for p, R in zip(b.params, b.R)}
+        return Prepared(witnesses, _Ready(projected, deferred))
 
     def _route(self, group: dict[str, Any], params: list[Tensor]) -> _Route:
         """Which of ``params`` are projected, and their same-shape batches once every basis
@@ -296,9 +308,17 @@ class LowRankAdamW(MemoptOptimizer):
         return route
 
     def _launch_ahead(self, group: dict[str, Any], prepared: Prepared) -> None:
-        """Fira: the gradients' column (row) norms, while the host waits for the check."""
+        """While the host waits for the check: project the deferred batch and (Fira) take
+        the gradients' column (row) norms; neither changes anything."""
+        ready = prepared.data
+        if ready is None:
+            return
+        if ready.deferred:
+            with self._precision(group, ready.deferred[0]):
+                ready.batches.append(self._project(group, ready.deferred))
+            ready.deferred = []
         if group["residual"] == "fira":
-            for batch in prepared.data or []:
+            for batch in ready.batches:
                 batch.gradient_sq_norms()
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor],
@@ -311,7 +331,8 @@ class LowRankAdamW(MemoptOptimizer):
                         weight_decay=group["weight_decay"])
         if lowrank:
             with self._precision(group, lowrank[0]):
-                self._lowrank_step(group, lowrank, store, prepared.data or [])
+                self._lowrank_step(group, lowrank, store,
+                                   prepared.data.batches if prepared.data else [])
 
     @staticmethod
     def _precision(group: dict[str, Any], p: Tensor) -> Any:

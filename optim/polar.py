@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from memopt.projections.base import aligned_width
 from memopt.projections.polar import (MAX_BATCH_BYTES, frobenius_norms, iterate_polar_,
                                      orthogonalize_many, polar_buffer, polynomial_iteration,
                                      scale_for_polar_, schedule, work_dtype)
@@ -78,7 +79,7 @@ class _Filled:
     """One batch of same-shape matrices with their orthogonalizer inputs (unscaled, in a
     zero-padded (count, m, cols) buffer) and the inputs' Frobenius norms."""
     params: list[Tensor]
-    buffer: Tensor
+    buffer: Tensor | None
     norms: Tensor
     polar: tuple[Any, ...] | None = None    # OrthogonalizedOptimizer._orthogonalize's result
 
@@ -194,7 +195,11 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         if not route.batches or route.work_bytes > PREPARE_BYTES:
             return Prepared()
         store = self._store(group["state_bits"])
-        filled = [self._fill(group, batch, store) for batch in route.batches]
+        filled = []
+        for batch in route.batches:
+            if filled:       # orthogonalizing changes nothing: the device runs it meanwhile
+                self._orthogonalize(group, filled[-1])
+            filled.append(self._fill(group, batch, store))
         witnesses = {p: norm for f in filled for p, norm in zip(f.params, f.norms.split(1))}
         return Prepared(witnesses, filled)
 
@@ -211,15 +216,15 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
                 else:
                     (sharded if is_sharded(p) else local_).append(p)
             batches = self._batches(group, local_)
-            route = _Route(key, dense, batches, sharded,
-                           sum(self._batch_bytes(group, b) for b in batches))
+            route = _Route(key, dense, batches, sharded,     # inputs and polar factors
+                           2 * sum(self._batch_bytes(group, b) for b in batches))
             self._routes[id(group)] = route
         return route
 
     def _launch_ahead(self, group: dict[str, Any], prepared: Prepared) -> None:
-        """Orthogonalize the first prepared batch while the host waits for the check."""
+        """Orthogonalize the last prepared batch while the host waits for the check."""
         if prepared.data:
-            self._orthogonalize(group, prepared.data[0])
+            self._orthogonalize(group, prepared.data[-1])
 
     def _orthogonalize(self, group: dict[str, Any], filled: _Filled) -> tuple[Any, ...]:
         """(X, M, scales): the batch's polar factors X (M None), or, where the last product
@@ -235,18 +240,24 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
             else:
                 X, scales = iterate_polar_(filled.buffer, method, group["ns_steps"], filled.norms)
                 filled.polar = (X, None, scales)
+            if group["scaling"] == "none":
+                filled.buffer = None          # only a nuclear norm reads the input again
         return filled.polar
 
     @staticmethod
     def _last_product_into_weights(group: dict[str, Any], filled: _Filled) -> bool:
         """Muon's last Newton-Schulz product can add itself to each weight (W <- beta W +
         alpha M X in one matrix product, no polar factor written and read back) when the
-        step is not rescaled by a norm of the result, the momentum comes first, and W has
-        the iteration's dtype or is an fp32 target the GPU product can write into."""
+        step is not rescaled by a norm of the result, the momentum comes first, W's rows are
+        aligned, and W has the iteration's dtype or is an fp32 target the GPU product can
+        write into."""
         if (group["scaling"] != "none" or group["variant"] != "momentum_first"
                 or group["orthogonalizer"] == "svd"):
             return False
-        W, work = filled.params[0], filled.buffer.dtype
+        W, work = local(filled.params[0]), filled.buffer.dtype
+        n = as_matrix(W).shape[1]
+        if not W.is_contiguous() or aligned_width(n, W) != n:
+            return False          # products into unaligned rows are slow: add the factor instead
         return W.dtype == work or (W.dtype == torch.float32 and W.is_cuda
                                    and _products_cast_into_fp32(W.device.type))
 
