@@ -100,8 +100,8 @@ class Prepared:
 
 @dataclass
 class _Check:
-    """A finiteness check in flight: what was checked, the flag (host memory once ``ready``,
-    a CUDA event, has passed; None on the CPU, where it is ready at once)."""
+    """A finiteness check in flight: what was checked, the sum of norms (in host memory once
+    ``ready``, a CUDA event, has passed; None on the CPU, where it is ready at once)."""
     checked: list[tuple[Tensor, Tensor]]
     flag: Tensor
     ready: Any
@@ -109,6 +109,10 @@ class _Check:
 
 class MemoptOptimizer(Optimizer, ABC):
     """Base of memopt optimizers (a torch.optim.Optimizer; see the module docstring)."""
+
+    #: pinned host memory and an event for the check's flag, made on first use on CUDA
+    _flag_host: Tensor | None = None
+    _flag_ready: Any = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -191,43 +195,46 @@ class MemoptOptimizer(Optimizer, ABC):
     def _start_check(self, work: list[tuple[dict[str, Any], list[Tensor]]],
                      prepared: list[Prepared]) -> _Check | None:
         """Enqueue the finiteness check of every checked gradient, or of its witness: the
-        2-norm of each, accumulated in fp64 (which no square of an fp32 or bf16 value
-        overflows), is finite iff the tensor is. With FSDP2 each rank checks its shards and
-        one all-reduced flag tells them all. The flag comes to the host asynchronously."""
+        sum of the 2-norms, accumulated in fp64 (which no square of an fp32 or bf16 value
+        overflows), is finite iff every tensor is. With FSDP2 each rank checks its shards
+        and the sums are all-reduced. The sum comes to the host asynchronously."""
         checked = []
         for (group, params), prep in zip(work, prepared):
             if group.get("check_finite", True):
-                checked += [(p, prep.witnesses.get(p, p.grad)) for p in params]
+                witnesses = prep.witnesses
+                checked += [(p, witnesses.get(p, p.grad)) for p in params]
         if not checked:
             return None
         by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for _, t in checked:
             t = local(t)
             by_kind.setdefault((t.device, t.dtype), []).append(t)
-        bad = None
+        total = None
         for ts in by_kind.values():
-            norms = torch._foreach_norm(ts, 2, dtype=torch.float64)
-            flag = (~torch.stack(norms).isfinite().all()).float()
-            bad = flag if bad is None else bad + flag.to(bad.device)
+            norms = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)).sum()
+            total = norms if total is None else total + norms.to(total.device)
         sharded = next((p.grad for p, _ in checked if is_sharded(p.grad)), None)
-        if sharded is not None:
-            all_reduce_sum(bad, sharded, "finite_check")
-        if bad.is_cuda:
-            host = torch.empty((), dtype=bad.dtype, pin_memory=True)
-            host.copy_(bad, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-            return _Check(checked, host, ready)
-        return _Check(checked, bad, None)
+        if sharded is not None:       # one 4-byte count of the ranks that saw a bad value
+            total = (~total.isfinite()).float()
+            all_reduce_sum(total, sharded, "finite_check")
+            total = total.double().mul_(math.inf).nan_to_num_(nan=0.0, posinf=math.inf)  # 0 or inf
+        if not total.is_cuda:
+            return _Check(checked, total, None)
+        if self._flag_host is None:
+            self._flag_host = torch.empty((), dtype=torch.float64, pin_memory=True)
+            self._flag_ready = torch.cuda.Event()
+        self._flag_host.copy_(total, non_blocking=True)
+        self._flag_ready.record()
+        return _Check(checked, self._flag_host, self._flag_ready)
 
     def _finish_check(self, check: _Check | None) -> None:
-        """Wait for the flag (not for later work) and raise FloatingPointError naming the
+        """Wait for the sum (not for later work) and raise FloatingPointError naming the
         first parameter whose gradient is not finite."""
         if check is None:
             return
         if check.ready is not None:
             check.ready.synchronize()
-        if not bool(check.flag > 0):
+        if math.isfinite(float(check.flag)):
             return
         for p, _ in check.checked:
             if not bool(torch.isfinite(local(p.grad)).all()):

@@ -37,14 +37,21 @@ def reset_communication_bytes() -> None:
     _bytes.clear()
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def is_sharded(t: Tensor) -> bool:
     """Whether ``t`` is a DTensor sharded on some dimension (an FSDP2 parameter)."""
+    if type(t) in _PLAIN:
+        return False
     placements = getattr(t, "placements", None)
     return placements is not None and any(p.is_shard() for p in placements)
 
 
 def local(t: Tensor) -> Tensor:
     """The local part of a DTensor (the tensor itself otherwise)."""
+    if type(t) in _PLAIN:
+        return t
     return t.to_local() if hasattr(t, "to_local") else t
 
 

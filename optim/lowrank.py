@@ -96,11 +96,13 @@ def add_lifted_(W: Tensor, L: Tensor, B: Tensor, side: str, alpha: float,
 @dataclass
 class _Route:
     """A param group's parameters with gradients: plain AdamW ones, projected ones, and
-    those in same-shape batches (None until every basis is fitted); bytes of their work."""
+    those in same-shape batches, whole and cut to ``CHUNK_BYTES`` (None until every basis
+    is fitted); bytes of their work."""
     key: tuple[Any, ...]
     dense: list[Tensor]
     projected: list[Tensor]
     batches: list[list[Tensor]] | None
+    chunks: list[list[Tensor]] | None
     work_bytes: int
 
 
@@ -303,6 +305,7 @@ class LowRankAdamW(MemoptOptimizer):
         fitted = all(self._projector(p, group).shape is not None for p in projected)
         route = _Route(key, dense, projected,
                        self._batches(group, projected, limit=None) if fitted else None,
+                       self._batches(group, projected) if fitted else None,
                        sum(self._work_bytes(group, p) for p in projected))
         self._routes[id(group)] = route
         return route
@@ -422,7 +425,10 @@ class LowRankAdamW(MemoptOptimizer):
                 self._refresh(p, as_matrix(local(p.grad)), group, store)
         for batch in prepared:
             self._adam_and_apply(group, batch, store)
-        for params_of_batch in self._batches(group, rest):
+        route = self._routes.get(id(group))
+        chunks = route.chunks if route is not None and route.chunks is not None and \
+            len(rest) == len(route.projected) else self._batches(group, rest)
+        for params_of_batch in chunks:
             self._adam_and_apply(group, self._project(group, params_of_batch), store)
 
     def _adam_and_apply(self, group: dict[str, Any], batch: _Projected,
