@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from memopt.projections import PROJECTORS, Projector, lift, make_projector, project_onto
-from memopt.projections.base import aligned_width, bases, float32_matmul_precision
+from memopt.projections.base import bases, float32_matmul_precision
 from memopt.projections.dct import dct_table_bytes
 
 from .base import (PREPARE_BYTES, MemoptOptimizer, Prepared, add_to_matrix_, as_matrix,
@@ -78,11 +78,10 @@ def fira_scales(R: Tensor, U: Tensor, sq_norms: Tensor, side: str,
 def add_lifted_(W: Tensor, L: Tensor, B: Tensor, side: str, alpha: float,
                 beta: float = 1.0) -> None:
     """W <- beta W + alpha project_back(L): one matrix product that writes into W when W has
-    B's dtype and aligned contiguous rows (weight decay rides on beta for free); else the
-    product is formed apart and added."""
-    Wm = as_matrix(W)
-    if (W.dtype == B.dtype and W.is_contiguous() and
-            aligned_width(Wm.shape[1], Wm) == Wm.shape[1]):
+    B's dtype and is contiguous (weight decay rides on beta for free); else the product is
+    formed apart and added."""
+    if W.dtype == B.dtype and W.is_contiguous():
+        Wm = as_matrix(W)
         if side == "right":
             Wm.addmm_(L, B.mT, beta=beta, alpha=alpha)
         else:
@@ -377,7 +376,7 @@ class LowRankAdamW(MemoptOptimizer):
         r = projectors[0].effective_rank
         shape = (r, G0.shape[1]) if side == "left" else (G0.shape[0], r)
         R = torch.empty((len(params), *shape), dtype=Bs[0].dtype, device=G0.device)
-        for p, B, out in zip(params, Bs, R):
+        for p, B, out in zip(params, Bs, R.unbind(0)):
             project_onto(as_matrix(local(p.grad)), B, side, out=out)
         return _Projected(params, Bs, side, R)
 
@@ -448,13 +447,15 @@ class LowRankAdamW(MemoptOptimizer):
         steps: dict[int, list[int]] = {}
         for i, state in enumerate(states):
             steps.setdefault(state["step"], []).append(i)
+        Rs, Us = batch.R.unbind(0), U.unbind(0)
         for step, indices in steps.items():
-            store.adam_updates([states[i] for i in indices], [batch.R[i] for i in indices],
+            store.adam_updates([states[i] for i in indices], [Rs[i] for i in indices],
                                beta1=beta1, beta2=beta2, eps=group["eps"], step=step,
-                               in_place=not fira, out=[U[i] for i in indices] if fira else None)
+                               in_place=not fira, out=[Us[i] for i in indices] if fira else None)
         if not fira:
-            for p, B, u in zip(batch.params, batch.bases, U):
-                add_lifted_(local(p), u, B, batch.side, alpha=lr * scale, beta=1 - lr * wd)
+            alpha, beta = lr * scale, 1 - lr * wd
+            for p, B, u in zip(batch.params, batch.bases, U.unbind(0)):
+                add_lifted_(local(p), u, B, batch.side, alpha=alpha, beta=beta)
             return
         # W (1 - lr wd) + lr scale P u - lr S with S = phi (G - P R)
         #   = W (1 - lr wd) + lr scale P (u + phi R / scale) - lr phi G

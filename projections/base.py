@@ -73,10 +73,8 @@ def full_fp32_matmul() -> contextlib.AbstractContextManager[None]:
     return float32_matmul_precision("highest")
 
 
-#: Row length, in bytes, that GPU matrix products want: a float32 matrix whose rows are not a
-#: multiple of 16 bytes long (LLaMA's 5461 columns) gets the slow unaligned kernels, about
-#: two times slower on an H100 (``python -m memopt.recipes.bench_step``). Products over such
-#: a matrix go through a zero-padded copy of it; the padding adds zeros to every product.
+#: Row length, in bytes, that GPU matrix products want: a matrix whose rows are not a
+#: multiple of 16 bytes long (LLaMA's 5461 columns) gets the slower unaligned kernels.
 ALIGN_BYTES = 16
 
 
@@ -89,45 +87,19 @@ def aligned_width(n: int, like: Tensor) -> int:
     return -(-n // per) * per
 
 
-def pad_columns(X: Tensor, width: int, dtype: torch.dtype | None = None) -> Tensor:
-    """X (rows x n) copied into a zeroed (rows x width) matrix of ``dtype`` (X's if None)."""
-    out = X.new_empty((X.shape[0], width), dtype=dtype or X.dtype)
-    out[:, :X.shape[1]].copy_(X)
-    out[:, X.shape[1]:].zero_()
-    return out
-
-
 def project_onto(G: Tensor, B: Tensor, side: str, out: Tensor | None = None) -> Tensor:
-    """Low-rank coordinates of G in basis B: G B (right, m x r) or B^T G (left, r x n), a
-    contiguous matrix in B's dtype (written into ``out`` if given). Unaligned rows of G are
-    padded first (``ALIGN_BYTES``)."""
-    n = G.shape[1]
-    width = aligned_width(n, B)
-    if width == n:
-        if G.dtype != B.dtype:
-            G = G.to(B.dtype)
-        return torch.mm(G, B, out=out) if side == "right" else torch.mm(B.mT, G, out=out)
-    G = pad_columns(G, width, B.dtype)
-    if side == "right":                      # pad B's rows too: the zeros meet G's zeros
-        return torch.mm(G, pad_columns(B.mT, width).mT, out=out)
-    R = torch.mm(B.mT, G)[:, :n]
-    return R.contiguous() if out is None else out.copy_(R)
+    """Low-rank coordinates of G in basis B: G B (right, m x r) or B^T G (left, r x n), in
+    B's dtype (written into ``out`` if given)."""
+    if G.dtype != B.dtype:
+        G = G.to(B.dtype)
+    return torch.mm(G, B, out=out) if side == "right" else torch.mm(B.mT, G, out=out)
 
 
 def lift(L: Tensor, B: Tensor, side: str) -> Tensor:
-    """Back to full size: L B^T (right) or B L (left); the adjoint of :func:`project_onto`.
-
-    In B's dtype; where the full matrix's rows are unaligned (``ALIGN_BYTES``) the product
-    is taken padded and the result is a view of the padded matrix's first columns.
-    """
+    """Back to full size: L B^T (right) or B L (left); the adjoint of :func:`project_onto`."""
     if L.dtype != B.dtype:
         L = L.to(B.dtype)
-    n = L.shape[1] if side == "left" else B.shape[0]
-    width = aligned_width(n, B)
-    if side == "right":
-        Bt = B.mT if width == n else pad_columns(B.mT, width)
-        return torch.mm(L, Bt)[:, :n]
-    return torch.mm(B, L if width == n else pad_columns(L, width))[:, :n]
+    return torch.mm(L, B.mT) if side == "right" else torch.mm(B, L)
 
 
 def bases(projectors: Sequence["Projector"]) -> list[Tensor]:
