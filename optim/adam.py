@@ -14,6 +14,7 @@ saves the buffer and a read); either way the parameter ends up holding exactly u
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,7 +38,9 @@ def _reference_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, beta
     return exp_avg.div(denominator).mul_(-1 / (1 - beta1**step))
 
 
+@functools.lru_cache(maxsize=16)
 def _step_tensor(step: int, device: torch.device) -> Tensor:
+    """The step count as the fused kernel reads it (it never writes it): kept for reuse."""
     return torch.full((), float(step), dtype=torch.float32, device=device)
 
 

@@ -122,6 +122,7 @@ class _Projected:
     side: str
     R: Tensor
     sq_norms: Tensor | None = None    # Fira: ||G_j||^2 per column (left) or row (right)
+    U: Tensor | None = None           # Adam's updates (R itself, overwritten, for GaLore)
 
     def gradient_sq_norms(self) -> Tensor:
         """(b, n) or (b, m) squared column (left) or row (right) norms of the gradients."""
@@ -422,57 +423,66 @@ class LowRankAdamW(MemoptOptimizer):
                 state["step"] = 0
             if state["step"] % group["update_proj_gap"] == 0:
                 self._refresh(p, as_matrix(local(p.grad)), group, store)
-        for batch in prepared:
-            self._adam_and_apply(group, batch, store)
+        if prepared:
+            self._adam_and_apply(group, prepared, store)
         route = self._routes.get(id(group))
         chunks = route.chunks if route is not None and route.chunks is not None and \
             len(rest) == len(route.projected) else self._batches(group, rest)
         for params_of_batch in chunks:
-            self._adam_and_apply(group, self._project(group, params_of_batch), store)
+            self._adam_and_apply(group, [self._project(group, params_of_batch)], store)
 
-    def _adam_and_apply(self, group: dict[str, Any], batch: _Projected,
+    def _adam_and_apply(self, group: dict[str, Any], batches: list[_Projected],
                         store: MomentStore) -> None:
+        """Adam on the projected gradients of all ``batches`` (one fused call per step
+        count), then each batch's update."""
         beta1, beta2 = group["betas"]
-        lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
         fira = group["residual"] == "fira"
-        states = [self.state[p] for p in batch.params]
-        for p, state in zip(batch.params, states):
-            if "exp_avg" not in state:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    store.init(state, key, batch.R.shape[1:], batch.R.device, moment_dtype(p),
-                               full_numel=batch.R[0].numel() * p.shape[0]
-                               // max(1, local(p).shape[0]))
-            state["step"] += 1
-        U = torch.empty_like(batch.R) if fira else batch.R     # GaLore: u replaces R in place
+        states, grads, outs = [], [], []
+        for batch in batches:
+            batch.U = torch.empty_like(batch.R) if fira else batch.R   # GaLore: u replaces R
+            for p, R, U in zip(batch.params, batch.R.unbind(0), batch.U.unbind(0)):
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        store.init(state, key, R.shape, R.device, moment_dtype(p),
+                                   full_numel=R.numel() * p.shape[0] // max(1, local(p).shape[0]))
+                state["step"] += 1
+                states.append(state)
+                grads.append(R)
+                outs.append(U)
         steps: dict[int, list[int]] = {}
         for i, state in enumerate(states):
             steps.setdefault(state["step"], []).append(i)
-        Rs, Us = batch.R.unbind(0), U.unbind(0)
         for step, indices in steps.items():
-            store.adam_updates([states[i] for i in indices], [Rs[i] for i in indices],
+            store.adam_updates([states[i] for i in indices], [grads[i] for i in indices],
                                beta1=beta1, beta2=beta2, eps=group["eps"], step=step,
-                               in_place=not fira, out=[Us[i] for i in indices] if fira else None)
-        if not fira:
-            alpha, beta = lr * scale, 1 - lr * wd
+                               in_place=not fira, out=[outs[i] for i in indices] if fira else None)
+        for batch in batches:
+            self._apply(group, batch)
+
+    def _apply(self, group: dict[str, Any], batch: _Projected) -> None:
+        """W <- W (1 - lr wd) + lr scale P u for each matrix of the batch, plus Fira's
+        -lr S with S = phi (G - P R), applied as -lr phi G and +lr phi P R (folded into u)."""
+        lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
+        alpha, beta = lr * scale, 1 - lr * wd
+        U = batch.U
+        if group["residual"] != "fira":
             for p, B, u in zip(batch.params, batch.bases, U.unbind(0)):
                 add_lifted_(local(p), u, B, batch.side, alpha=alpha, beta=beta)
             return
-        # W (1 - lr wd) + lr scale P u - lr S with S = phi (G - P R)
-        #   = W (1 - lr wd) + lr scale P (u + phi R / scale) - lr phi G
         dim = 0 if batch.side == "left" else 1
-        grads = [as_matrix(local(p.grad)) for p in batch.params]
-        sq_norms = batch.gradient_sq_norms()
+        states = [self.state[p] for p in batch.params]
         previous = torch.stack([s["residual_norm"] if "residual_norm" in s else
                                 torch.full((), math.inf, device=U.device) for s in states])
-        phi, norms = fira_scales(batch.R, U, sq_norms, batch.side, previous,
+        phi, norms = fira_scales(batch.R, U, batch.gradient_sq_norms(), batch.side, previous,
                                  group["limiter_gamma"], self._sum_over_shards(batch.params[0]))
         U.addcmul_(batch.R, phi.unsqueeze(dim + 1), value=1 / scale)
-        for state, norm in zip(states, norms):
+        for state, norm in zip(states, norms.unbind(0)):
             state["residual_norm"] = norm
-        for p, B, u, G, f in zip(batch.params, batch.bases, U, grads, phi):
+        for p, B, u, f in zip(batch.params, batch.bases, U.unbind(0), phi.unbind(0)):
             W = local(p)
-            add_lifted_(W, u, B, batch.side, alpha=lr * scale, beta=1 - lr * wd)
-            add_to_matrix_(W, G, alpha=-lr, factor=f.unsqueeze(dim))
+            add_lifted_(W, u, B, batch.side, alpha=alpha, beta=beta)
+            add_to_matrix_(W, as_matrix(local(p.grad)), alpha=-lr, factor=f.unsqueeze(dim))
 
     # --------------------------------------------------------------------- bytes
     def _shared_state_bytes(self) -> int:

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from memopt.projections.base import aligned_width
-from memopt.projections.polar import (MAX_BATCH_BYTES, frobenius_norms, iterate_polar_,
-                                     orthogonalize_many, polar_buffer, polynomial_iteration,
-                                     scale_for_polar_, schedule, work_dtype)
+from memopt.projections.polar import (MAX_BATCH_BYTES, PolarParts, factor_dtype,
+                                     frobenius_norms, iterate_polar_, orthogonalize_many,
+                                     polar_buffer, uses_gram_form, work_dtype)
 
 from .base import (PREPARE_BYTES, MemoptOptimizer, Prepared, add_to_matrix_, as_matrix,
                    check_betas, check_choice, check_nonnegative, check_positive_int,
@@ -81,16 +81,16 @@ class _Filled:
     params: list[Tensor]
     buffer: Tensor | None
     norms: Tensor
-    polar: tuple[Any, ...] | None = None    # OrthogonalizedOptimizer._orthogonalize's result
+    polar: PolarParts | None = None    # OrthogonalizedOptimizer._orthogonalize's result
 
 
 @functools.lru_cache(maxsize=None)
-def _products_cast_into_fp32(device_type: str) -> bool:
-    """Whether ``torch.addmm`` on this device adds a bf16 product into an fp32 matrix in
-    place (``out_dtype``; CUDA in recent torch)."""
+def _products_cast_into_fp32(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm`` on this device adds a ``dtype`` product into an fp32 matrix
+    in place (``out_dtype``; CUDA in recent torch, for bf16 and fp16)."""
     try:
         C = torch.zeros(2, 2, device=device_type)
-        A = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+        A = torch.ones(2, 2, dtype=dtype, device=device_type)
         torch.addmm(C, A, A, out_dtype=torch.float32, out=C)
         return bool(C[0, 0] == 2)
     except (RuntimeError, TypeError, NotImplementedError):
@@ -226,22 +226,14 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         if prepared.data:
             self._orthogonalize(group, prepared.data[-1])
 
-    def _orthogonalize(self, group: dict[str, Any], filled: _Filled) -> tuple[Any, ...]:
-        """(X, M, scales): the batch's polar factors X (M None), or, where the last product
-        goes straight into the weights (:meth:`_last_product_into_weights`), X before the
-        last step and that step's factor M."""
+    def _orthogonalize(self, group: dict[str, Any], filled: _Filled) -> PolarParts:
+        """The batch's :class:`PolarParts`: with the last product left out where it goes
+        straight into the weights (:meth:`_last_product_into_weights`)."""
         if filled.polar is None:
-            method = group["orthogonalizer"]
-            if self._last_product_into_weights(group, filled):
-                scales = scale_for_polar_(filled.buffer, method, filled.norms)
-                X, M = polynomial_iteration(filled.buffer, schedule(method, group["ns_steps"]),
-                                            last_factor=True)
-                filled.polar = (X, M, scales)
-            else:
-                X, scales = iterate_polar_(filled.buffer, method, group["ns_steps"], filled.norms)
-                filled.polar = (X, None, scales)
-            if group["scaling"] == "none":
-                filled.buffer = None          # only a nuclear norm reads the input again
+            filled.polar = iterate_polar_(
+                filled.buffer, group["orthogonalizer"], group["ns_steps"], filled.norms,
+                last_factor=self._last_product_into_weights(group, filled))
+            filled.buffer = None        # the scaled input, if needed, is in the parts
         return filled.polar
 
     @staticmethod
@@ -249,17 +241,20 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         """Muon's last Newton-Schulz product can add itself to each weight (W <- beta W +
         alpha M X in one matrix product, no polar factor written and read back) when the
         step is not rescaled by a norm of the result, the momentum comes first, W's rows are
-        aligned, and W has the iteration's dtype or is an fp32 target the GPU product can
-        write into."""
-        if (group["scaling"] != "none" or group["variant"] != "momentum_first"
-                or group["orthogonalizer"] == "svd"):
+        aligned, and W has the factors' dtype or is an fp32 target the GPU product can write
+        into."""
+        method = group["orthogonalizer"]
+        if group["scaling"] != "none" or group["variant"] != "momentum_first" or \
+                method == "svd":
             return False
-        W, work = local(filled.params[0]), filled.buffer.dtype
+        W = local(filled.params[0])
         n = as_matrix(W).shape[1]
         if not W.is_contiguous() or aligned_width(n, W) != n:
             return False          # products into unaligned rows are slow: add the factor instead
-        return W.dtype == work or (W.dtype == torch.float32 and W.is_cuda
-                                   and _products_cast_into_fp32(W.device.type))
+        dtype = factor_dtype(filled.buffer.dtype, uses_gram_form(
+            tuple(filled.buffer.shape), method, group["ns_steps"]))
+        return W.dtype == dtype or (W.dtype == torch.float32 and W.is_cuda
+                                    and _products_cast_into_fp32(W.device.type, dtype))
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor],
                     prepared: Prepared) -> None:
@@ -334,7 +329,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         polar_first = group["variant"] == "polar_first"
         if not polar_first:
             self._advance_momentum(params, grads, store, mu)
-        X, M, scales = self._orthogonalize(group, filled)
+        scaled, X, M, scales = self._orthogonalize(group, filled)
         lr, wd = group["lr"], group["weight_decay"]
         step_size = lr * lr_adjustment(matrix_shape(params[0]), group["adjust_lr"])
         weights = [local(p) for p in params]
@@ -353,7 +348,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         U = X[..., :n]
         nuclear = None
         if group["scaling"] == "nuclear_norm":      # <M, polar(M)>, the buffer holding M scaled
-            nuclear = (filled.buffer * X).sum(dim=(1, 2), dtype=scales.dtype) / scales
+            nuclear = (scaled * X).sum(dim=(1, 2), dtype=scales.dtype) / scales
         if wd != 0:
             torch._foreach_mul_(weights, 1 - lr * wd)
         for i, (p, W) in enumerate(zip(params, weights)):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -75,6 +75,62 @@ def polynomial_iteration(X: Tensor, coefficients: Sequence[Coefficients],
     return torch.bmm(X, M) if tall else torch.bmm(M, X)
 
 
+#: A rectangular batch at least this many times longer than wide (and 3 steps or more) is
+#: iterated in Gram form: fewer products for the same map. Per step the plain form costs
+#: (2 aspect + 1) short^3-products, the Gram form (restarted once) 4 aspect + 14 over 5 steps:
+#: even at 1.5, 22% fewer for LLaMA's 5461 x 2048.
+GRAM_MIN_ASPECT = 1.5
+#: Gram steps before the one restart (Dao lab, "Gram Newton-Schulz", 2026: restarting after
+#: the second step keeps a half-precision Gram iteration on track).
+GRAM_RESTART = 2
+
+
+def gram_polynomial_iteration(X: Tensor, coefficients: Sequence[Coefficients],
+                              restart: int = GRAM_RESTART,
+                              last_factor: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """The map of :func:`polynomial_iteration`, computed on the short side's Gram matrix.
+
+    For a wide X with R = X X^T, a step's factor M = a I + b R + c R^2 turns X into M X, so
+    R becomes M R M, and the factors (polynomials in R, so they commute) multiply into Q with
+    X_k = Q X_0: only short x short matrices are iterated, and X is read by the first Gram
+    product and by the final Q X (tall: R = X^T X and X Q). Rounding makes R drift from the
+    Gram matrix of the X it stands for, so after ``restart`` steps X is formed once and R
+    taken afresh (Dao lab, "Gram Newton-Schulz", 2026). ``last_factor`` returns (X, Q) with
+    the last product left to the caller, as :func:`polynomial_iteration`.
+    """
+    tall = X.shape[-2] > X.shape[-1]
+    phases = [list(coefficients[:restart]), list(coefficients[restart:])]
+    phases = [phase for phase in phases if phase]
+    for i, phase in enumerate(phases):
+        R = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
+        Q = None
+        for k, (a, b, c) in enumerate(phase):
+            M = torch.baddbmm(R, R, R, beta=b, alpha=c) if c != 0.0 else R.mul(b)
+            M.diagonal(dim1=-2, dim2=-1).add_(a)
+            Q = M if Q is None else torch.bmm(Q, M)
+            if k < len(phase) - 1:
+                R = torch.bmm(M, torch.bmm(R, M))
+        if i == len(phases) - 1 and last_factor:
+            return X, Q
+        X = torch.bmm(X, Q) if tall else torch.bmm(Q, X)
+    return X
+
+
+def uses_gram_form(shape: tuple[int, int], method: str, steps: int | None) -> bool:
+    """Whether :func:`iterate_polar_` takes the Gram form for (m x n) matrices."""
+    if method == "svd":
+        return False
+    m, n = shape[-2:]
+    return len(schedule(method, steps)) >= 3 and max(m, n) >= GRAM_MIN_ASPECT * min(m, n)
+
+
+def factor_dtype(dtype: torch.dtype, gram: bool) -> torch.dtype:
+    """The dtype the polar factors of a ``dtype`` buffer come out in: bf16 inputs are
+    iterated in fp16 in Gram form (8 times finer rounding at the same speed, and values
+    stay far inside fp16's range once scaled), otherwise in their own dtype."""
+    return torch.float16 if gram and dtype == torch.bfloat16 else dtype
+
+
 def schedule(method: str, steps: int | None = None) -> list[Coefficients]:
     """The (a, b, c) of each of ``steps`` steps (default 5) of "newton_schulz" or
     "polar_express" (whose last pair repeats beyond its table)."""
@@ -130,32 +186,48 @@ def frobenius_norms(buffer: Tensor) -> Tensor:
     return torch.linalg.vector_norm(buffer, dim=(1, 2), dtype=acc)
 
 
-def scale_for_polar_(buffer: Tensor, method: str, norms: Tensor | None = None) -> Tensor:
-    """Scale each matrix of ``buffer`` (count, m, cols) in place so that its singular values
-    are at most 1, from its Frobenius norm (``norms``, computed if None): Newton-Schulz
-    divides by max(||M||_F, 1e-7), as torch.optim.Muon; Polar Express by 1.01 ||M||_F + 1e-7
-    (Amsel et al., Algorithm 1). Returns the (count,) factors, fp32 (fp64 for fp64)."""
-    if norms is None:
-        norms = frobenius_norms(buffer)
+def polar_scales(norms: Tensor, method: str) -> Tensor:
+    """What each matrix is multiplied by so that its singular values are at most 1, from its
+    Frobenius norm: Newton-Schulz 1 / max(||M||_F, 1e-7), as torch.optim.Muon; Polar Express
+    1 / (1.01 ||M||_F + 1e-7) (Amsel et al., Algorithm 1)."""
     if method == "newton_schulz":
-        scales = norms.clamp(min=1e-7).reciprocal()
-    else:
-        scales = (norms * POLAR_EXPRESS_SAFETY + 1e-7).reciprocal()
-    buffer.mul_(scales.to(buffer.dtype).view(-1, 1, 1))
-    return scales
+        return norms.clamp(min=1e-7).reciprocal()
+    return (norms * POLAR_EXPRESS_SAFETY + 1e-7).reciprocal()
+
+
+class PolarParts(NamedTuple):
+    """What :func:`iterate_polar_` returns: ``scaled``, the input as the iteration saw it;
+    ``X``, the polar factors (or, with ``last_factor``, X before the last product, whose
+    factor is ``M``: polar = M X for wide matrices, X M for tall ones; else None);
+    ``scales``, what each input was multiplied by ((count,), fp32 or fp64)."""
+    scaled: Tensor
+    X: Tensor
+    M: Tensor | None
+    scales: Tensor
 
 
 def iterate_polar_(buffer: Tensor, method: str, steps: int | None = None,
-                   norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Polar factors of the matrices in ``buffer`` (count, m, cols), which is scaled in place
-    (:func:`scale_for_polar_`; the exact "svd" needs no scaling). Returns (the factors, a new
-    (count, m, cols) tensor in the buffer's dtype; the scale each matrix was multiplied by)."""
+                   norms: Tensor | None = None, last_factor: bool = False) -> PolarParts:
+    """Polar factors of the matrices in ``buffer`` (count, m, cols), scaled first (in place,
+    or into an fp16 copy for the Gram form; :func:`polar_scales`, the exact "svd" needs no
+    scaling); rectangular batches take the Gram form (:func:`uses_gram_form`)."""
+    if norms is None:
+        norms = frobenius_norms(buffer)
     if method == "svd":
-        ones = torch.ones(buffer.shape[0], dtype=torch.promote_types(buffer.dtype, torch.float32),
-                          device=buffer.device)
-        return _exact_polar(buffer).to(buffer.dtype), ones
-    scales = scale_for_polar_(buffer, method, norms)
-    return polynomial_iteration(buffer, schedule(method, steps)), scales
+        scales = torch.ones_like(norms)
+        return PolarParts(buffer, _exact_polar(buffer).to(buffer.dtype), None, scales)
+    scales = polar_scales(norms, method)
+    gram = uses_gram_form(tuple(buffer.shape), method, steps)
+    dtype = factor_dtype(buffer.dtype, gram)
+    factors = scales.to(buffer.dtype if dtype == buffer.dtype else torch.float32).view(-1, 1, 1)
+    if dtype == buffer.dtype:
+        scaled = buffer.mul_(factors)
+    else:
+        scaled = torch.mul(buffer, factors, out=torch.empty_like(buffer, dtype=dtype))
+    iterate = gram_polynomial_iteration if gram else polynomial_iteration
+    out = iterate(scaled, schedule(method, steps), last_factor=last_factor)
+    X, M = out if last_factor else (out, None)
+    return PolarParts(scaled, X, M, scales)
 
 
 def _polar_batch(mats: Sequence[Tensor], method: str, steps: int | None,
@@ -167,7 +239,7 @@ def _polar_batch(mats: Sequence[Tensor], method: str, steps: int | None,
                           first.device, pad_to if method != "svd" else 1)
     for slot, M in enumerate(mats):
         buffer[slot, :, :n].copy_(M)
-    return iterate_polar_(buffer, method, steps)[0][..., :n]
+    return iterate_polar_(buffer, method, steps).X[..., :n]
 
 
 def orthogonalize(G: Tensor, method: str = "newton_schulz", steps: int | None = None,

@@ -380,3 +380,33 @@ def test_dct_bases_of_many_projectors_equal_each_basis():
         projectors.append(DCTProjector(rank).update(torch.randn(shape, generator=gen)))
     for proj, B in zip(projectors, bases(projectors)):
         assert torch.equal(B, proj.basis())
+
+
+@pytest.mark.parametrize("shape", [(16, 40), (40, 16)])
+@pytest.mark.parametrize("method,steps", [("newton_schulz", 5), ("polar_express", 5),
+                                          ("polar_express", 8), ("newton_schulz", 3)])
+@pytest.mark.parametrize("last_factor", [False, True])
+def test_gram_form_computes_the_same_map_as_the_plain_iteration(shape, method, steps,
+                                                                last_factor):
+    from memopt.projections.polar import (gram_polynomial_iteration, polynomial_iteration,
+                                          schedule)
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(3, *shape, generator=gen, dtype=torch.float64)
+    X /= torch.linalg.matrix_norm(X).view(-1, 1, 1)
+    coefficients = schedule(method, steps)
+    plain = polynomial_iteration(X, coefficients)
+    gram = gram_polynomial_iteration(X, coefficients, last_factor=last_factor)
+    if last_factor:
+        Y, Q = gram
+        assert Q.shape == (3, min(shape), min(shape))
+        gram = torch.bmm(Y, Q) if shape[0] > shape[1] else torch.bmm(Q, Y)
+    assert (gram - plain).abs().max() < 1e-10
+
+
+def test_rectangular_batches_take_the_gram_form():
+    from memopt.projections.polar import uses_gram_form
+    assert uses_gram_form((5461, 2048), "newton_schulz", 5)
+    assert uses_gram_form((2048, 5504), "polar_express", None)
+    assert not uses_gram_form((2048, 2048), "newton_schulz", 5)     # square: no saving
+    assert not uses_gram_form((2048, 5461), "newton_schulz", 2)     # too few steps
+    assert not uses_gram_form((2048, 5461), "svd", None)
