@@ -92,6 +92,17 @@ def add_lifted_(W: Tensor, L: Tensor, B: Tensor, side: str, alpha: float,
     add_to_matrix_(W, lift(L, B, side), alpha)
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _plain_matrices(params: list[Tensor], dtype: torch.dtype) -> bool:
+    """Whether every parameter and gradient is a plain contiguous 2-D ``dtype`` tensor (no
+    DTensor, no conv kernel), so products can read and write them directly."""
+    first = params[0]              # a batch shares shape, ndim, dtype and sharding
+    return (type(first) in _PLAIN and first.ndim == 2 and first.dtype == dtype
+            and all(p.is_contiguous() and p.grad.dtype == dtype for p in params))
+
+
 @dataclass
 class _Route:
     """A param group's parameters with gradients: plain AdamW ones, projected ones, and
@@ -121,8 +132,11 @@ class _Projected:
     bases: list[Tensor]
     side: str
     R: Tensor
+    Rs: tuple[Tensor, ...]            # R's matrices, as views
     sq_norms: Tensor | None = None    # Fira: ||G_j||^2 per column (left) or row (right)
     U: Tensor | None = None           # Adam's updates (R itself, overwritten, for GaLore)
+    Us: tuple[Tensor, ...] = ()       # U's matrices, as views
+    plain: bool = False               # every W and G a contiguous 2-D matrix of B's dtype
 
     def gradient_sq_norms(self) -> Tensor:
         """(b, n) or (b, m) squared column (left) or row (right) norms of the gradients."""
@@ -289,7 +303,7 @@ class LowRankAdamW(MemoptOptimizer):
         deferred = batches.pop() if len(batches) > 1 else []
         with self._precision(group, batches[0][0]):
             projected = [self._project(group, batch) for batch in batches]
-        witnesses = {p: R for b in projected for p, R in zip(b.params, b.R)}
+        witnesses = {p: R for b in projected for p, R in zip(b.params, b.Rs)}
         return Prepared(witnesses, _Ready(projected, deferred))
 
     def _route(self, group: dict[str, Any], params: list[Tensor]) -> _Route:
@@ -358,8 +372,8 @@ class LowRankAdamW(MemoptOptimizer):
         same: dict[tuple[Any, ...], list[Tensor]] = {}
         for p in params:
             proj = self._projector(p, group)
-            key = (tuple(as_matrix(local(p)).shape), proj.side, proj.effective_rank, p.dtype,
-                   p.device, is_sharded(p))
+            key = (tuple(as_matrix(local(p)).shape), p.ndim, proj.side, proj.effective_rank,
+                   p.dtype, p.device, is_sharded(p))
             same.setdefault(key, []).append(p)
         out = []
         for members in same.values():
@@ -377,9 +391,18 @@ class LowRankAdamW(MemoptOptimizer):
         r = projectors[0].effective_rank
         shape = (r, G0.shape[1]) if side == "left" else (G0.shape[0], r)
         R = torch.empty((len(params), *shape), dtype=Bs[0].dtype, device=G0.device)
-        for p, B, out in zip(params, Bs, R.unbind(0)):
-            project_onto(as_matrix(local(p.grad)), B, side, out=out)
-        return _Projected(params, Bs, side, R)
+        Rs = R.unbind(0)
+        plain = _plain_matrices(params, Bs[0].dtype)
+        if plain and side == "right":           # the common case, with no per-matrix checks
+            for p, B, out in zip(params, Bs, Rs):
+                torch.mm(p.grad, B, out=out)
+        elif plain:
+            for p, B, out in zip(params, Bs, Rs):
+                torch.mm(B.mT, p.grad, out=out)
+        else:
+            for p, B, out in zip(params, Bs, Rs):
+                project_onto(as_matrix(local(p.grad)), B, side, out=out)
+        return _Projected(params, Bs, side, R, Rs, plain=plain)
 
     def _refresh(self, p: Tensor, G: Tensor, group: dict[str, Any], store: MomentStore) -> None:
         """New basis from G; then keep, reset or rotate the subspace moments."""
@@ -440,7 +463,8 @@ class LowRankAdamW(MemoptOptimizer):
         states, grads, outs = [], [], []
         for batch in batches:
             batch.U = torch.empty_like(batch.R) if fira else batch.R   # GaLore: u replaces R
-            for p, R, U in zip(batch.params, batch.R.unbind(0), batch.U.unbind(0)):
+            batch.Us = batch.U.unbind(0) if fira else batch.Rs
+            for p, R, U in zip(batch.params, batch.Rs, batch.Us):
                 state = self.state[p]
                 if "exp_avg" not in state:
                     for key in ("exp_avg", "exp_avg_sq"):
@@ -467,8 +491,15 @@ class LowRankAdamW(MemoptOptimizer):
         alpha, beta = lr * scale, 1 - lr * wd
         U = batch.U
         if group["residual"] != "fira":
-            for p, B, u in zip(batch.params, batch.bases, U.unbind(0)):
-                add_lifted_(local(p), u, B, batch.side, alpha=alpha, beta=beta)
+            if batch.plain and batch.side == "right":    # W += alpha u B^T, in place
+                for p, B, u in zip(batch.params, batch.bases, batch.Us):
+                    p.addmm_(u, B.mT, beta=beta, alpha=alpha)
+            elif batch.plain:                            # W += alpha B u
+                for p, B, u in zip(batch.params, batch.bases, batch.Us):
+                    p.addmm_(B, u, beta=beta, alpha=alpha)
+            else:
+                for p, B, u in zip(batch.params, batch.bases, batch.Us):
+                    add_lifted_(local(p), u, B, batch.side, alpha=alpha, beta=beta)
             return
         dim = 0 if batch.side == "left" else 1
         states = [self.state[p] for p in batch.params]
@@ -479,7 +510,7 @@ class LowRankAdamW(MemoptOptimizer):
         U.addcmul_(batch.R, phi.unsqueeze(dim + 1), value=1 / scale)
         for state, norm in zip(states, norms.unbind(0)):
             state["residual_norm"] = norm
-        for p, B, u, f in zip(batch.params, batch.bases, U.unbind(0), phi.unbind(0)):
+        for p, B, u, f in zip(batch.params, batch.bases, batch.Us, phi.unbind(0)):
             W = local(p)
             add_lifted_(W, u, B, batch.side, alpha=alpha, beta=beta)
             add_to_matrix_(W, as_matrix(local(p.grad)), alpha=-lr, factor=f.unsqueeze(dim))
