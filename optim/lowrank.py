@@ -93,6 +93,18 @@ def add_lifted_(W: Tensor, L: Tensor, B: Tensor, side: str, alpha: float,
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+#: Plain matrices whose projection takes fewer flops than this are projected and lifted
+#: with batched products over stacked copies (slices of at most ``CHUNK_BYTES``): such small
+#: products cannot fill the GPU, and one call per matrix costs more host time than the
+#: product takes (``python -m memopt.recipes.bench_step``). Larger ones go one by one,
+#: straight from the gradients and into the weights.
+BATCHED_PRODUCT_FLOPS = 6e9
+
+
+def _slices(count: int, item_bytes: int) -> list[slice]:
+    """Consecutive slices of ``count`` items of at most ``CHUNK_BYTES`` (one item at least)."""
+    per = max(1, CHUNK_BYTES // max(1, item_bytes))
+    return [slice(k, min(count, k + per)) for k in range(0, count, per)]
 
 
 def _plain_matrices(params: list[Tensor], dtype: torch.dtype) -> bool:
@@ -137,6 +149,7 @@ class _Projected:
     U: Tensor | None = None           # Adam's updates (R itself, overwritten, for GaLore)
     Us: tuple[Tensor, ...] = ()       # U's matrices, as views
     plain: bool = False               # every W and G a contiguous 2-D matrix of B's dtype
+    stacked_bases: Tensor | None = None   # (b, d, r) when products are batched
 
     def gradient_sq_norms(self) -> Tensor:
         """(b, n) or (b, m) squared column (left) or row (right) norms of the gradients."""
@@ -393,7 +406,15 @@ class LowRankAdamW(MemoptOptimizer):
         R = torch.empty((len(params), *shape), dtype=Bs[0].dtype, device=G0.device)
         Rs = R.unbind(0)
         plain = _plain_matrices(params, Bs[0].dtype)
-        if plain and side == "right":           # the common case, with no per-matrix checks
+        batch = _Projected(params, Bs, side, R, Rs, plain=plain)
+        if plain and len(params) > 1 and 2 * G0.numel() * r < BATCHED_PRODUCT_FLOPS:
+            batch.stacked_bases = torch.stack(Bs)
+            for rows in _slices(len(params), G0.numel() * G0.element_size()):
+                G = torch.stack([p.grad for p in params[rows]])
+                Bst = batch.stacked_bases[rows]
+                torch.bmm(G, Bst, out=R[rows]) if side == "right" else \
+                    torch.bmm(Bst.mT, G, out=R[rows])
+        elif plain and side == "right":         # the common case, with no per-matrix checks
             for p, B, out in zip(params, Bs, Rs):
                 torch.mm(p.grad, B, out=out)
         elif plain:
@@ -402,7 +423,7 @@ class LowRankAdamW(MemoptOptimizer):
         else:
             for p, B, out in zip(params, Bs, Rs):
                 project_onto(as_matrix(local(p.grad)), B, side, out=out)
-        return _Projected(params, Bs, side, R, Rs, plain=plain)
+        return batch
 
     def _refresh(self, p: Tensor, G: Tensor, group: dict[str, Any], store: MomentStore) -> None:
         """New basis from G; then keep, reset or rotate the subspace moments."""
@@ -491,7 +512,9 @@ class LowRankAdamW(MemoptOptimizer):
         alpha, beta = lr * scale, 1 - lr * wd
         U = batch.U
         if group["residual"] != "fira":
-            if batch.plain and batch.side == "right":    # W += alpha u B^T, in place
+            if batch.stacked_bases is not None:          # W += alpha P u, batched
+                self._add_lifted_batched(batch, alpha, beta)
+            elif batch.plain and batch.side == "right":    # W += alpha u B^T, in place
                 for p, B, u in zip(batch.params, batch.bases, batch.Us):
                     p.addmm_(u, B.mT, beta=beta, alpha=alpha)
             elif batch.plain:                            # W += alpha B u
@@ -510,10 +533,26 @@ class LowRankAdamW(MemoptOptimizer):
         U.addcmul_(batch.R, phi.unsqueeze(dim + 1), value=1 / scale)
         for state, norm in zip(states, norms.unbind(0)):
             state["residual_norm"] = norm
+        if batch.stacked_bases is not None:
+            self._add_lifted_batched(batch, alpha, beta)
         for p, B, u, f in zip(batch.params, batch.bases, batch.Us, phi.unbind(0)):
             W = local(p)
-            add_lifted_(W, u, B, batch.side, alpha=alpha, beta=beta)
+            if batch.stacked_bases is None:
+                add_lifted_(W, u, B, batch.side, alpha=alpha, beta=beta)
             add_to_matrix_(W, as_matrix(local(p.grad)), alpha=-lr, factor=f.unsqueeze(dim))
+
+    @staticmethod
+    def _add_lifted_batched(batch: _Projected, alpha: float, beta: float) -> None:
+        """W <- beta W + alpha project_back(u) for a stacked batch: one batched product per
+        slice of the batch, then one multi-tensor add into the weights."""
+        W0 = batch.params[0]
+        if beta != 1:
+            torch._foreach_mul_(batch.params, beta)
+        for rows in _slices(len(batch.params), W0.numel() * W0.element_size()):
+            Bst = batch.stacked_bases[rows]
+            T = torch.bmm(batch.U[rows], Bst.mT) if batch.side == "right" else \
+                torch.bmm(Bst, batch.U[rows])
+            torch._foreach_add_(batch.params[rows], T.unbind(0), alpha=alpha)
 
     # --------------------------------------------------------------------- bytes
     def _shared_state_bytes(self) -> int:
