@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from memopt.projections import PROJECTORS, Projector, lift, make_projector, project_onto
-from memopt.projections.base import bases, float32_matmul_precision
+from memopt.projections.base import aligned_width, bases, float32_matmul_precision
 from memopt.projections.dct import dct_table_bytes
 
 from .base import (PREPARE_BYTES, MemoptOptimizer, Prepared, add_to_matrix_, as_matrix,
@@ -96,8 +96,9 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 #: Plain matrices whose projection takes fewer flops than this are projected and lifted
 #: with batched products over stacked copies (slices of at most ``CHUNK_BYTES``): such small
 #: products cannot fill the GPU, and one call per matrix costs more host time than the
-#: product takes (``python -m memopt.recipes.bench_step``). Larger ones go one by one,
-#: straight from the gradients and into the weights.
+#: product takes (``python -m memopt.recipes.bench_step``). So are GPU matrices with
+#: unaligned rows (LLaMA's 5461), through zero-padded copies: the aligned products run about
+#: twice as fast. Others go one by one, straight from the gradients and into the weights.
 BATCHED_PRODUCT_FLOPS = 6e9
 
 
@@ -407,13 +408,28 @@ class LowRankAdamW(MemoptOptimizer):
         Rs = R.unbind(0)
         plain = _plain_matrices(params, Bs[0].dtype)
         batch = _Projected(params, Bs, side, R, Rs, plain=plain)
-        if plain and len(params) > 1 and 2 * G0.numel() * r < BATCHED_PRODUCT_FLOPS:
-            batch.stacked_bases = torch.stack(Bs)
-            for rows in _slices(len(params), G0.numel() * G0.element_size()):
-                G = torch.stack([p.grad for p in params[rows]])
-                Bst = batch.stacked_bases[rows]
-                torch.bmm(G, Bst, out=R[rows]) if side == "right" else \
-                    torch.bmm(Bst.mT, G, out=R[rows])
+        n, width = G0.shape[1], aligned_width(G0.shape[1], G0)
+        if plain and (width != n or len(params) > 1
+                      and 2 * G0.numel() * r < BATCHED_PRODUCT_FLOPS):
+            Bst = torch.stack(Bs)                              # (b, d, r)
+            if side == "right" and width != n:                 # zero rows meet G's zero columns
+                Bst = torch.nn.functional.pad(Bst, (0, 0, 0, width - n))
+            batch.stacked_bases = Bst
+            for rows in _slices(len(params), G0.shape[0] * width * G0.element_size()):
+                grads = [p.grad for p in params[rows]]
+                if width == n:
+                    G = torch.stack(grads)
+                else:                                          # aligned rows: padded copies
+                    G = G0.new_empty((len(grads), G0.shape[0], width))
+                    G[..., n:].zero_()
+                    for Gi, grad in zip(G.unbind(0), grads):
+                        Gi[:, :n].copy_(grad)
+                if side == "right":
+                    torch.bmm(G, Bst[rows], out=R[rows])
+                elif width == n:
+                    torch.bmm(Bst[rows].mT, G, out=R[rows])
+                else:
+                    R[rows].copy_(torch.bmm(Bst[rows].mT, G)[..., :n])
         elif plain and side == "right":         # the common case, with no per-matrix checks
             for p, B, out in zip(params, Bs, Rs):
                 torch.mm(p.grad, B, out=out)
@@ -544,15 +560,23 @@ class LowRankAdamW(MemoptOptimizer):
     @staticmethod
     def _add_lifted_batched(batch: _Projected, alpha: float, beta: float) -> None:
         """W <- beta W + alpha project_back(u) for a stacked batch: one batched product per
-        slice of the batch, then one multi-tensor add into the weights."""
+        slice of the batch (on rows padded to ``aligned_width``), then one multi-tensor add
+        into the weights (one add per weight for padded rows)."""
         W0 = batch.params[0]
+        n, width = W0.shape[1], aligned_width(W0.shape[1], W0)
         if beta != 1:
             torch._foreach_mul_(batch.params, beta)
-        for rows in _slices(len(batch.params), W0.numel() * W0.element_size()):
-            Bst = batch.stacked_bases[rows]
-            T = torch.bmm(batch.U[rows], Bst.mT) if batch.side == "right" else \
-                torch.bmm(Bst, batch.U[rows])
-            torch._foreach_add_(batch.params[rows], T.unbind(0), alpha=alpha)
+        for rows in _slices(len(batch.params), W0.shape[0] * width * W0.element_size()):
+            Bst, U = batch.stacked_bases[rows], batch.U[rows]
+            if batch.side == "right":
+                T = torch.bmm(U, Bst.mT)
+            else:
+                T = torch.bmm(Bst, U if width == n else torch.nn.functional.pad(U, (0, width - n)))
+            if width == n:
+                torch._foreach_add_(batch.params[rows], T.unbind(0), alpha=alpha)
+            else:
+                for W, Ti in zip(batch.params[rows], T.unbind(0)):
+                    W.add_(Ti[:, :n], alpha=alpha)
 
     # --------------------------------------------------------------------- bytes
     def _shared_state_bytes(self) -> int:

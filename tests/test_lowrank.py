@@ -310,15 +310,18 @@ def test_chunked_steps_equal_one_chunk(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["galore", "dct", "fira"])
-def test_batched_and_one_by_one_products_agree(name, monkeypatch):
-    """Small matrices are projected and lifted with batched products over stacked copies,
-    large ones one by one; both give the same steps (to fp32 rounding)."""
+@pytest.mark.parametrize("pad", [0, 3])
+def test_batched_and_one_by_one_products_agree(name, pad, monkeypatch):
+    """Small matrices are projected and lifted with batched products over stacked copies
+    (with zero-padded rows where rows are unaligned), large ones one by one; both give the
+    same steps (to fp32 rounding)."""
     from helpers import make
     from memopt.optim import lowrank
-    shapes = [(48, 32)] * 3 + [(32, 48)] * 2
+    shapes = [(48, 32)] * 3 + [(32, 48)] * 2 + [(30, 45)]
     results = []
-    for flops in (0, float("inf")):
+    for flops, extra in ((0, 0), (float("inf"), pad)):   # one by one; batched (and padded)
         monkeypatch.setattr(lowrank, "BATCHED_PRODUCT_FLOPS", flops)
+        monkeypatch.setattr(lowrank, "aligned_width", lambda n, like, extra=extra: n + extra)
         ps = [matrix_param(shape, seed=i) for i, shape in enumerate(shapes)]
         opt = make(name, ps, weight_decay=0.1)
         for t in range(5):                     # gap 3: a refresh at step 3
