@@ -18,7 +18,8 @@ import torch
 
 from memopt.projections import DCTProjector, PolarProjector, SVDProjector, orthogonalize
 
-from .timing import environment, markdown_table, median, resolve_device, time_ms, write_json
+from .timing import (environment, markdown_table, median, resolve_device, time_ms, warm_up,
+                     write_json)
 
 GPU_SIZES = [(2048, 2048), (5461, 2048), (4096, 4096), (11008, 4096)]
 CPU_SIZES = [(512, 512), (1365, 512), (1024, 1024), (2752, 1024)]
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
+    warm_up(device)
     if args.sizes:
         sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     else:

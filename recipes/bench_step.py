@@ -9,6 +9,8 @@ random gradients. For each optimizer: the first step (state creation and, for lo
 methods, the first basis), the median of the following steps (no refresh), a refresh step
 timed apart (ours: the basis rebuilt from the previous one), bytes of optimizer state per
 parameter, and the step-time ratio to torch.optim.AdamW(fused=True) measured in the same run.
+The GPU is kept busy for two seconds first, so that the baseline, timed first, does not run
+at an idle clock (it measured up to 25% slower that way).
 ``--profile FILE`` appends, per optimizer, torch.profiler's table of the kernels of three
 non-refresh steps (device time per kernel, and the host time of the whole step).
 Peers (bitsandbytes, galore-torch, fira) are measured when installed (``pip install
@@ -30,7 +32,7 @@ import torch
 from memopt import optim as mo
 
 from .timing import (environment, markdown_table, median, resolve_device, synchronize,
-                     time_ms, write_json)
+                     time_ms, warm_up, write_json)
 
 
 @dataclass
@@ -256,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         keys = [k.strip() for k in args.only.split(",")]
         selected = [e for e in selected if any(k in e.name for k in keys) or e.name.startswith("torch AdamW")]
+    warm_up(device)
     rows = []
     for entry in selected:
         rows.append(run_entry(entry, matrices, vectors, grads, device, args.steps, args.profile))

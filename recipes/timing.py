@@ -33,6 +33,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def warm_up(device: torch.device, seconds: float = 2.0) -> None:
+    """Keep the device busy with matrix products for ``seconds`` before anything is timed.
+
+    An idle GPU runs at a low clock and takes a moment to raise it, so whatever is timed
+    first (the fused AdamW baseline) would otherwise look slower than the rest. No-op on
+    the CPU."""
+    if device.type != "cuda":
+        return
+    a = torch.randn(4096, 4096, device=device)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            a = torch.mm(a, a).mul_(1 / 64)
+        torch.cuda.synchronize(device)
+
+
 def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int = 10,
             warmup: int = 2) -> list[float]:
     """Milliseconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
