@@ -149,7 +149,6 @@ class _Projected:
     sq_norms: Tensor | None = None    # Fira: ||G_j||^2 per column (left) or row (right)
     U: Tensor | None = None           # Adam's updates (R itself, overwritten, for GaLore)
     Us: tuple[Tensor, ...] = ()       # U's matrices, as views
-    plain: bool = False               # every W and G a contiguous 2-D matrix of B's dtype
     stacked_bases: Tensor | None = None   # (b, d, r) when products are batched
 
     def gradient_sq_norms(self) -> Tensor:
@@ -407,7 +406,7 @@ class LowRankAdamW(MemoptOptimizer):
         R = torch.empty((len(params), *shape), dtype=Bs[0].dtype, device=G0.device)
         Rs = R.unbind(0)
         plain = _plain_matrices(params, Bs[0].dtype)
-        batch = _Projected(params, Bs, side, R, Rs, plain=plain)
+        batch = _Projected(params, Bs, side, R, Rs)
         n, width = G0.shape[1], aligned_width(G0.shape[1], G0)
         if plain and (width != n or len(params) > 1
                       and 2 * G0.numel() * r < BATCHED_PRODUCT_FLOPS):
@@ -430,12 +429,6 @@ class LowRankAdamW(MemoptOptimizer):
                     torch.bmm(Bst[rows].mT, G, out=R[rows])
                 else:
                     R[rows].copy_(torch.bmm(Bst[rows].mT, G)[..., :n])
-        elif plain and side == "right":         # the common case, with no per-matrix checks
-            for p, B, out in zip(params, Bs, Rs):
-                torch.mm(p.grad, B, out=out)
-        elif plain:
-            for p, B, out in zip(params, Bs, Rs):
-                torch.mm(B.mT, p.grad, out=out)
         else:
             for p, B, out in zip(params, Bs, Rs):
                 project_onto(as_matrix(local(p.grad)), B, side, out=out)
@@ -526,36 +519,28 @@ class LowRankAdamW(MemoptOptimizer):
         -lr S with S = phi (G - P R), applied as -lr phi G and +lr phi P R (folded into u)."""
         lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
         alpha, beta = lr * scale, 1 - lr * wd
-        U = batch.U
-        if group["residual"] != "fira":
-            if batch.stacked_bases is not None:          # W += alpha P u, batched
-                self._add_lifted_batched(batch, alpha, beta)
-            elif batch.plain and batch.side == "right":    # W += alpha u B^T, in place
-                for p, B, u in zip(batch.params, batch.bases, batch.Us):
-                    p.addmm_(u, B.mT, beta=beta, alpha=alpha)
-            elif batch.plain:                            # W += alpha B u
-                for p, B, u in zip(batch.params, batch.bases, batch.Us):
-                    p.addmm_(B, u, beta=beta, alpha=alpha)
-            else:
-                for p, B, u in zip(batch.params, batch.bases, batch.Us):
-                    add_lifted_(local(p), u, B, batch.side, alpha=alpha, beta=beta)
-            return
-        dim = 0 if batch.side == "left" else 1
-        states = [self.state[p] for p in batch.params]
-        previous = torch.stack([s["residual_norm"] if "residual_norm" in s else
-                                torch.full((), math.inf, device=U.device) for s in states])
-        phi, norms = fira_scales(batch.R, U, batch.gradient_sq_norms(), batch.side, previous,
-                                 group["limiter_gamma"], self._sum_over_shards(batch.params[0]))
-        U.addcmul_(batch.R, phi.unsqueeze(dim + 1), value=1 / scale)
-        for state, norm in zip(states, norms.unbind(0)):
-            state["residual_norm"] = norm
-        if batch.stacked_bases is not None:
+        fira = group["residual"] == "fira"
+        if fira:
+            dim = 0 if batch.side == "left" else 1
+            states = [self.state[p] for p in batch.params]
+            previous = torch.stack([s["residual_norm"] if "residual_norm" in s else
+                                    torch.full((), math.inf, device=batch.U.device)
+                                    for s in states])
+            phi, norms = fira_scales(batch.R, batch.U, batch.gradient_sq_norms(), batch.side,
+                                     previous, group["limiter_gamma"],
+                                     self._sum_over_shards(batch.params[0]))
+            batch.U.addcmul_(batch.R, phi.unsqueeze(dim + 1), value=1 / scale)
+            for state, norm in zip(states, norms.unbind(0)):
+                state["residual_norm"] = norm
+        if batch.stacked_bases is not None:              # W <- beta W + alpha P u, batched
             self._add_lifted_batched(batch, alpha, beta)
-        for p, B, u, f in zip(batch.params, batch.bases, batch.Us, phi.unbind(0)):
-            W = local(p)
-            if batch.stacked_bases is None:
-                add_lifted_(W, u, B, batch.side, alpha=alpha, beta=beta)
-            add_to_matrix_(W, as_matrix(local(p.grad)), alpha=-lr, factor=f.unsqueeze(dim))
+        else:
+            for p, B, u in zip(batch.params, batch.bases, batch.Us):
+                add_lifted_(local(p), u, B, batch.side, alpha=alpha, beta=beta)
+        if fira:
+            for p, f in zip(batch.params, phi.unbind(0)):
+                add_to_matrix_(local(p), as_matrix(local(p.grad)), alpha=-lr,
+                               factor=f.unsqueeze(dim))
 
     @staticmethod
     def _add_lifted_batched(batch: _Projected, alpha: float, beta: float) -> None:

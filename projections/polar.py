@@ -64,7 +64,7 @@ def polynomial_iteration(X: Tensor, coefficients: Sequence[Coefficients],
     """
     tall = X.shape[-2] > X.shape[-1]
     M = None
-    for k, (a, b, c) in enumerate(coefficients):
+    for a, b, c in coefficients:
         if M is not None:
             X = torch.bmm(X, M) if tall else torch.bmm(M, X)
         A = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
