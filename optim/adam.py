@@ -10,6 +10,8 @@ everything else. The low-rank engine gets u for projected gradients from the fus
 too, run at lr = 1 on "parameters" that are zero (a zeroed buffer), or that the kernel's
 weight decay of 1 zeroes first (the gradient itself: p <- p (1 - 1) + u, in place, which
 saves the buffer and a read); either way the parameter ends up holding exactly u.
+A recorded step (``graphs.py``) passes the step count, and the learning rate of the dense
+step, as 0-dim device tensors that it rewrites before each replay.
 """
 
 from __future__ import annotations
@@ -44,13 +46,21 @@ def _step_tensor(step: int, device: torch.device) -> Tensor:
     return torch.full((), float(step), dtype=torch.float32, device=device)
 
 
+def _steps(step: int | Tensor, device: torch.device, count: int) -> list[Tensor]:
+    """The fused kernel's step tensors: ``step`` itself when it is a (float32, 0-dim)
+    device tensor, else the cached tensor of that count."""
+    return [step if isinstance(step, Tensor) else _step_tensor(step, device)] * count
+
+
 def adam_updates(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
-                 beta1: float, beta2: float, eps: float, step: int, fused: bool | None = None,
+                 beta1: float, beta2: float, eps: float, step: int | Tensor,
+                 fused: bool | None = None,
                  in_place: bool = False, out: list[Tensor] | None = None) -> list[Tensor]:
     """Advance the moments of each gradient in place and return Adam's updates u (lr = 1).
 
-    ``step`` is the step count after this update (1 on the first call). All tensors share
-    one device and dtype; the gradients must be finite. The updates are written into the
+    ``step`` is the step count after this update (1 on the first call), a number or a 0-dim
+    float32 tensor on the gradients' device (fused kernel only). All tensors share one
+    device and dtype; the gradients must be finite. The updates are written into the
     (contiguous) gradients themselves with ``in_place``, into ``out`` if given, else into
     one new buffer. The fused path is one multi-tensor kernel over all of them;
     ``fused=None`` picks it where it runs. Every way gives the same bits.
@@ -61,11 +71,13 @@ def adam_updates(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[
         fused = fused_available(grads[0])
     if in_place:
         out = list(grads)
+    if not fused and isinstance(step, Tensor):
+        raise ValueError("a step count held in a tensor needs the fused Adam kernel")
     if not fused:
         updates = [_reference_update(g, m, v, beta1=beta1, beta2=beta2, eps=eps, step=step)
                    for g, m, v in zip(grads, exp_avgs, exp_avg_sqs)]
         return updates if out is None else [o.copy_(u) for o, u in zip(out, updates)]
-    steps = [_step_tensor(step, grads[0].device)] * len(grads)
+    steps = _steps(step, grads[0].device, len(grads))
     if in_place:       # p <- p (1 - lr wd) - lr step with p = g, lr = wd = 1: exactly -step
         torch._fused_adamw_(out, grads, exp_avgs, exp_avg_sqs, [], steps, lr=1.0, beta1=beta1,
                             beta2=beta2, weight_decay=1.0, eps=eps, amsgrad=False,
@@ -83,13 +95,15 @@ def adam_updates(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[
 
 
 def adamw_steps(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                exp_avg_sqs: list[Tensor], *, lr: float, beta1: float, beta2: float,
-                eps: float, weight_decay: float, step: int, fused: bool | None = None) -> None:
+                exp_avg_sqs: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float,
+                eps: float, weight_decay: float, step: int | Tensor,
+                fused: bool | None = None) -> None:
     """One AdamW step on dense parameters: p <- p (1 - lr wd) + lr u.
 
     Parameters whose moments share their dtype get torch's fused AdamW in place (one
     kernel, no temporaries); with wider moments (fp32 moments for a bf16 weight) u is
-    computed in the moments' dtype and rounded once into the parameter.
+    computed in the moments' dtype and rounded once into the parameter. ``lr`` and
+    ``step`` may be 0-dim device tensors (float32), read by the kernels on the device.
     """
     if not params:
         return
@@ -98,7 +112,7 @@ def adamw_steps(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     same = [i for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs))
             if p.dtype == m.dtype == g.dtype]
     if fused and same:
-        steps = [_step_tensor(step, params[0].device)] * len(same)
+        steps = _steps(step, params[0].device, len(same))
         torch._fused_adamw_([params[i] for i in same], [grads[i] for i in same],
                             [exp_avgs[i] for i in same], [exp_avg_sqs[i] for i in same], [],
                             steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
@@ -114,4 +128,7 @@ def adamw_steps(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     for i, update in zip(rest, updates):
         if weight_decay != 0:
             params[i].mul_(1 - lr * weight_decay)
-        params[i].add_(update.view_as(params[i]), alpha=lr)
+        if isinstance(lr, Tensor):
+            params[i].addcmul_(update.view_as(params[i]), lr)
+        else:
+            params[i].add_(update.view_as(params[i]), alpha=lr)

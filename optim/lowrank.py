@@ -6,6 +6,10 @@ refresh B (first step, then every ``update_proj_gap`` steps) -> R = project(G) -
 - lr (scale project_back(psi) + S). S is 0 for GaLore (Zhao et al., 2024) and Fira's scaled
 residual (Chen et al., 2024) for Fira. The projector decides the method: SVD (GaLore), DCT
 (Modoranu et al., 2025), polar.
+
+On CUDA a step that refreshes no basis replays a recorded CUDA graph (``graphs.py``): the
+same products, Adam and updates, launched with one call, the learning rate and step count
+read from the device.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from memopt.projections.dct import dct_table_bytes
 from .base import (PREPARE_BYTES, MemoptOptimizer, Prepared, add_to_matrix_, as_matrix,
                    check_betas, check_choice, check_nonnegative, check_positive_int,
                    moment_dtype)
+from . import graphs
 from .distributed import all_gather_rows, all_reduce_sum, is_sharded, local
+from .graphs import RecordingFailed, StepGraph, fan_out, side_streams
 from .states import MomentStore
 
 ProjectorSpec = Union[str, Callable[[int], Projector]]
@@ -117,6 +123,16 @@ def _plain_matrices(params: list[Tensor], dtype: torch.dtype) -> bool:
 
 
 @dataclass
+class _Scalars:
+    """The per-step numbers of a group's update: Python numbers in an eager step; 0-dim
+    float32 device tensors, rewritten before each replay, in a recorded one."""
+    lr: float | Tensor
+    alpha: float | Tensor                # lr * scale, on the projected-back update
+    beta: float | Tensor | None          # 1 - lr * weight_decay (None: no decay)
+    step: int | Tensor | None = None     # the moments' step count (None: each state's own)
+
+
+@dataclass
 class _Route:
     """A param group's parameters with gradients: plain AdamW ones, projected ones, and
     those in same-shape batches, whole and cut to ``CHUNK_BYTES`` (None until every basis
@@ -195,6 +211,12 @@ class LowRankAdamW(MemoptOptimizer):
         adamw: True makes the whole group plain AdamW (default False).
         check_finite: raise FloatingPointError on a non-finite gradient before changing
             anything (default True; costs one device sync per step).
+        cuda_graph: on CUDA, replay steps that refresh no basis from a recorded CUDA graph
+            (default True). The first such step after a refresh runs eagerly, the next one
+            is recorded; the graph keeps the step's temporaries (projected gradients of
+            at most ``CHUNK_BYTES`` of matrices at a time) allocated between steps.
+            Per-parameter steps (:meth:`step_param`), 8-bit states and FSDP2 shards always
+            run eagerly.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3,
@@ -204,17 +226,21 @@ class LowRankAdamW(MemoptOptimizer):
                  projector_options: dict[str, Any] | None = None, state_bits: int = 32,
                  residual: str = "none", limiter_gamma: float = 1.01,
                  moments_on_refresh: str = "keep", projection_precision: str = "auto",
-                 adamw: bool = False, check_finite: bool = True) -> None:
+                 adamw: bool = False, check_finite: bool = True, cuda_graph: bool = True) -> None:
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
                         scale=scale, projector=projector, projector_options=projector_options,
                         state_bits=state_bits, residual=residual, limiter_gamma=limiter_gamma,
                         moments_on_refresh=moments_on_refresh,
                         projection_precision=projection_precision, adamw=adamw,
-                        check_finite=check_finite)
+                        check_finite=check_finite, cuda_graph=cuda_graph)
         self._projectors: dict[Tensor, Projector] = {}
         self._routes: dict[int, _Route] = {}
         self._stores: dict[int, MomentStore] = {}
+        self._recorders: dict[int, StepGraph] = {}        # per param group
+        self._scalar_buffers: dict[int, Tensor] = {}      # per param group
+        self._unrecordable: set[int] = set()              # groups whose recording failed
+        self._eager_only = False
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
             matrices = [p for p in group["params"] if p.ndim >= 2]
@@ -251,6 +277,7 @@ class LowRankAdamW(MemoptOptimizer):
         check_choice("projection_precision", group["projection_precision"],
                      PROJECTION_PRECISIONS)
         check_choice("adamw", group["adamw"], (True, False))
+        check_choice("cuda_graph", group["cuda_graph"], (True, False))
         if group["rank"] is not None and not callable(spec):
             make_projector(spec, group["rank"], **(options or {}))   # options are valid
         self._store(group["state_bits"])                              # bitsandbytes present
@@ -286,6 +313,7 @@ class LowRankAdamW(MemoptOptimizer):
     def _after_load(self) -> None:
         self._projectors.clear()
         self._routes.clear()
+        self._recorders.clear()
 
     @staticmethod
     def _sum_over_shards(p: Tensor) -> Callable[[Tensor], Tensor] | None:
@@ -294,12 +322,26 @@ class LowRankAdamW(MemoptOptimizer):
         return lambda t: all_reduce_sum(t, p, "fira_limiter")
 
     # ---------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step_param(self, param: Tensor) -> None:
+        """Update one parameter now, as ``step()`` would (always eagerly: a recorded graph
+        covers a whole param group)."""
+        self._eager_only = True
+        try:
+            super().step_param(param)
+        finally:
+            self._eager_only = False
+
     def _prepare_group(self, group: dict[str, Any], params: list[Tensor]) -> Prepared:
-        """Project the gradients of the matrices that keep their basis this step, before the
-        finiteness check, so that the check reads the projections instead of the gradients:
-        a non-finite entry of G makes its whole column of B^T G (row of G B) non-finite.
-        Only when they fit in ``PREPARE_BYTES``; matrices whose basis is refreshed this step
-        are checked on G."""
+        """A step that can be recorded prepares nothing (its gradients are checked, and its
+        whole update is one graph). Otherwise: project the gradients of the matrices that
+        keep their basis this step, before the finiteness check, so that the check reads the
+        projections instead of the gradients: a non-finite entry of G makes its whole column
+        of B^T G (row of G B) non-finite. Only when they fit in ``PREPARE_BYTES``; matrices
+        whose basis is refreshed this step are checked on G."""
+        recorded = self._recorded_route(group, params)
+        if recorded is not None:
+            return Prepared(data=recorded)
         if not group["check_finite"]:
             return Prepared()
         route = self._route(group, params)
@@ -341,7 +383,7 @@ class LowRankAdamW(MemoptOptimizer):
         """While the host waits for the check: project the deferred batch and (Fira) take
         the gradients' column (row) norms; neither changes anything."""
         ready = prepared.data
-        if ready is None:
+        if not isinstance(ready, _Ready):
             return
         if ready.deferred:
             with self._precision(group, ready.deferred[0]):
@@ -353,6 +395,9 @@ class LowRankAdamW(MemoptOptimizer):
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor],
                     prepared: Prepared) -> None:
+        if isinstance(prepared.data, _Route):
+            self._recorded_step(group, prepared.data)
+            return
         store = self._store(group["state_bits"])
         route = self._route(group, params)
         dense, lowrank = route.dense, route.projected
@@ -363,6 +408,89 @@ class LowRankAdamW(MemoptOptimizer):
             with self._precision(group, lowrank[0]):
                 self._lowrank_step(group, lowrank, store,
                                    prepared.data.batches if prepared.data else [])
+
+    # ------------------------------------------------------------- recorded steps
+    def _recorded_route(self, group: dict[str, Any], params: list[Tensor]) -> _Route | None:
+        """The group's route when this step can replay a recorded graph: a device that can
+        record, 32-bit states, every parameter's state made and on one step count (one for
+        the projected matrices, one for the rest), no basis refresh due, no FSDP2 shards."""
+        if (not group["cuda_graph"] or self._eager_only or group["adamw"] or not params
+                or group["state_bits"] != 32 or id(group) in self._unrecordable):
+            return None
+        device = params[0].device
+        if device.type not in graphs.CAPTURES:
+            return None
+        route = self._route(group, params)
+        if route.chunks is None or not route.projected:
+            return None
+        for p in params:
+            if p.device != device or p.grad.device != device or is_sharded(p) \
+                    or "exp_avg" not in self.state[p]:
+                return None
+        dense_steps = {self.state[p]["step"] for p in route.dense}
+        lowrank_steps = {self.state[p]["step"] for p in route.projected}
+        if len(dense_steps) > 1 or len(lowrank_steps) > 1:
+            return None
+        if next(iter(lowrank_steps)) % group["update_proj_gap"] == 0:
+            return None                       # a refresh is due: SVDs do not record
+        return route
+
+    def _recorded_step(self, group: dict[str, Any], route: _Route) -> None:
+        """The group's step through its :class:`StepGraph`: the host advances the step
+        counts and writes lr, lr scale, 1 - lr wd and the step counts into a device
+        buffer; the recorded work reads them there."""
+        store = self._store(32)
+        dense = [self.state[p] for p in route.dense]
+        projected = [self.state[p] for p in route.projected]
+        for state in dense + projected:
+            state["step"] += 1
+        device = route.projected[0].device
+        lr, wd = group["lr"], group["weight_decay"]
+        values = self._scalar_buffers.get(id(group))
+        if values is None or values.device != device:
+            values = self._scalar_buffers[id(group)] = torch.zeros(5, dtype=torch.float32,
+                                                                  device=device)
+        numbers = [lr, lr * group["scale"], 1 - lr * wd, projected[0]["step"],
+                   dense[0]["step"] if dense else 0]
+        values.copy_(torch.tensor(numbers, dtype=torch.float32), non_blocking=True)
+        scalars = _Scalars(values[0], values[1], values[2] if wd != 0 else None, values[3])
+        beta1, beta2 = group["betas"]
+        streams = side_streams(device)
+
+        def work() -> None:
+            with self._precision(group, route.projected[0]):
+                if route.dense:
+                    store.adamw_steps(dense, [local(p) for p in route.dense],
+                                      [local(p.grad) for p in route.dense], lr=values[0],
+                                      beta1=beta1, beta2=beta2, eps=group["eps"],
+                                      weight_decay=wd, step=values[4])
+                for chunk in route.chunks:
+                    batch = self._project(group, chunk, direct=True, streams=streams)
+                    self._adam_and_apply(group, [batch], store, scalars, streams)
+
+        recorder = self._recorders.get(id(group))
+        if recorder is None:
+            recorder = self._recorders[id(group)] = StepGraph(graphs.CAPTURES[device.type])
+        try:
+            recorder.run(self._recording_key(group, route), work)
+        except RecordingFailed as exc:     # nothing ran: run it eagerly, and from now on
+            self._unrecordable.add(id(group))
+            self._recorders.pop(id(group), None)
+            warnings.warn(f"{type(self).__name__}: could not record the step of a param "
+                          f"group as a graph ({exc}); its steps run eagerly", stacklevel=4)
+            work()
+
+    def _recording_key(self, group: dict[str, Any], route: _Route) -> tuple[Any, ...]:
+        """What a recorded step bakes in: the addresses of every parameter, gradient and
+        state tensor it reads, and the hyperparameters it passes as numbers."""
+        addresses = []
+        for p in route.dense + route.projected:
+            addresses += (local(p).data_ptr(), local(p.grad).data_ptr())
+            addresses += [v.data_ptr() for v in self.state[p].values() if isinstance(v, Tensor)]
+        numbers = tuple(group[k] for k in ("betas", "eps", "weight_decay", "scale",
+                                           "limiter_gamma", "residual", "projection_precision"))
+        return (route.key, tuple(map(len, route.chunks)), numbers, graphs.SIDE_STREAMS,
+                tuple(addresses))
 
     @staticmethod
     def _precision(group: dict[str, Any], p: Tensor) -> Any:
@@ -395,8 +523,11 @@ class LowRankAdamW(MemoptOptimizer):
             out += [members[k:k + per] for k in range(0, len(members), per)]
         return out
 
-    def _project(self, group: dict[str, Any], params: list[Tensor]) -> _Projected:
-        """Bases (generated together) and projected gradients of one batch."""
+    def _project(self, group: dict[str, Any], params: list[Tensor], direct: bool = False,
+                 streams: list[Any] | None = None) -> _Projected:
+        """Bases (generated together) and projected gradients of one batch; ``direct``
+        projects each gradient where it lies (no stacked or padded copies), spread over
+        ``streams``."""
         projectors = [self._projector(p, group) for p in params]
         Bs = bases(projectors)
         side = projectors[0].side
@@ -408,8 +539,8 @@ class LowRankAdamW(MemoptOptimizer):
         plain = _plain_matrices(params, Bs[0].dtype)
         batch = _Projected(params, Bs, side, R, Rs)
         n, width = G0.shape[1], aligned_width(G0.shape[1], G0)
-        if plain and (width != n or len(params) > 1
-                      and 2 * G0.numel() * r < BATCHED_PRODUCT_FLOPS):
+        if plain and not direct and (width != n or len(params) > 1
+                                     and 2 * G0.numel() * r < BATCHED_PRODUCT_FLOPS):
             Bst = torch.stack(Bs)                              # (b, d, r)
             if side == "right" and width != n:                 # zero rows meet G's zero columns
                 Bst = torch.nn.functional.pad(Bst, (0, 0, 0, width - n))
@@ -430,8 +561,9 @@ class LowRankAdamW(MemoptOptimizer):
                 else:
                     R[rows].copy_(torch.bmm(Bst[rows].mT, G)[..., :n])
         else:
-            for p, B, out in zip(params, Bs, Rs):
-                project_onto(as_matrix(local(p.grad)), B, side, out=out)
+            fan_out(lambda item: project_onto(as_matrix(local(item[0].grad)), item[1], side,
+                                              out=item[2]),
+                    list(zip(params, Bs, Rs)), streams or [])
         return batch
 
     def _refresh(self, p: Tensor, G: Tensor, group: dict[str, Any], store: MomentStore) -> None:
@@ -485,9 +617,11 @@ class LowRankAdamW(MemoptOptimizer):
             self._adam_and_apply(group, [self._project(group, params_of_batch)], store)
 
     def _adam_and_apply(self, group: dict[str, Any], batches: list[_Projected],
-                        store: MomentStore) -> None:
+                        store: MomentStore, scalars: _Scalars | None = None,
+                        streams: list[Any] | None = None) -> None:
         """Adam on the projected gradients of all ``batches`` (one fused call per step
-        count), then each batch's update."""
+        count), then each batch's update. Eagerly (``scalars`` None) this also makes missing
+        moments and advances the step counts; a recorded step has done that on the host."""
         beta1, beta2 = group["betas"]
         fira = group["residual"] == "fira"
         states, grads, outs = [], [], []
@@ -496,29 +630,36 @@ class LowRankAdamW(MemoptOptimizer):
             batch.Us = batch.U.unbind(0) if fira else batch.Rs
             for p, R, U in zip(batch.params, batch.Rs, batch.Us):
                 state = self.state[p]
-                if "exp_avg" not in state:
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        store.init(state, key, R.shape, R.device, moment_dtype(p),
-                                   full_numel=R.numel() * p.shape[0] // max(1, local(p).shape[0]))
-                state["step"] += 1
+                if scalars is None:
+                    if "exp_avg" not in state:
+                        for key in ("exp_avg", "exp_avg_sq"):
+                            store.init(state, key, R.shape, R.device, moment_dtype(p),
+                                       full_numel=R.numel() * p.shape[0]
+                                       // max(1, local(p).shape[0]))
+                    state["step"] += 1
                 states.append(state)
                 grads.append(R)
                 outs.append(U)
-        steps: dict[int, list[int]] = {}
+        steps: dict[int | Tensor, list[int]] = {}
         for i, state in enumerate(states):
-            steps.setdefault(state["step"], []).append(i)
+            steps.setdefault(state["step"] if scalars is None else scalars.step, []).append(i)
         for step, indices in steps.items():
             store.adam_updates([states[i] for i in indices], [grads[i] for i in indices],
                                beta1=beta1, beta2=beta2, eps=group["eps"], step=step,
                                in_place=not fira, out=[outs[i] for i in indices] if fira else None)
+        if scalars is None:
+            lr = group["lr"]
+            scalars = _Scalars(lr, lr * group["scale"], 1 - lr * group["weight_decay"])
         for batch in batches:
-            self._apply(group, batch)
+            self._apply(group, batch, scalars, streams or [])
 
-    def _apply(self, group: dict[str, Any], batch: _Projected) -> None:
+    def _apply(self, group: dict[str, Any], batch: _Projected, scalars: _Scalars,
+               streams: list[Any]) -> None:
         """W <- W (1 - lr wd) + lr scale P u for each matrix of the batch, plus Fira's
-        -lr S with S = phi (G - P R), applied as -lr phi G and +lr phi P R (folded into u)."""
-        lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
-        alpha, beta = lr * scale, 1 - lr * wd
+        -lr S with S = phi (G - P R), applied as -lr phi G and +lr phi P R (folded into u).
+        With device scalars (a recorded step), u is multiplied by lr scale and the decay is
+        a pass of its own, since a matrix product takes its factors only as numbers."""
+        scale = group["scale"]
         fira = group["residual"] == "fira"
         if fira:
             dim = 0 if batch.side == "left" else 1
@@ -530,17 +671,33 @@ class LowRankAdamW(MemoptOptimizer):
                                      previous, group["limiter_gamma"],
                                      self._sum_over_shards(batch.params[0]))
             batch.U.addcmul_(batch.R, phi.unsqueeze(dim + 1), value=1 / scale)
-            for state, norm in zip(states, norms.unbind(0)):
-                state["residual_norm"] = norm
+            kept = [state.get("residual_norm") for state in states]
+            if all(t is not None for t in kept):     # in place: a recorded step reads them
+                torch._foreach_copy_(kept, list(norms.unbind(0)))
+            else:
+                for state, norm in zip(states, norms.unbind(0)):
+                    state["residual_norm"] = norm.clone()
+        alpha, beta = scalars.alpha, scalars.beta
+        if isinstance(alpha, Tensor):
+            batch.U.mul_(alpha)
+            if beta is not None:
+                torch._foreach_mul_([local(p) for p in batch.params], beta)
+            alpha, beta = 1.0, 1.0
         if batch.stacked_bases is not None:              # W <- beta W + alpha P u, batched
             self._add_lifted_batched(batch, alpha, beta)
         else:
-            for p, B, u in zip(batch.params, batch.bases, batch.Us):
-                add_lifted_(local(p), u, B, batch.side, alpha=alpha, beta=beta)
-        if fira:
-            for p, f in zip(batch.params, phi.unbind(0)):
-                add_to_matrix_(local(p), as_matrix(local(p.grad)), alpha=-lr,
-                               factor=f.unsqueeze(dim))
+            fan_out(lambda item: add_lifted_(local(item[0]), item[2], item[1], batch.side,
+                                             alpha=alpha, beta=beta),
+                    list(zip(batch.params, batch.bases, batch.Us)), streams)
+        if fira:                                         # W <- W - lr phi G
+            if isinstance(scalars.lr, Tensor):
+                phi, coefficient = phi.mul(scalars.lr).neg_(), 1.0
+            else:
+                coefficient = -scalars.lr
+            fan_out(lambda item: add_to_matrix_(local(item[0]), as_matrix(local(item[0].grad)),
+                                                alpha=coefficient,
+                                                factor=item[1].unsqueeze(dim)),
+                    list(zip(batch.params, phi.unbind(0))), streams)
 
     @staticmethod
     def _add_lifted_batched(batch: _Projected, alpha: float, beta: float) -> None:

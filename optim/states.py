@@ -106,7 +106,7 @@ class MomentStore:
             state[key].copy_(value)
 
     def adam_updates(self, states: list[dict], grads: list[Tensor], *, beta1: float,
-                     beta2: float, eps: float, step: int, in_place: bool = False,
+                     beta2: float, eps: float, step: int | Tensor, in_place: bool = False,
                      out: list[Tensor] | None = None) -> list[Tensor]:
         """Advance ``exp_avg`` / ``exp_avg_sq`` of each state with its gradient (all of one
         device) and return Adam's updates u (lr = 1): written over the (contiguous)
@@ -136,9 +136,10 @@ class MomentStore:
         return result
 
     def adamw_steps(self, states: list[dict], params: list[Tensor], grads: list[Tensor], *,
-                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                    step: int) -> None:
-        """One AdamW step of dense parameters (all of one device) with moments kept here."""
+                    lr: float | Tensor, beta1: float, beta2: float, eps: float,
+                    weight_decay: float, step: int | Tensor) -> None:
+        """One AdamW step of dense parameters (all of one device) with moments kept here
+        (``lr`` and ``step`` as device tensors only for fp32 moments: a recorded step)."""
         plain = [i for i, s in enumerate(states) if s["exp_avg"].dtype != torch.uint8]
         adam.adamw_steps([params[i] for i in plain], [grads[i] for i in plain],
                          [states[i]["exp_avg"] for i in plain],

@@ -117,3 +117,59 @@ def byte_batches(n_batches: int, batch: int = 8, seq: int = 32, seed: int = 0):
         starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
         out.append(torch.stack([data[s:s + seq] for s in starts.tolist()]))
     return out
+
+
+# ------------------------------------------------------------------ recorded steps
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+_HOST_SYNCS = ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::nonzero")
+_NO_VALUES = ("aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
+              "aten::new_empty_strided")
+
+
+def _is_view(func) -> bool:
+    return any(r.alias_info is not None and not r.alias_info.is_write
+               for r in func._schema.returns)
+
+
+def _copy_into(recorded, result):
+    if isinstance(recorded, torch.Tensor):
+        if result is not recorded:
+            recorded.copy_(result)
+    elif isinstance(recorded, (list, tuple)):
+        for r, s in zip(recorded, result):
+            _copy_into(r, s)
+
+
+class EmulatedGraph(TorchDispatchMode):
+    """Records the ATen operations a function runs and replays them as a CUDA graph
+    replays its kernels: on the same tensors, with the same Python numbers, running no
+    Python code. Results of operations are written back into the tensors made while
+    recording, which later operations read; views are taken once. A host sync (``.item()``,
+    ``bool(t)``) raises, as it does inside a CUDA graph capture. Unlike a capture, recording
+    runs the work once."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.name in _HOST_SYNCS:
+            raise RuntimeError(f"{func} makes the host wait for the device: not recordable")
+        out = func(*args, **kwargs)
+        if not _is_view(func) and func._schema.name not in _NO_VALUES:
+            self.ops.append((func, args, kwargs, out))
+        return out
+
+    def replay(self):
+        for func, args, kwargs, out in self.ops:
+            _copy_into(out, func(*args, **kwargs))
+
+
+def emulated_capture(work):
+    """A ``memopt.optim.graphs.Capture`` for the CPU: records ``work`` (running it once)."""
+    graph = EmulatedGraph()
+    with graph:
+        work()
+    return graph.replay, True
