@@ -464,9 +464,10 @@ class LowRankAdamW(MemoptOptimizer):
                                       [local(p.grad) for p in route.dense], lr=values[0],
                                       beta1=beta1, beta2=beta2, eps=group["eps"],
                                       weight_decay=wd, step=values[4])
-                for chunk in route.chunks:
-                    batch = self._project(group, chunk, direct=True, streams=streams)
-                    self._adam_and_apply(group, [batch], store, scalars, streams)
+                for chunk in route.chunks:     # one chunk's temporaries alive at a time
+                    self._adam_and_apply(group, [self._project(group, chunk, direct=True,
+                                                               streams=streams)],
+                                         store, scalars, streams)
 
         recorder = self._recorders.get(id(group))
         if recorder is None:

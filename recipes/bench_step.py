@@ -13,6 +13,11 @@ The GPU is kept busy for two seconds first, so that the baseline, timed first, d
 at an idle clock (it measured up to 25% slower that way).
 ``--profile FILE`` appends, per optimizer, torch.profiler's table of the kernels of three
 non-refresh steps (device time per kernel, and the host time of the whole step).
+On CUDA memopt's low-rank steps replay a recorded CUDA graph (``cuda_graph=True``, the
+default); the "cuda_graph=False" rows run the same optimizers eagerly. The first two steps
+after the first one are not timed (one eager warm-up, one recording), and "replayed" says
+which share of the timed steps were replays. ``--side-streams N`` sets how many streams a
+recorded step spreads its matrix products over (``memopt.optim.graphs.SIDE_STREAMS``).
 Peers (bitsandbytes, galore-torch, fira) are measured when installed (``pip install
 memopt[bench]``).
 """
@@ -30,6 +35,7 @@ from typing import Any
 import torch
 
 from memopt import optim as mo
+from memopt.optim import graphs
 
 from .timing import (environment, markdown_table, median, resolve_device, synchronize,
                      time_ms, warm_up, write_json)
@@ -132,6 +138,8 @@ def entries(rank: int) -> list[Entry]:
         Entry("memopt GaLoreAdamW", lowrank(mo.GaLoreAdamW), ours=True, lowrank=True),
         Entry("memopt GaLoreAdamW (check_finite=False)", lowrank(mo.GaLoreAdamW, check_finite=False),
               ours=True, lowrank=True),
+        Entry("memopt GaLoreAdamW (cuda_graph=False)", lowrank(mo.GaLoreAdamW, cuda_graph=False),
+              ours=True, lowrank=True),
         Entry("memopt GaLoreAdamW (svd randomized)", lowrank(
             mo.GaLoreAdamW, projector_options={"method": "randomized"}), ours=True, lowrank=True),
         Entry("memopt GaLoreAdamW (polar)", lowrank(mo.GaLoreAdamW, projector="polar"),
@@ -140,8 +148,12 @@ def entries(rank: int) -> list[Entry]:
         Entry("memopt DCTAdamW", lowrank(mo.DCTAdamW), ours=True, lowrank=True),
         Entry("memopt DCTAdamW (check_finite=False)", lowrank(mo.DCTAdamW, check_finite=False),
               ours=True, lowrank=True),
+        Entry("memopt DCTAdamW (cuda_graph=False)", lowrank(mo.DCTAdamW, cuda_graph=False),
+              ours=True, lowrank=True),
         Entry("memopt DCTAdamW8bit", lowrank(mo.DCTAdamW8bit), ours=True, lowrank=True),
         Entry("memopt FiraAdamW", lowrank(mo.FiraAdamW), ours=True, lowrank=True),
+        Entry("memopt FiraAdamW (cuda_graph=False)", lowrank(mo.FiraAdamW, cuda_graph=False),
+              ours=True, lowrank=True),
         Entry("memopt FiraAdamW8bit", lowrank(mo.FiraAdamW8bit), ours=True, lowrank=True),
     ]
     if hasattr(torch.optim, "Muon"):
@@ -193,6 +205,20 @@ def profile_table(step: Callable[[], None], device: torch.device, steps: int = 3
     return prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
 
 
+def replay_count(opt: torch.optim.Optimizer) -> int:
+    """Steps a memopt low-rank optimizer has replayed from recorded graphs so far."""
+    return sum(r.replays for r in getattr(opt, "_recorders", {}).values())
+
+
+def graph_pool_mb(device: torch.device) -> float:
+    """MiB the caching allocator holds in private pools: the memory of recorded CUDA graphs,
+    kept between steps and unavailable to anything else."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+               if seg.get("device") == index
+               and tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)) / 2**20
+
+
 def run_entry(entry: Entry, master_matrices: list[torch.Tensor],
               master_vectors: list[torch.Tensor], grads: list[torch.Tensor],
               device: torch.device, steps: int, profile_to: str | None = None) -> dict[str, Any]:
@@ -208,10 +234,16 @@ def run_entry(entry: Entry, master_matrices: list[torch.Tensor],
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-        reps, warm = (1, 0) if entry.slow else (steps, 1)
-        row["step_ms"] = median(time_ms(step, device, repeats=reps, warmup=warm))
+        reps, warm = (1, 0) if entry.slow else (steps, 2)
+        for _ in range(warm):
+            step()
+        replays = replay_count(opt)
+        row["step_ms"] = median(time_ms(step, device, repeats=reps, warmup=0))
+        if entry.ours and entry.lowrank:
+            row["replayed"] = (replay_count(opt) - replays) / reps
         if device.type == "cuda":
             row["step_peak_extra_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            row["graph_pool_mb"] = graph_pool_mb(device)
         if entry.ours and entry.lowrank:
             row["refresh_ms"] = median(time_ms(force_refresh(opt, step), device, repeats=2,
                                                warmup=0))
@@ -243,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated substrings of names")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--profile", default=None, help="append kernel tables to this file")
+    parser.add_argument("--side-streams", type=int, default=graphs.SIDE_STREAMS,
+                        help="streams a recorded low-rank step spreads its products over")
     args = parser.parse_args(argv)
+    graphs.SIDE_STREAMS = args.side_streams
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     hidden = args.hidden or (2048 if gpu else 512)
@@ -277,9 +312,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{n_params / 1e6:.1f}M fp32 parameters, rank {rank}; {env}\n")
     print(markdown_table(rows, ["optimizer", "step_ms", "vs_fused_adamw", "vs_torch_muon",
                                 "first_step_ms", "refresh_ms", "state_bytes_per_param",
-                                "step_peak_extra_mb", "error"]))
+                                "step_peak_extra_mb", "graph_pool_mb", "replayed", "error"]))
     write_json(args.out, {"environment": env, "hidden": hidden, "intermediate": intermediate,
-                          "blocks": args.blocks, "rank": rank, "n_params": n_params, "rows": rows})
+                          "blocks": args.blocks, "rank": rank, "n_params": n_params,
+                          "side_streams": args.side_streams, "rows": rows})
     return 0
 
 
