@@ -75,6 +75,29 @@ def fan_out(fn: Callable[[T], None], items: Iterable[T], streams: list[Any]) -> 
         current.wait_stream(stream)
 
 
+class DeviceScalars:
+    """Numbers that recorded work reads on the device (``values``, float32), rewritten by
+    the host before each replay. On CUDA they travel through a pinned buffer, so the copy
+    is asynchronous and never waits for the device; the host only waits, before rewriting
+    the buffer, for the previous copy out of it, queued a step earlier."""
+
+    def __init__(self, count: int, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self.values = torch.zeros(count, dtype=torch.float32, device=device)
+        self._host = torch.zeros(count, dtype=torch.float32, pin_memory=cuda)
+        self._copied = torch.cuda.Event() if cuda else None
+
+    def write(self, numbers: list[float]) -> torch.Tensor:
+        """Queue ``numbers`` into ``values`` (on the current stream); returns ``values``."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        self._host.copy_(torch.tensor(numbers, dtype=torch.float32))
+        self.values.copy_(self._host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        return self.values
+
+
 class RecordingFailed(RuntimeError):
     """The step could not be recorded (an operation that cannot be captured); nothing ran."""
 
@@ -115,5 +138,5 @@ class StepGraph:
         self.replays += 1
 
 
-__all__ = ["CAPTURES", "Capture", "RecordingFailed", "SIDE_STREAMS", "StepGraph",
+__all__ = ["CAPTURES", "Capture", "DeviceScalars", "RecordingFailed", "SIDE_STREAMS", "StepGraph",
            "capture_cuda", "fan_out", "side_streams"]

@@ -27,12 +27,12 @@ from memopt.projections import PROJECTORS, Projector, lift, make_projector, proj
 from memopt.projections.base import aligned_width, bases, float32_matmul_precision
 from memopt.projections.dct import dct_table_bytes
 
+from . import graphs
 from .base import (PREPARE_BYTES, MemoptOptimizer, Prepared, add_to_matrix_, as_matrix,
                    check_betas, check_choice, check_nonnegative, check_positive_int,
                    moment_dtype)
-from . import graphs
 from .distributed import all_gather_rows, all_reduce_sum, is_sharded, local
-from .graphs import RecordingFailed, StepGraph, fan_out, side_streams
+from .graphs import DeviceScalars, RecordingFailed, StepGraph, fan_out, side_streams
 from .states import MomentStore
 
 ProjectorSpec = Union[str, Callable[[int], Projector]]
@@ -238,7 +238,7 @@ class LowRankAdamW(MemoptOptimizer):
         self._routes: dict[int, _Route] = {}
         self._stores: dict[int, MomentStore] = {}
         self._recorders: dict[int, StepGraph] = {}        # per param group
-        self._scalar_buffers: dict[int, Tensor] = {}      # per param group
+        self._scalar_buffers: dict[int, DeviceScalars] = {}   # per param group
         self._unrecordable: set[int] = set()              # groups whose recording failed
         self._eager_only = False
         super().__init__(params, defaults)
@@ -309,6 +309,11 @@ class LowRankAdamW(MemoptOptimizer):
                 proj.load_state_dict(saved)
             self._projectors[p] = proj
         return proj
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:       # a state saved before the option existed
+            group.setdefault("cuda_graph", True)
 
     def _after_load(self) -> None:
         self._projectors.clear()
@@ -446,13 +451,11 @@ class LowRankAdamW(MemoptOptimizer):
             state["step"] += 1
         device = route.projected[0].device
         lr, wd = group["lr"], group["weight_decay"]
-        values = self._scalar_buffers.get(id(group))
-        if values is None or values.device != device:
-            values = self._scalar_buffers[id(group)] = torch.zeros(5, dtype=torch.float32,
-                                                                  device=device)
-        numbers = [lr, lr * group["scale"], 1 - lr * wd, projected[0]["step"],
-                   dense[0]["step"] if dense else 0]
-        values.copy_(torch.tensor(numbers, dtype=torch.float32), non_blocking=True)
+        buffer = self._scalar_buffers.get(id(group))
+        if buffer is None or buffer.values.device != device:
+            buffer = self._scalar_buffers[id(group)] = DeviceScalars(5, device)
+        values = buffer.write([lr, lr * group["scale"], 1 - lr * wd, projected[0]["step"],
+                               dense[0]["step"] if dense else 0])
         scalars = _Scalars(values[0], values[1], values[2] if wd != 0 else None, values[3])
         beta1, beta2 = group["betas"]
         streams = side_streams(device)

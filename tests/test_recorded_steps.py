@@ -149,6 +149,18 @@ def test_non_finite_gradient_in_a_recorded_step_changes_nothing(device, name):
                 else value == other, key
 
 
+def test_a_state_saved_without_the_option_loads():
+    model, opt, schedule = build("galore", "cpu")
+    train(model, opt, schedule, 3)
+    saved = round_trip(opt.state_dict())
+    for group in saved["param_groups"]:
+        del group["cuda_graph"]
+    model2, opt2, schedule2 = build("galore", "cpu")
+    opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["cuda_graph"] is True
+    train(model2, opt2, schedule2, 3)
+
+
 def test_per_parameter_steps_run_eagerly():
     model, opt, _ = build("galore", "cpu")
     handle = mo.step_in_backward(model, opt)
