@@ -26,9 +26,10 @@ def capture_cuda(work: Work) -> tuple[Work, bool]:
     """Record ``work`` into a CUDA graph; nothing runs while it is recorded. Temporaries
     come from the graph's private memory pool, which lives as long as the graph: blocks
     freed during the recording are reused later in it, so the pool holds the work's peak
-    of live temporaries, not their sum."""
+    of live temporaries, not their sum. Only this thread's CUDA calls are held to the rules
+    of a capture, so that another thread (a data loader pinning memory) may go on."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         work()
     return graph.replay, False
 

@@ -167,17 +167,25 @@ class _Projected:
     Us: tuple[Tensor, ...] = ()       # U's matrices, as views
     stacked_bases: Tensor | None = None   # (b, d, r) when products are batched
 
+    def norms_buffer(self) -> Tensor:
+        """An empty (b, n) (left) or (b, m) (right) buffer for the gradients' norms."""
+        G0 = as_matrix(local(self.params[0].grad))
+        length = G0.shape[1] if self.side == "left" else G0.shape[0]
+        return torch.empty(len(self.params), length, dtype=self.R.dtype, device=self.R.device)
+
     def gradient_sq_norms(self) -> Tensor:
         """(b, n) or (b, m) squared column (left) or row (right) norms of the gradients."""
         if self.sq_norms is None:
-            dim = 0 if self.side == "left" else 1
-            grads = [as_matrix(local(p.grad)) for p in self.params]
-            out = torch.empty(len(grads), grads[0].shape[1 - dim], dtype=self.R.dtype,
-                              device=self.R.device)
-            for G, row in zip(grads, out):
-                torch.linalg.vector_norm(G, dim=dim, dtype=self.R.dtype, out=row)
+            out = self.norms_buffer()
+            for p, row in zip(self.params, out):
+                gradient_norms_(as_matrix(local(p.grad)), self.side, row)
             self.sq_norms = out.square_()
         return self.sq_norms
+
+
+def gradient_norms_(G: Tensor, side: str, out: Tensor) -> None:
+    """||G_j|| of each column (left basis) or row (right basis) of G, into ``out``."""
+    torch.linalg.vector_norm(G, dim=0 if side == "left" else 1, dtype=out.dtype, out=out)
 
 
 class LowRankAdamW(MemoptOptimizer):
@@ -564,10 +572,17 @@ class LowRankAdamW(MemoptOptimizer):
                     torch.bmm(Bst[rows].mT, G, out=R[rows])
                 else:
                     R[rows].copy_(torch.bmm(Bst[rows].mT, G)[..., :n])
-        else:
-            fan_out(lambda item: project_onto(as_matrix(local(item[0].grad)), item[1], side,
-                                              out=item[2]),
-                    list(zip(params, Bs, Rs)), streams or [])
+        else:        # Fira: each gradient's norms right after its projection (its G is hot)
+            norms = batch.norms_buffer() if group["residual"] == "fira" else None
+
+            def project(i: int) -> None:
+                G = as_matrix(local(params[i].grad))
+                project_onto(G, Bs[i], side, out=Rs[i])
+                if norms is not None:
+                    gradient_norms_(G, side, norms[i])
+            fan_out(project, range(len(params)), streams or [])
+            if norms is not None:
+                batch.sq_norms = norms.square_()
         return batch
 
     def _refresh(self, p: Tensor, G: Tensor, group: dict[str, Any], store: MomentStore) -> None:
@@ -681,27 +696,30 @@ class LowRankAdamW(MemoptOptimizer):
             else:
                 for state, norm in zip(states, norms.unbind(0)):
                     state["residual_norm"] = norm.clone()
+            if isinstance(scalars.lr, Tensor):          # the residual's factor, -lr phi
+                phi, coefficient = phi.mul(scalars.lr).neg_(), 1.0
+            else:
+                coefficient = -scalars.lr
+            factors = phi.unsqueeze(dim + 1).unbind(0)
         alpha, beta = scalars.alpha, scalars.beta
         if isinstance(alpha, Tensor):
             batch.U.mul_(alpha)
             if beta is not None:
                 torch._foreach_mul_([local(p) for p in batch.params], beta)
             alpha, beta = 1.0, 1.0
-        if batch.stacked_bases is not None:              # W <- beta W + alpha P u, batched
+        stacked = batch.stacked_bases is not None
+        if stacked:                                      # W <- beta W + alpha P u, batched
             self._add_lifted_batched(batch, alpha, beta)
-        else:
-            fan_out(lambda item: add_lifted_(local(item[0]), item[2], item[1], batch.side,
-                                             alpha=alpha, beta=beta),
-                    list(zip(batch.params, batch.bases, batch.Us)), streams)
-        if fira:                                         # W <- W - lr phi G
-            if isinstance(scalars.lr, Tensor):
-                phi, coefficient = phi.mul(scalars.lr).neg_(), 1.0
-            else:
-                coefficient = -scalars.lr
-            fan_out(lambda item: add_to_matrix_(local(item[0]), as_matrix(local(item[0].grad)),
-                                                alpha=coefficient,
-                                                factor=item[1].unsqueeze(dim)),
-                    list(zip(batch.params, phi.unbind(0))), streams)
+
+        def update(i: int) -> None:     # one matrix: the lift, then Fira's W <- W - lr phi G
+            W = local(batch.params[i])
+            if not stacked:
+                add_lifted_(W, batch.Us[i], batch.bases[i], batch.side, alpha=alpha, beta=beta)
+            if fira:
+                add_to_matrix_(W, as_matrix(local(batch.params[i].grad)), alpha=coefficient,
+                               factor=factors[i])
+        if fira or not stacked:
+            fan_out(update, range(len(batch.params)), streams)
 
     @staticmethod
     def _add_lifted_batched(batch: _Projected, alpha: float, beta: float) -> None:
