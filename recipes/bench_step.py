@@ -18,6 +18,10 @@ default); the "cuda_graph=False" rows run the same optimizers eagerly. The first
 after the first one are not timed (one eager warm-up, one recording), and "replayed" says
 which share of the timed steps were replays. ``--side-streams N`` sets how many streams a
 recorded step spreads its matrix products over (``memopt.optim.graphs.SIDE_STREAMS``).
+``--products`` adds rows for the matrix products alone, a floor under every low-rank step:
+each matrix's projection and lift (``project_onto`` and ``add_lifted_``, TF32 on CUDA, on
+random orthonormal bases of the rank), replayed as one CUDA graph with the products in order
+and spread over 2 and 4 side streams (on the CPU: in order, eagerly).
 Peers (bitsandbytes, galore-torch, fira) are measured when installed (``pip install
 memopt[bench]``).
 """
@@ -171,6 +175,54 @@ def entries(rank: int) -> list[Entry]:
     return out
 
 
+def products_rows(matrices: list[torch.Tensor], grads: list[torch.Tensor], rank: int,
+                  device: torch.device, steps: int) -> list[dict[str, Any]]:
+    """GPU time of the low-rank products alone: for each matrix, its projection onto a
+    random orthonormal basis of ``rank`` (on the smaller side) and the lift of the result
+    added into a copy of the weight, as the low-rank step does them."""
+    from memopt.optim.lowrank import add_lifted_
+    from memopt.projections.base import float32_matmul_precision, project_onto, resolve_side
+    weights = fresh_copy(matrices)
+    sides = [resolve_side("auto", tuple(W.shape)) for W in weights]
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    bases_ = [torch.linalg.qr(torch.randn(W.shape[0] if side == "left" else W.shape[1], rank,
+                                          generator=gen))[0].to(device)
+              for W, side in zip(weights, sides)]
+    outs = [torch.empty((rank, W.shape[1]) if side == "left" else (W.shape[0], rank),
+                        device=device) for W, side in zip(weights, sides)]
+    flops = sum(4 * W.numel() * rank for W in weights)
+    rows = []
+    for n_streams in ((1, 2, 4) if device.type == "cuda" else (1,)):
+        streams = [torch.cuda.Stream(device) for _ in range(n_streams)] if n_streams > 1 else []
+
+        def one(i: int) -> None:
+            project_onto(grads[i], bases_[i], sides[i], out=outs[i])
+            add_lifted_(weights[i].data, outs[i], bases_[i], sides[i], alpha=-1e-6)
+
+        def work() -> None:
+            with float32_matmul_precision("high" if device.type == "cuda" else "highest"):
+                graphs.fan_out(one, range(len(weights)), streams)
+        run = work
+        if device.type == "cuda":
+            side_stream = torch.cuda.Stream(device)       # warm-up off the default stream
+            side_stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side_stream):
+                work()
+            torch.cuda.current_stream(device).wait_stream(side_stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                work()
+            run = graph.replay
+        ms = median(time_ms(run, device, repeats=steps))
+        rows.append({"optimizer": f"products only ({n_streams} stream{'s' if n_streams > 1 else ''})",
+                     "step_ms": ms, "tflops": flops / ms / 1e9})
+        del run
+        if device.type == "cuda":
+            del graph
+            torch.cuda.empty_cache()
+    return rows
+
+
 def force_refresh(opt: torch.optim.Optimizer, step: Callable[[], None]) -> Callable[[], None]:
     """One ``step`` of ``opt`` (a memopt low-rank optimizer) that rebuilds every basis."""
     def refresh_step() -> None:
@@ -275,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated substrings of names")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--profile", default=None, help="append kernel tables to this file")
+    parser.add_argument("--products", action="store_true",
+                        help="add rows for the low-rank matrix products alone")
     parser.add_argument("--side-streams", type=int, default=graphs.SIDE_STREAMS,
                         help="streams a recorded low-rank step spreads its products over")
     args = parser.parse_args(argv)
@@ -298,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     for entry in selected:
         rows.append(run_entry(entry, matrices, vectors, grads, device, args.steps, args.profile))
         print(f"done {entry.name}: {rows[-1]}", flush=True)
+    if args.products:
+        rows += products_rows(matrices, grads[:len(matrices)], rank, device, args.steps)
+        print(f"done products: {rows[-3:]}", flush=True)
     base = next((r["step_ms"] for r in rows if r["optimizer"].startswith("torch AdamW")
                  and "step_ms" in r), math.nan)
     muon = next((r["step_ms"] for r in rows if r["optimizer"].startswith("torch.optim.Muon")
@@ -312,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{n_params / 1e6:.1f}M fp32 parameters, rank {rank}; {env}\n")
     print(markdown_table(rows, ["optimizer", "step_ms", "vs_fused_adamw", "vs_torch_muon",
                                 "first_step_ms", "refresh_ms", "state_bytes_per_param",
-                                "step_peak_extra_mb", "graph_pool_mb", "replayed", "error"]))
+                                "step_peak_extra_mb", "graph_pool_mb", "replayed", "tflops", "error"]))
     write_json(args.out, {"environment": env, "hidden": hidden, "intermediate": intermediate,
                           "blocks": args.blocks, "rank": rank, "n_params": n_params,
                           "side_streams": args.side_streams, "rows": rows})

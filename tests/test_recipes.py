@@ -106,3 +106,20 @@ def test_train_runs_under_torchrun(tmp_path, mode):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "dist" / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["train_loss"] < 6.0
+
+
+def test_bench_step_rows_and_product_floor(tmp_path):
+    """bench_step on a small model: every selected row has a step time, the low-rank rows
+    keep less state than AdamW, and the products-only row times the same products."""
+    from memopt.recipes import bench_step
+    out = tmp_path / "bench.json"
+    assert bench_step.main(["--device", "cpu", "--blocks", "1", "--hidden", "256",
+                            "--intermediate", "341", "--rank", "32", "--steps", "2",
+                            "--only", "memopt DCTAdamW (cuda", "--products",
+                            "--out", str(out)]) == 0
+    rows = {r["optimizer"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"torch AdamW (fused)", "memopt DCTAdamW (cuda_graph=False)",
+                         "products only (1 stream)"}
+    assert all(r["step_ms"] > 0 and "error" not in r for r in rows.values())
+    assert rows["memopt DCTAdamW (cuda_graph=False)"]["state_bytes_per_param"] < 8 / 2
+    assert rows["products only (1 stream)"]["tflops"] > 0

@@ -44,7 +44,12 @@ def train(model, opt, schedule, steps, start=0, set_to_none=False):
 
 
 def replays(opt):
-    return sum(r.replays for r in opt._recorders.values())
+    """Steps replayed after the step that recorded them. A CUDA graph runs nothing while it
+    records, so on CUDA the recording step replays too; the emulation runs it while it
+    records (``Capture``'s second value), so those replays are not counted here."""
+    recorders = opt._recorders.values()
+    cuda = any(p.is_cuda for g in opt.param_groups for p in g["params"])
+    return sum(r.replays - (r.recordings if cuda else 0) for r in recorders)
 
 
 def assert_same_bits(model_a, opt_a, model_b, opt_b):
