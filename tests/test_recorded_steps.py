@@ -26,6 +26,7 @@ def record_on_the_cpu(monkeypatch):
 def build(name, device, dtype=torch.float32, **kw):
     torch.manual_seed(0)
     model = SmallNet(dtype).to(device)
+    kw.setdefault("cuda_graph", True)
     opt = LOWRANK[name](model.parameters(), update_proj_gap=GAP, **kw)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + 0.3 * t))
     return model, opt, schedule
@@ -162,8 +163,14 @@ def test_a_state_saved_without_the_option_loads():
         del group["cuda_graph"]
     model2, opt2, schedule2 = build("galore", "cpu")
     opt2.load_state_dict(saved)
-    assert opt2.param_groups[0]["cuda_graph"] is True
+    assert opt2.param_groups[0]["cuda_graph"] is False     # such states stepped eagerly
     train(model2, opt2, schedule2, 3)
+
+
+def test_recording_is_opt_in():
+    model = SmallNet()
+    opt = LOWRANK["dct"](model.parameters(), update_proj_gap=GAP)
+    assert opt.param_groups[0]["cuda_graph"] is False
 
 
 def test_per_parameter_steps_run_eagerly():
