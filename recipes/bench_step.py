@@ -277,7 +277,7 @@ def run_entry(entry: Entry, master_matrices: list[torch.Tensor],
     row: dict[str, Any] = {"optimizer": entry.name}
     matrices, vectors = fresh_copy(master_matrices), fresh_copy(master_vectors)
     n_params = sum(p.numel() for p in matrices + vectors)
-    opt = None
+    opt = step = None
     try:
         opt = entry.build(matrices, vectors)
         step = stepper(opt, matrices + vectors, grads)
@@ -308,7 +308,7 @@ def run_entry(entry: Entry, master_matrices: list[torch.Tensor],
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         traceback.print_exc()
     finally:
-        del opt, matrices, vectors
+        del opt, step, matrices, vectors     # step holds opt, and opt its graphs
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
