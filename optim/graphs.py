@@ -39,8 +39,8 @@ CAPTURES: dict[str, Capture] = {"cuda": capture_cuda}
 
 #: Side streams that a recorded step spreads independent matrix products over, so that
 #: products too small to fill the GPU run side by side (1: one after another, in order).
-#: Two suit bench_step's model on an H200 (2026-12-01): its 56 products took 2.75 ms of GPU
-#: time in order, 2.39 ms over two streams and 2.46 ms over four.
+#: Two suit bench_step's model on an H200 (2026-12-01, ``bench_step --products``): its 56
+#: products took 2.65 ms in order, 2.30 ms over two streams and 2.41 ms over four.
 SIDE_STREAMS = 2
 _side_streams: dict[torch.device, list[Any]] = {}
 

@@ -202,23 +202,15 @@ def products_rows(matrices: list[torch.Tensor], grads: list[torch.Tensor], rank:
         def work() -> None:
             with float32_matmul_precision("high" if device.type == "cuda" else "highest"):
                 graphs.fan_out(one, range(len(weights)), streams)
-        run = work
-        if device.type == "cuda":
-            side_stream = torch.cuda.Stream(device)       # warm-up off the default stream
-            side_stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side_stream):
-                work()
-            torch.cuda.current_stream(device).wait_stream(side_stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                work()
-            run = graph.replay
-        ms = median(time_ms(run, device, repeats=steps))
+        # on CUDA: the first call warms up, the second records, the timed calls replay
+        recorder = graphs.StepGraph(graphs.CAPTURES[device.type]) \
+            if device.type in graphs.CAPTURES else None
+        run = (lambda: recorder.run("products", work)) if recorder is not None else work
+        ms = median(time_ms(run, device, repeats=steps, warmup=2))
         rows.append({"optimizer": f"products only ({n_streams} stream{'s' if n_streams > 1 else ''})",
                      "step_ms": ms, "tflops": flops / ms / 1e9})
-        del run
+        del run, recorder
         if device.type == "cuda":
-            del graph
             torch.cuda.empty_cache()
     return rows
 
