@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from memopt.projections import PROJECTORS, Projector, lift, make_projector, project_onto
-from memopt.projections.base import aligned_width, bases, float32_matmul_precision
+from memopt.projections.base import (aligned_width, bases, bf16_product,
+                                     float32_matmul_precision, products_cast_into_fp32)
 from memopt.projections.dct import dct_table_bytes
 
 from . import graphs
@@ -46,7 +47,10 @@ RESIDUALS = ("none", "fira")
 #: Precision of the fp32 products G B and psi B^T of every step. "auto" is TF32 ("high") for
 #: CUDA tensors, whose tensor cores make it ~8x faster, and full fp32 elsewhere; TF32 keeps
 #: 10 mantissa bits, an error far below the gradient noise the projection already drops.
-PROJECTION_PRECISIONS = ("auto", "highest", "high")
+#: "medium" (torch's name for bf16 inside fp32 products) rounds both factors to bf16 (8
+#: bits) and sums the products in fp32 into fp32 results, the weights included: on CUDA
+#: tensor cores twice TF32's rate. Bases and moments stay fp32 either way.
+PROJECTION_PRECISIONS = ("auto", "highest", "high", "medium")
 PROJ_PREFIX = "proj_"
 #: Bytes of projected gradients, their updates and generated bases alive at once in a step.
 CHUNK_BYTES = 256 * 2**20
@@ -83,19 +87,26 @@ def fira_scales(R: Tensor, U: Tensor, sq_norms: Tensor, side: str,
 
 def add_lifted_(W: Tensor, L: Tensor, B: Tensor, side: str, alpha: float,
                 beta: float = 1.0) -> None:
-    """W <- beta W + alpha project_back(L): one matrix product that writes into W when W has
-    B's dtype and is contiguous (weight decay rides on beta for free); else the product is
-    formed apart and added."""
-    if W.dtype == B.dtype and W.is_contiguous():
+    """W <- beta W + alpha project_back(L): one matrix product that writes into W when W is
+    contiguous and has B's dtype, or is fp32 with bf16 factors on a device whose products
+    write fp32 (weight decay rides on beta for free); else the product is formed apart (in
+    fp32 for bf16 factors) and added."""
+    bf16 = B.dtype == torch.bfloat16 and W.dtype != torch.bfloat16
+    if bf16 and L.dtype != torch.bfloat16:
+        L = L.to(torch.bfloat16)
+    first, second = (L, B.mT) if side == "right" else (B, L)
+    if W.is_contiguous() and (W.dtype == B.dtype or bf16 and W.dtype == torch.float32
+                              and products_cast_into_fp32(W.device.type)):
         Wm = as_matrix(W)
-        if side == "right":
-            Wm.addmm_(L, B.mT, beta=beta, alpha=alpha)
+        if W.dtype == B.dtype:
+            Wm.addmm_(first, second, beta=beta, alpha=alpha)
         else:
-            Wm.addmm_(B, L, beta=beta, alpha=alpha)
+            torch.addmm(Wm, first, second, beta=beta, alpha=alpha, out_dtype=torch.float32,
+                        out=Wm)
         return
     if beta != 1:
         W.mul_(beta)
-    add_to_matrix_(W, lift(L, B, side), alpha)
+    add_to_matrix_(W, bf16_product(first, second) if bf16 else lift(L, B, side), alpha)
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -214,8 +225,10 @@ class LowRankAdamW(MemoptOptimizer):
         residual: "none" (GaLore) or "fira" (add Fira's scaled, norm-limited residual).
         limiter_gamma: Fira's norm-growth limit :math:`\gamma` (default 1.01).
         moments_on_refresh: "keep", "reset" or "rotate" (see ``REFRESH_MODES``).
-        projection_precision: "auto", "highest" or "high" (see ``PROJECTION_PRECISIONS``);
-            bases are always built in full fp32.
+        projection_precision: "auto" (TF32 on CUDA, full fp32 elsewhere), "highest", "high"
+            (TF32) or "medium" (bf16 factors, fp32 sums and results) for the step's
+            projections and lifts (see ``PROJECTION_PRECISIONS``); bases are always built
+            and kept in full fp32.
         adamw: True makes the whole group plain AdamW (default False).
         check_finite: raise FloatingPointError on a non-finite gradient before changing
             anything (default True; costs one device sync per step).
@@ -509,7 +522,7 @@ class LowRankAdamW(MemoptOptimizer):
     @staticmethod
     def _precision(group: dict[str, Any], p: Tensor) -> Any:
         level = group["projection_precision"]
-        if level == "auto":
+        if level in ("auto", "medium"):      # "medium" makes its own bf16 factors
             level = "high" if p.is_cuda else "highest"
         return float32_matmul_precision(level)
 
@@ -539,9 +552,9 @@ class LowRankAdamW(MemoptOptimizer):
 
     def _project(self, group: dict[str, Any], params: list[Tensor], direct: bool = False,
                  streams: list[Any] | None = None) -> _Projected:
-        """Bases (generated together) and projected gradients of one batch; ``direct``
-        projects each gradient where it lies (no stacked or padded copies), spread over
-        ``streams``."""
+        """Bases (generated together; in bf16 for "medium") and projected gradients of one
+        batch; ``direct`` projects each gradient where it lies (no stacked or padded
+        copies), spread over ``streams``."""
         projectors = [self._projector(p, group) for p in params]
         Bs = bases(projectors)
         side = projectors[0].side
@@ -551,29 +564,35 @@ class LowRankAdamW(MemoptOptimizer):
         R = torch.empty((len(params), *shape), dtype=Bs[0].dtype, device=G0.device)
         Rs = R.unbind(0)
         plain = _plain_matrices(params, Bs[0].dtype)
+        bf16_bases = None
+        if group["projection_precision"] == "medium" and Bs[0].dtype == torch.float32:
+            bf16_bases = torch.stack(Bs).to(torch.bfloat16)   # products from bf16 factors
+            Bs = list(bf16_bases.unbind(0))
         batch = _Projected(params, Bs, side, R, Rs)
-        n, width = G0.shape[1], aligned_width(G0.shape[1], G0)
+        low = Bs[0].dtype                      # the products' factors: fp32, or bf16 ("medium")
+        n, width = G0.shape[1], aligned_width(G0.shape[1], Bs[0])
         if plain and not direct and (width != n or len(params) > 1
                                      and 2 * G0.numel() * r < BATCHED_PRODUCT_FLOPS):
-            Bst = torch.stack(Bs)                              # (b, d, r)
+            Bst = torch.stack(Bs) if bf16_bases is None else bf16_bases     # (b, d, r)
             if side == "right" and width != n:                 # zero rows meet G's zero columns
                 Bst = torch.nn.functional.pad(Bst, (0, 0, 0, width - n))
             batch.stacked_bases = Bst
             for rows in _slices(len(params), G0.shape[0] * width * G0.element_size()):
                 grads = [p.grad for p in params[rows]]
-                if width == n:
+                if width == n and low == G0.dtype:
                     G = torch.stack(grads)
-                else:                                          # aligned rows: padded copies
-                    G = G0.new_empty((len(grads), G0.shape[0], width))
+                else:                    # copies in the factors' dtype, rows padded to align
+                    G = G0.new_empty((len(grads), G0.shape[0], width), dtype=low)
                     G[..., n:].zero_()
                     for Gi, grad in zip(G.unbind(0), grads):
                         Gi[:, :n].copy_(grad)
+                product = bf16_product if low == torch.bfloat16 else torch.bmm
                 if side == "right":
-                    torch.bmm(G, Bst[rows], out=R[rows])
+                    product(G, Bst[rows], out=R[rows])
                 elif width == n:
-                    torch.bmm(Bst[rows].mT, G, out=R[rows])
+                    product(Bst[rows].mT, G, out=R[rows])
                 else:
-                    R[rows].copy_(torch.bmm(Bst[rows].mT, G)[..., :n])
+                    R[rows].copy_(product(Bst[rows].mT, G)[..., :n])
         else:        # Fira: each gradient's norms right after its projection (its G is hot)
             norms = batch.norms_buffer() if group["residual"] == "fira" else None
 
@@ -710,13 +729,17 @@ class LowRankAdamW(MemoptOptimizer):
                 torch._foreach_mul_([local(p) for p in batch.params], beta)
             alpha, beta = 1.0, 1.0
         stacked = batch.stacked_bases is not None
+        U, Us = batch.U, batch.Us
+        if batch.bases[0].dtype == torch.bfloat16 and U.dtype != torch.bfloat16:
+            U = U.to(torch.bfloat16)                     # "medium": one cast for the batch
+            Us = U.unbind(0)
         if stacked:                                      # W <- beta W + alpha P u, batched
-            self._add_lifted_batched(batch, alpha, beta)
+            self._add_lifted_batched(batch, U, alpha, beta)
 
         def update(i: int) -> None:     # one matrix: the lift, then Fira's W <- W - lr phi G
             W = local(batch.params[i])
             if not stacked:
-                add_lifted_(W, batch.Us[i], batch.bases[i], batch.side, alpha=alpha, beta=beta)
+                add_lifted_(W, Us[i], batch.bases[i], batch.side, alpha=alpha, beta=beta)
             if fira:
                 add_to_matrix_(W, as_matrix(local(batch.params[i].grad)), alpha=coefficient,
                                factor=factors[i])
@@ -724,20 +747,22 @@ class LowRankAdamW(MemoptOptimizer):
             fan_out(update, range(len(batch.params)), streams)
 
     @staticmethod
-    def _add_lifted_batched(batch: _Projected, alpha: float, beta: float) -> None:
-        """W <- beta W + alpha project_back(u) for a stacked batch: one batched product per
-        slice of the batch (on rows padded to ``aligned_width``), then one multi-tensor add
-        into the weights (one add per weight for padded rows)."""
+    def _add_lifted_batched(batch: _Projected, U: Tensor, alpha: float, beta: float) -> None:
+        """W <- beta W + alpha project_back(u) for a stacked batch (``U``: the updates, in
+        the bases' dtype): one batched product per slice of the batch (on rows padded to
+        ``aligned_width``; fp32 results from bf16 factors), then one multi-tensor add into
+        the weights (one add per weight for padded rows)."""
         W0 = batch.params[0]
-        n, width = W0.shape[1], aligned_width(W0.shape[1], W0)
+        n, width = W0.shape[1], aligned_width(W0.shape[1], batch.stacked_bases)
+        product = bf16_product if U.dtype == torch.bfloat16 else torch.bmm
         if beta != 1:
             torch._foreach_mul_(batch.params, beta)
         for rows in _slices(len(batch.params), W0.shape[0] * width * W0.element_size()):
-            Bst, U = batch.stacked_bases[rows], batch.U[rows]
+            Bst, Ur = batch.stacked_bases[rows], U[rows]
             if batch.side == "right":
-                T = torch.bmm(U, Bst.mT)
+                T = product(Ur, Bst.mT)
             else:
-                T = torch.bmm(Bst, U if width == n else torch.nn.functional.pad(U, (0, width - n)))
+                T = product(Bst, Ur if width == n else torch.nn.functional.pad(Ur, (0, width - n)))
             if width == n:
                 torch._foreach_add_(batch.params[rows], T.unbind(0), alpha=alpha)
             else:

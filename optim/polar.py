@@ -10,7 +10,6 @@ parameter, and any group with ``adamw=True``, gets AdamW with the ``adamw_*`` se
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from memopt.projections.base import aligned_width
+from memopt.projections.base import aligned_width, products_cast_into_fp32
 from memopt.projections.polar import (MAX_BATCH_BYTES, PolarParts, factor_dtype,
                                      frobenius_norms, iterate_polar_, orthogonalize_many,
                                      polar_buffer, uses_gram_form, work_dtype)
@@ -82,19 +81,6 @@ class _Filled:
     buffer: Tensor | None
     norms: Tensor
     polar: PolarParts | None = None    # OrthogonalizedOptimizer._orthogonalize's result
-
-
-@functools.lru_cache(maxsize=None)
-def _products_cast_into_fp32(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether ``torch.addmm`` on this device adds a ``dtype`` product into an fp32 matrix
-    in place (``out_dtype``; CUDA in recent torch, for bf16 and fp16)."""
-    try:
-        C = torch.zeros(2, 2, device=device_type)
-        A = torch.ones(2, 2, dtype=dtype, device=device_type)
-        torch.addmm(C, A, A, out_dtype=torch.float32, out=C)
-        return bool(C[0, 0] == 2)
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
 
 
 def nuclear_norm(M: Tensor, U: Tensor) -> Tensor:
@@ -254,7 +240,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         dtype = factor_dtype(filled.buffer.dtype, uses_gram_form(
             tuple(filled.buffer.shape), method, group["ns_steps"]))
         return W.dtype == dtype or (W.dtype == torch.float32 and W.is_cuda
-                                    and _products_cast_into_fp32(W.device.type, dtype))
+                                    and products_cast_into_fp32(W.device.type, dtype))
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor],
                     prepared: Prepared) -> None:

@@ -9,6 +9,7 @@ GaLore (Zhao et al., 2024) calls the default side choice, the smaller dimension,
 from __future__ import annotations
 
 import contextlib
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -87,9 +88,38 @@ def aligned_width(n: int, like: Tensor) -> int:
     return -(-n // per) * per
 
 
+@functools.lru_cache(maxsize=None)
+def products_cast_into_fp32(device_type: str, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether matrix products of ``dtype`` factors on this device can write fp32 results
+    (``out_dtype``: CUDA in recent torch, for bf16 and fp16), in place into an fp32 matrix
+    too. A capability probe: where torch lacks the kernel it raises, and this returns False."""
+    try:
+        C = torch.zeros(2, 2, device=device_type)
+        A = torch.ones(2, 2, dtype=dtype, device=device_type)
+        torch.addmm(C, A, A, out_dtype=torch.float32, out=C)
+        return bool(C[0, 0] == 2)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def bf16_product(A: Tensor, B: Tensor, out: Tensor | None = None) -> Tensor:
+    """A @ B in fp32 from bf16 factors (2-D, or 3-D batches): products of the bf16 values
+    summed in fp32, as tensor cores do (``out_dtype``); elsewhere the same factors widened
+    to fp32 and multiplied in full fp32, which differs only in the order of the sums."""
+    if products_cast_into_fp32(A.device.type):
+        product = torch.mm if A.ndim == 2 else torch.bmm
+        return product(A, B, out_dtype=torch.float32, out=out)
+    with full_fp32_matmul():
+        return torch.matmul(A.float(), B.float(), out=out)
+
+
 def project_onto(G: Tensor, B: Tensor, side: str, out: Tensor | None = None) -> Tensor:
     """Low-rank coordinates of G in basis B: G B (right, m x r) or B^T G (left, r x n), in
-    B's dtype (written into ``out`` if given)."""
+    B's dtype (written into ``out`` if given); a bf16 basis gives fp32 coordinates of G
+    rounded to bf16 (:func:`bf16_product`)."""
+    if B.dtype == torch.bfloat16:
+        G = G.to(torch.bfloat16)
+        return bf16_product(G, B, out) if side == "right" else bf16_product(B.mT, G, out)
     if G.dtype != B.dtype:
         G = G.to(B.dtype)
     return torch.mm(G, B, out=out) if side == "right" else torch.mm(B.mT, G, out=out)

@@ -48,6 +48,51 @@ def test_first_galore_step_is_minus_lr_scale_P_psi_of_PtG(shape):
     assert torch.allclose(p.detach().double(), expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_medium_precision_step_multiplies_bf16_factors(shape, dtype):
+    """projection_precision="medium": R = P^T G and the lift P psi take bf16 factors (the
+    fp32 basis, G and psi rounded), sum in fp32 and add into the weights in one rounding."""
+    lr, scale, rank, eps = 0.01, 0.25, 6, 1e-8
+    p = matrix_param(shape, dtype=dtype)
+    W0 = p.detach().double().clone()
+    G = gradient(shape, 0).to(dtype)
+    opt = mo.GaLoreAdamW([p], lr=lr, scale=scale, rank=rank, eps=eps,
+                         projection_precision="medium")
+    p.grad = G.clone()
+    opt.step()
+    B = opt._projectors[p].basis()
+    assert B.dtype == torch.float32                       # kept in fp32
+    B16, G16 = B.bfloat16().double(), G.bfloat16().double()
+    right = shape[0] >= shape[1]
+    R = (G16 @ B16 if right else B16.T @ G16).float().double()
+    psi = (R / (R.abs() + eps)).bfloat16().double()       # one Adam step, then bf16
+    expected = W0 - lr * scale * (psi @ B16.T if right else B16 @ psi)
+    atol = 1e-6 if dtype == torch.float32 else 1e-2       # bf16 weights: their own rounding
+    assert torch.allclose(p.detach().double(), expected, atol=atol, rtol=0)
+    highest = first_step(mo.GaLoreAdamW, shape, lr=lr, scale=scale, rank=rank, eps=eps)[2]
+    if dtype == torch.float32:                            # and it differs from full fp32
+        assert not torch.allclose(p.detach(), highest.detach(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["galore", "dct", "fira"])
+def test_medium_precision_tracks_full_precision(name):
+    """bf16 factors change the steps by far less than the steps themselves."""
+    from helpers import make
+    runs = []
+    for precision in ("highest", "medium"):
+        ps = [matrix_param(shape, seed=i) for i, shape in enumerate([(48, 32), (32, 48)])]
+        start = [p.detach().clone() for p in ps]
+        opt = make(name, ps, projection_precision=precision)
+        for t in range(8):                   # gap 3: refreshes at 3 and 6
+            for i, p in enumerate(ps):
+                p.grad = gradient(p.shape, 10 * t + i)
+            opt.step()
+        runs.append([(p.detach() - s).double() for p, s in zip(ps, start)])
+    for full, medium in zip(*runs):
+        assert (medium - full).norm() / full.norm() < 0.03
+
+
 @pytest.mark.parametrize("projector", ["svd", "dct", "polar"])
 @pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
 def test_updates_stay_in_the_subspace_between_refreshes(projector, shape):

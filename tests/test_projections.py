@@ -410,3 +410,23 @@ def test_rectangular_batches_take_the_gram_form():
     assert not uses_gram_form((2048, 2048), "newton_schulz", 5)     # square: no saving
     assert not uses_gram_form((2048, 5461), "newton_schulz", 2)     # too few steps
     assert not uses_gram_form((2048, 5461), "svd", None)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_bf16_basis_sums_bf16_products_in_fp32(side):
+    """projection_precision="medium": both factors rounded to bf16, the products summed in
+    fp32 into an fp32 result (on CUDA by tensor cores, elsewhere emulated)."""
+    from memopt.projections.base import project_onto
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    m, n, r = (96, 160, 24) if side == "left" else (160, 96, 24)
+    G = torch.randn(m, n, generator=gen)
+    d = m if side == "left" else n
+    B = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))[0].float()
+    R = project_onto(G.to(device), B.bfloat16().to(device), side).cpu()
+    assert R.dtype == torch.float32
+    G16, B16 = G.bfloat16().double(), B.bfloat16().double()
+    rounded = G16 @ B16 if side == "right" else B16.T @ G16
+    exact = G.double() @ B.double() if side == "right" else B.double().T @ G.double()
+    assert (R.double() - rounded).norm() / rounded.norm() < 1e-6       # fp32 sums
+    assert 1e-4 < (R.double() - exact).norm() / exact.norm() < 1e-2     # bf16 factors

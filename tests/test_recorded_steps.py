@@ -65,7 +65,9 @@ def assert_same_bits(model_a, opt_a, model_b, opt_b):
 
 CASES = [("galore", {}), ("galore", {"projector": "polar"}), ("dct", {}), ("fira", {}),
          ("galore", {"weight_decay": 0.1}), ("fira", {"weight_decay": 0.1, "projector": "dct"}),
-         ("galore", {"moments_on_refresh": "reset"})]
+         ("galore", {"moments_on_refresh": "reset"}),
+         ("galore", {"projection_precision": "medium"}),
+         ("fira", {"projection_precision": "medium", "weight_decay": 0.1})]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -91,7 +93,7 @@ def test_recorded_steps_agree_with_eager_steps(device, name, kw):
     results = []
     for cuda_graph in (True, False):
         model, opt, schedule = build(name, device, cuda_graph=cuda_graph,
-                                     projection_precision="highest", **kw)
+                                     **{**kw, "projection_precision": "highest"})
         train(model, opt, schedule, 12)
         assert (replays(opt) > 0) == cuda_graph
         results.append([p.detach().cpu() for p in model.parameters()])
