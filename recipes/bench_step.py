@@ -14,8 +14,9 @@ at an idle clock (it measured up to 25% slower that way).
 ``--profile FILE`` appends, per optimizer, torch.profiler's table of the kernels of three
 non-refresh steps (device time per kernel, and the host time of the whole step).
 The "projection_precision=medium" rows multiply bf16 factors (fp32 sums and results) in the
-step's projections and lifts instead of TF32 ones. The "cuda_graph=True" rows replay memopt's low-rank steps from a recorded CUDA graph (the
-other rows step eagerly, the default). The first two steps after the first one are not timed
+step's projections and lifts instead of TF32 ones. The "cuda_graph=True" rows replay
+memopt's low-rank steps from a recorded CUDA graph (the other rows step eagerly, the
+default). The first two steps after the first one are not timed
 (for those rows one eager warm-up and one recording), and "replayed" says which share of the
 timed steps were replays. ``--side-streams N`` sets how many streams a
 recorded step spreads its matrix products over (``memopt.optim.graphs.SIDE_STREAMS``).
@@ -160,22 +161,12 @@ def entries(rank: int) -> list[Entry]:
         Entry("memopt FiraAdamW (cuda_graph=True)", lowrank(mo.FiraAdamW, cuda_graph=True),
               ours=True, lowrank=True),
         Entry("memopt FiraAdamW8bit", lowrank(mo.FiraAdamW8bit), ours=True, lowrank=True),
-        Entry("memopt GaLoreAdamW (projection_precision=medium)", lowrank(mo.GaLoreAdamW, projection_precision="medium"),
-              ours=True, lowrank=True),
-        Entry("memopt DCTAdamW (projection_precision=medium)", lowrank(mo.DCTAdamW, projection_precision="medium"),
-              ours=True, lowrank=True),
-        Entry("memopt FiraAdamW (projection_precision=medium)", lowrank(mo.FiraAdamW, projection_precision="medium"),
-              ours=True, lowrank=True),
-        Entry("memopt GaLoreAdamW (projection_precision=medium, cuda_graph=True)",
-              lowrank(mo.GaLoreAdamW, projection_precision="medium", cuda_graph=True),
-              ours=True, lowrank=True),
-        Entry("memopt DCTAdamW (projection_precision=medium, cuda_graph=True)",
-              lowrank(mo.DCTAdamW, projection_precision="medium", cuda_graph=True),
-              ours=True, lowrank=True),
-        Entry("memopt FiraAdamW (projection_precision=medium, cuda_graph=True)",
-              lowrank(mo.FiraAdamW, projection_precision="medium", cuda_graph=True),
-              ours=True, lowrank=True),
     ]
+    for cls in (mo.GaLoreAdamW, mo.DCTAdamW, mo.FiraAdamW):     # bf16 factors, eager and recorded
+        for extra, kw in (("", {}), (", cuda_graph=True", {"cuda_graph": True})):
+            out.append(Entry(f"memopt {cls.__name__} (projection_precision=medium{extra})",
+                             lowrank(cls, projection_precision="medium", **kw),
+                             ours=True, lowrank=True))
     if hasattr(torch.optim, "Muon"):
         out.append(Entry("torch.optim.Muon (matrices only)",
                          lambda m, v: torch.optim.Muon(m, lr=0.02, weight_decay=0.0)))
