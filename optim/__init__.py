@@ -1,19 +1,20 @@
 """memopt.optim: memory-efficient torch.optim optimizers.
 
-GaLoreAdamW, DCTAdamW and FiraAdamW run on one low-rank engine (:mod:`.lowrank`); Muon and
-PolarGrad on one orthogonalized-momentum engine (:mod:`.polar`). Each serves a whole model:
-parameters that are not projected or orthogonalized get AdamW inside the same optimizer.
+One file per method holds its math (``galore.py``, ``fira.py``, ``dct.py``, ``muon.py``);
+the engine (``engine.py``) drives every step; the executors (``executors*.py``) make the same
+math fast. GaLoreAdamW, DCTAdamW and FiraAdamW are one low-rank optimizer configured three
+ways (``lowrank.py``); Muon and PolarGrad one orthogonalized one (``muon.py``). Each serves a
+whole model: parameters that are not projected or orthogonalized get AdamW in the same
+optimizer.
 """
 
-from .base import MemoptOptimizer, state_bytes
-from .dct import DCTAdamW, DCTAdamW8bit
-from .fira import FiraAdamW, FiraAdamW8bit
-from .galore import GaLoreAdamW, GaLoreAdamW8bit
+from .engine import MemoptOptimizer, state_bytes
 from .groups import param_groups
-from .lowrank import LowRankAdamW
+from .lowrank import (DCTAdamW, DCTAdamW8bit, FiraAdamW, FiraAdamW8bit, GaLoreAdamW,
+                      GaLoreAdamW8bit, LowRankAdamW)
 from .memory import estimate_memory
+from .muon import Muon, Muon8bit, OrthogonalizedOptimizer, PolarGrad, PolarGrad8bit
 from .per_layer import PerLayerHandle, step_in_backward
-from .polar import Muon, Muon8bit, OrthogonalizedOptimizer, PolarGrad, PolarGrad8bit
 from .registry import OPTIMIZER_NAMES, create_optimizer
 
 __all__ = [

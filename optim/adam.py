@@ -10,8 +10,6 @@ everything else. The low-rank engine gets u for projected gradients from the fus
 too, run at lr = 1 on "parameters" that are zero (a zeroed buffer), or that the kernel's
 weight decay of 1 zeroes first (the gradient itself: p <- p (1 - 1) + u, in place, which
 saves the buffer and a read); either way the parameter ends up holding exactly u.
-A recorded step (``graphs.py``) passes the step count, and the learning rate of the dense
-step, as 0-dim device tensors that it rewrites before each replay.
 """
 
 from __future__ import annotations
@@ -46,20 +44,18 @@ def _step_tensor(step: int, device: torch.device) -> Tensor:
     return torch.full((), float(step), dtype=torch.float32, device=device)
 
 
-def _steps(step: int | Tensor, device: torch.device, count: int) -> list[Tensor]:
-    """The fused kernel's step tensors: ``step`` itself when it is a (float32, 0-dim)
-    device tensor, else the cached tensor of that count."""
-    return [step if isinstance(step, Tensor) else _step_tensor(step, device)] * count
+def _steps(step: int, device: torch.device, count: int) -> list[Tensor]:
+    """The fused kernel's step tensors (one cached tensor of that count)."""
+    return [_step_tensor(step, device)] * count
 
 
 def adam_updates(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
-                 beta1: float, beta2: float, eps: float, step: int | Tensor,
+                 beta1: float, beta2: float, eps: float, step: int,
                  fused: bool | None = None,
                  in_place: bool = False, out: list[Tensor] | None = None) -> list[Tensor]:
     """Advance the moments of each gradient in place and return Adam's updates u (lr = 1).
 
-    ``step`` is the step count after this update (1 on the first call), a number or a 0-dim
-    float32 tensor on the gradients' device (fused kernel only). All tensors share one
+    ``step`` is the step count after this update (1 on the first call). All tensors share one
     device and dtype; the gradients must be finite. The updates are written into the
     (contiguous) gradients themselves with ``in_place``, into ``out`` if given, else into
     one new buffer. The fused path is one multi-tensor kernel over all of them;
@@ -71,8 +67,6 @@ def adam_updates(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[
         fused = fused_available(grads[0])
     if in_place:
         out = list(grads)
-    if not fused and isinstance(step, Tensor):
-        raise ValueError("a step count held in a tensor needs the fused Adam kernel")
     if not fused:
         updates = [_reference_update(g, m, v, beta1=beta1, beta2=beta2, eps=eps, step=step)
                    for g, m, v in zip(grads, exp_avgs, exp_avg_sqs)]
@@ -95,15 +89,14 @@ def adam_updates(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[
 
 
 def adamw_steps(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                exp_avg_sqs: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float,
-                eps: float, weight_decay: float, step: int | Tensor,
+                exp_avg_sqs: list[Tensor], *, lr: float, beta1: float, beta2: float,
+                eps: float, weight_decay: float, step: int,
                 fused: bool | None = None) -> None:
     """One AdamW step on dense parameters: p <- p (1 - lr wd) + lr u.
 
     Parameters whose moments share their dtype get torch's fused AdamW in place (one
     kernel, no temporaries); with wider moments (fp32 moments for a bf16 weight) u is
-    computed in the moments' dtype and rounded once into the parameter. ``lr`` and
-    ``step`` may be 0-dim device tensors (float32), read by the kernels on the device.
+    computed in the moments' dtype and rounded once into the parameter.
     """
     if not params:
         return
@@ -128,7 +121,4 @@ def adamw_steps(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     for i, update in zip(rest, updates):
         if weight_decay != 0:
             params[i].mul_(1 - lr * weight_decay)
-        if isinstance(lr, Tensor):
-            params[i].addcmul_(update.view_as(params[i]), lr)
-        else:
-            params[i].add_(update.view_as(params[i]), alpha=lr)
+        params[i].add_(update.view_as(params[i]), alpha=lr)

@@ -1,27 +1,30 @@
-"""DCTAdamW: the SVD-free low-rank optimizer of Modoranu et al. (2025), "SVD-Free Low-Rank
-Adaptive Gradient Optimization".
+"""The DCT selection of Modoranu et al. (2025), "SVD-Free Low-Rank Adaptive Gradient
+Optimization": the low-rank basis is r columns of the fixed orthonormal DCT-II matrix, the
+ones best aligned with the gradient, so only r integer indices per matrix are state and a
+refresh costs one product (or an FFT) instead of an SVD.
 
-The basis is r columns of the fixed orthonormal DCT-II matrix, those best aligned with the
-gradient; only r integer indices per matrix are state, so a refresh costs one product (or an
-FFT) instead of an SVD and the optimizer stores no basis at all.
+The reference math on one screen; :class:`memopt.optim.DCTAdamW` (GaLore-Adam with
+``projector="dct"``) uses :class:`memopt.projections.DCTProjector`, which computes the same
+selection with an FFT for long sides and generates the chosen columns from O(d) tables.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import torch
+from torch import Tensor
 
-from .galore import GaLoreAdamW
-
-
-class DCTAdamW(GaLoreAdamW):
-    """:class:`GaLoreAdamW` with ``projector="dct"``: same signature, same engine."""
-
-    def __init__(self, params: Any, *args: Any, projector: Any = "dct", **kwargs: Any) -> None:
-        super().__init__(params, *args, projector=projector, **kwargs)
+from memopt.projections import dct_matrix
 
 
-class DCTAdamW8bit(DCTAdamW):
-    """:class:`DCTAdamW` with 8-bit blockwise moments (``state_bits=8``)."""
+def dct_select(G: Tensor, side: str, r: int) -> tuple[Tensor, Tensor]:
+    """The r DCT-II vectors best aligned with G (m x n), and their indices:
 
-    def __init__(self, params: Any, *args: Any, state_bits: int = 8, **kwargs: Any) -> None:
-        super().__init__(params, *args, state_bits=state_bits, **kwargs)
+        T = DCT-II matrix of size d (row k = vector d_k; d = n right, m left)
+        e_k = ||G d_k||^2 (right) or ||d_k^T G||^2 (left)
+        idx = the r largest e_k, strongest first;  P = T[idx]^T  (d x r, orthonormal)
+    """
+    d = G.shape[1] if side == "right" else G.shape[0]
+    T = dct_matrix(d, G.device, G.dtype)
+    energy = ((G @ T.mT) if side == "right" else (T @ G).mT).square().sum(dim=0)
+    idx = torch.topk(energy, r, sorted=True).indices
+    return T[idx].mT, idx

@@ -24,6 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from memopt.projections import orthogonalize_many
+from memopt.projections.polar import work_dtype
+
 _bytes: dict[str, int] = defaultdict(int)
 
 
@@ -128,6 +131,21 @@ def scatter_rows(full: Tensor | None, like: Tensor, param: Tensor, owner: int,
         _bytes[kind] += sum(p.numel() * p.element_size() for p in parts)
     dist.scatter(out, parts, src=dist.get_global_rank(group, owner), group=group)
     return out[: like.shape[0]]
+
+
+def sharded_polar(M: Tensor, param: Tensor, index: int, method: str, steps: int | None,
+                  dtype: torch.dtype | None, redundant: bool) -> Tensor:
+    """polar() of the whole matrix whose local rows are ``M``, returned as the local rows:
+    gathered on rank ``index % world``, orthogonalized there and scattered back, or
+    all-gathered and orthogonalized on every rank (``redundant``)."""
+    if redundant:
+        full = all_gather_rows(M, param, "polar_gather")
+        return local_rows(orthogonalize_many([full], method, steps, dtype)[0], param)
+    owner = index % world_size(param)
+    full = gather_rows(M, param, owner, "polar_gather")
+    wire = work_dtype(method, M, dtype)
+    sent = None if full is None else orthogonalize_many([full], method, steps, dtype)[0].to(wire)
+    return scatter_rows(sent, M.to(wire), param, owner, "polar_scatter")
 
 
 #: State keys whose dim 0 follows the parameter's rows (and so is sharded with it).

@@ -1,37 +1,38 @@
-"""FiraAdamW (Chen et al., 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under
-Low-rank Constraint?").
+"""Fira (Chen et al., 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
+Constraint?"): GaLore's low-rank Adam direction plus the part of the gradient outside the
+subspace, scaled by the norm gain Adam gives the low-rank part, with a norm-growth limiter.
 
-GaLore's low-rank Adam update plus the part of the gradient outside the subspace,
-S = phi (G - P R), with phi = ||psi(R)|| / ||R|| per column (left basis) or row (right
-basis), and a limiter that lets ||S|| grow by at most gamma = 1.01 per step
-(:func:`memopt.optim.lowrank.fira_scales`). S is never formed: the step adds
--lr phi G and folds +lr phi P R into the low-rank product.
+The reference math on one screen; :class:`memopt.optim.FiraAdamW` runs it
+(``executors_lowrank.fira_scales`` computes phi and the limiter for batches, without forming
+the residual). We follow the paper and subtract P R, the exact in-subspace part of G, so S
+lies outside the subspace; Fira's released code subtracts scale * P R, which applies the
+in-subspace gradient a second time, raw, beside its Adam update.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import torch
+from torch import Tensor
 
-from .galore import GaLoreAdamW
+FIRA_EPS = 1e-8   # added to ||R_j|| in phi, as in Fira's released code
 
 
-class FiraAdamW(GaLoreAdamW):
-    """:class:`GaLoreAdamW` with ``residual="fira"`` and ``limiter_gamma=1.01``.
+def fira_residual(G: Tensor, R: Tensor, N: Tensor, P_R: Tensor, side: str,
+                  previous_norm: Tensor | None, gamma: float) -> tuple[Tensor, Tensor]:
+    """Fira's residual S and its norm, for G (m x n), R = project(G), N = Adam(R) and
+    P_R = project_back(R):
 
-    W <- W (1 - lr wd) - lr (scale P psi(R) + S), R = P^T G, S = phi (G - P R).
-    We follow the paper and subtract P R, the exact in-subspace part of G, so S lies
-    outside the subspace. Fira's released code subtracts scale * P R, which leaves
-    (1 - scale) P R inside S: the in-subspace gradient is then applied a second time, raw,
-    beside its Adam update.
+        phi_j = ||N_j|| / (||R_j|| + eps)      per column j (left basis) or row (right)
+        S = phi * (G - P_R)
+        if ||S|| > gamma ||S_prev||:  S <- S * gamma ||S_prev|| / ||S||     (limiter)
+
+    The step adds -lr S to GaLore's. Returns (S, ||S||) (the norm to pass next step).
     """
-
-    def __init__(self, params: Any, *args: Any, limiter_gamma: float = 1.01,
-                 residual: str = "fira", **kwargs: Any) -> None:
-        super().__init__(params, *args, limiter_gamma=limiter_gamma, residual=residual, **kwargs)
-
-
-class FiraAdamW8bit(FiraAdamW):
-    """:class:`FiraAdamW` with 8-bit blockwise moments (``state_bits=8``)."""
-
-    def __init__(self, params: Any, *args: Any, state_bits: int = 8, **kwargs: Any) -> None:
-        super().__init__(params, *args, state_bits=state_bits, **kwargs)
+    dim = 0 if side == "left" else 1       # norms over R's r coordinates of each column/row
+    phi = torch.linalg.vector_norm(N, dim=dim) / (torch.linalg.vector_norm(R, dim=dim) + FIRA_EPS)
+    S = phi.unsqueeze(dim) * (G.to(R.dtype) - P_R)
+    norm = torch.linalg.vector_norm(S)
+    if previous_norm is not None and norm > gamma * previous_norm:
+        S = S * (gamma * previous_norm / norm)
+        norm = gamma * previous_norm
+    return S, norm

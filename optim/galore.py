@@ -1,35 +1,47 @@
-"""GaLore: Adam in the top-r singular subspace of each gradient (Zhao et al., 2024,
-"GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection").
+"""GaLore-Adam (Zhao et al., 2024, "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+Projection"): Adam in a rank-r subspace of each matrix gradient.
 
-Paper defaults for LLaMA pretraining: rank 128-512, update_proj_gap 200, scale 0.25, lr 0.01.
+The reference math on one screen; :class:`memopt.optim.GaLoreAdamW` runs it (the fast
+executor, ``executors_lowrank.py``, computes the same on batches). Paper defaults for LLaMA
+pretraining: rank 128-512, update_proj_gap 200, scale 0.25, lr 0.01.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from .lowrank import LowRankAdamW
+from torch import Tensor
 
 
-class GaLoreAdamW(LowRankAdamW):
-    """GaLore-Adam: :class:`LowRankAdamW` with the SVD projector (``projector="svd"``).
+def project(G: Tensor, P: Tensor, side: str) -> Tensor:
+    """R = P^T G (left basis P, m x r) or G P (right basis P, n x r)."""
+    return P.mT @ G if side == "left" else G @ P
 
-    ``GaLoreAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=128,
-    update_proj_gap=200, scale=0.25, projector="svd", state_bits=32)``; every argument of
-    :class:`LowRankAdamW` is accepted. ``projector`` may also be "dct", "polar" or a callable.
+
+def project_back(N: Tensor, P: Tensor, side: str) -> Tensor:
+    """P N (left) or N P^T (right): the adjoint of :func:`project`."""
+    return P @ N if side == "left" else N @ P.mT
+
+
+def adam_direction(R: Tensor, m: Tensor, v: Tensor, t: int, beta1: float, beta2: float,
+                   eps: float) -> Tensor:
+    """m <- b1 m + (1 - b1) R; v <- b2 v + (1 - b2) R^2 (in place); return
+    N = m_hat / (sqrt(v_hat) + eps), with m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)."""
+    m.mul_(beta1).add_(R, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(R, R, value=1 - beta2)
+    return (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+
+
+def galore_adam(G: Tensor, P: Tensor, side: str, m: Tensor, v: Tensor, t: int, *,
+                beta1: float, beta2: float, eps: float, scale: float
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """One GaLore-Adam direction for a gradient G (m x n) and an orthonormal basis P.
+
+        R = project(G)                 (r x n or m x r: the moments' shape)
+        N = Adam(R)                    (moments m, v advanced in place, step t)
+        D = scale * project_back(N)    (the full-size direction)
+
+    The step is W <- W (1 - lr wd) - lr D. Returns (R, N, D); Fira reads R and N.
     """
+    R = project(G.to(P.dtype), P, side)
+    N = adam_direction(R, m, v, t, beta1, beta2, eps)
+    return R, N, scale * project_back(N, P, side)
 
-    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, rank: int | None = 128,
-                 update_proj_gap: int = 200, scale: float = 0.25, projector: Any = "svd",
-                 state_bits: int = 32, **kwargs: Any) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                         projector=projector, state_bits=state_bits, **kwargs)
-
-
-class GaLoreAdamW8bit(GaLoreAdamW):
-    """:class:`GaLoreAdamW` with 8-bit blockwise moments (``state_bits=8``)."""
-
-    def __init__(self, params: Any, *args: Any, state_bits: int = 8, **kwargs: Any) -> None:
-        super().__init__(params, *args, state_bits=state_bits, **kwargs)

@@ -13,15 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from memopt.projections import DCTProjector, PolarProjector, SVDProjector
 from memopt.projections.base import compute_dtype, resolve_side
-from memopt.projections.dct import dct_table_bytes
 
-from .base import MemoptOptimizer, as_matrix, moment_dtype, state_bytes
-from .lowrank import PROJ_PREFIX, LowRankAdamW
-from .polar import OrthogonalizedOptimizer
+from .engine import MemoptOptimizer, moment_dtype, state_bytes
+from .executors import as_matrix, basis_dim
+from .lowrank import LowRankAdamW
+from .muon import OrthogonalizedOptimizer
 from .registry import create_optimizer
-from .states import tensor_bytes
+from .states import adam_specs, spec_bytes, tensor_bytes
 
 META = torch.device("meta")
 
@@ -68,56 +67,35 @@ def estimate_memory(model_or_config: Any, optimizer_name: str, *, per_layer: boo
 
 
 def _memopt_state_bytes(optimizer: MemoptOptimizer) -> int:
-    """``state_bytes(optimizer)`` after its first step, computed from shapes alone.
-
-    Per parameter, the state the optimizer creates, as meta tensors: low-rank moments and
-    basis (:func:`_lowrank_state`), a momentum buffer of the matrix shape for orthogonalized
-    matrices, AdamW's two moments otherwise; plus the shared DCT tables, once per size.
-    """
-    total, dct_sizes = 0, set()
+    """``state_bytes(optimizer)`` after its first step, from shapes alone: each parameter's
+    state as the optimizer describes it (``state_specs``: low-rank moments, Fira's norm and
+    the projector's basis or indices; a momentum buffer; AdamW's two moments otherwise),
+    plus the state its projectors share (DCT tables, once per size)."""
+    total, shared = 0, {}
     for group in optimizer.param_groups:
-        store = optimizer._store(group["state_bits"])
         for p in group["params"]:
             if not p.requires_grad:
                 continue
-            state: dict[str, Any] = {}
             if isinstance(optimizer, LowRankAdamW) and optimizer.is_projected(group, p):
-                dct_sizes |= _lowrank_state(optimizer, group, p, state)
+                specs = optimizer.state_specs(group, p)
+                table = _shared_table(optimizer, group, p)
+                if table is not None:
+                    shared[table[0]] = table[1]
             elif (isinstance(optimizer, OrthogonalizedOptimizer)
                   and optimizer.is_orthogonalized(group, p)):
-                store.init(state, "momentum_buffer", as_matrix(p).shape, META, moment_dtype(p))
+                specs = optimizer.state_specs(group, p)
             else:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    store.init(state, key, p.shape, META, moment_dtype(p))
-            total += sum(tensor_bytes(v) for v in state.values())
-    return total + sum(dct_table_bytes(d, META, dtype) for d, dtype in dct_sizes)
+                specs = adam_specs(tuple(p.shape), moment_dtype(p))
+            total += spec_bytes(specs, group["state_bits"])
+    return total + sum(shared.values())
 
 
-def _lowrank_state(optimizer: LowRankAdamW, group: dict[str, Any], p: Tensor,
-                   state: dict[str, Any]) -> set[tuple[int, torch.dtype]]:
-    """Fill ``state`` with meta tensors of a projected matrix's state; return DCT table sizes.
-
-    For an (m, n) matrix and rank r: moments (m, r) with a right basis, (r, n) with a left
-    one; the basis (d, r) for SVD and polar, r int64 indices for DCT; Fira's residual norm.
-    """
-    store = optimizer._store(group["state_bits"])
-    projector = optimizer._projector(p, group)
-    m, n = as_matrix(p).shape
-    side = resolve_side(projector.requested_side, (m, n))
-    d = n if side == "right" else m
-    r = min(projector.rank, d)
-    dtype = compute_dtype(p.dtype)            # bases, projected gradients and moments
-    for key in ("exp_avg", "exp_avg_sq"):
-        store.init(state, key, (m, r) if side == "right" else (r, n), META, dtype)
-    if group["residual"] == "fira":
-        state["residual_norm"] = torch.empty((), dtype=dtype, device=META)
-    if isinstance(projector, DCTProjector):
-        state[PROJ_PREFIX + "indices"] = torch.empty(r, dtype=torch.int64, device=META)
-        return {(d, dtype)}
-    if isinstance(projector, (SVDProjector, PolarProjector)):
-        state[PROJ_PREFIX + "basis"] = torch.empty((d, r), dtype=dtype, device=META)
-        return set()
-    raise ValueError(f"cannot estimate the state of projector {type(projector).__name__}")
+def _shared_table(optimizer: LowRankAdamW, group: dict[str, Any], p: Tensor) -> Any:
+    """The (key, bytes) of the state p's projector shares with others, or None."""
+    proj = optimizer.projector(p, group)
+    shape = tuple(as_matrix(p).shape)
+    side = resolve_side(proj.requested_side, shape)
+    return proj.shared_table(basis_dim(shape, side), META, compute_dtype(p.dtype))
 
 
 def _stepped_state_bytes(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> int:

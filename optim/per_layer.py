@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import MemoptOptimizer
+from .engine import MemoptOptimizer
 
 
 class PerLayerHandle:

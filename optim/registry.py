@@ -15,11 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .dct import DCTAdamW, DCTAdamW8bit
-from .fira import FiraAdamW, FiraAdamW8bit
-from .galore import GaLoreAdamW, GaLoreAdamW8bit
 from .groups import param_groups
-from .polar import Muon, Muon8bit, PolarGrad, PolarGrad8bit
+from .lowrank import (DCTAdamW, DCTAdamW8bit, FiraAdamW, FiraAdamW8bit, GaLoreAdamW,
+                      GaLoreAdamW8bit)
+from .muon import Muon, Muon8bit, PolarGrad, PolarGrad8bit
 
 
 def _torch_adamw(params: Any, **kwargs: Any) -> torch.optim.Optimizer:

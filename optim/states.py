@@ -15,7 +15,9 @@ for 8-bit ones.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,21 +62,74 @@ def dequantize(q: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     return out.view(q.shape)
 
 
+#: The quantizable state of every method: first moments and momentum may be negative (the
+#: signed dynamic map), second moments may not.
+SIGNED = {"exp_avg": True, "exp_avg_sq": False, "momentum_buffer": True}
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One tensor of a parameter's state: its key, shape and dtype when kept unquantized;
+    ``quantizable``: kept in 8 bits (codes + absmax) with ``state_bits=8`` when it has at
+    least ``MIN_8BIT_NUMEL`` elements (of the whole tensor, for an FSDP2 shard); ``fill``:
+    its first value (quantizable ones start at zero)."""
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    quantizable: bool = False
+    fill: float = 0.0
+
+
+def adam_specs(shape: tuple[int, ...], dtype: torch.dtype) -> list[StateSpec]:
+    """Adam's moments m and v of a tensor of ``shape``."""
+    return [StateSpec("exp_avg", tuple(shape), dtype, True),
+            StateSpec("exp_avg_sq", tuple(shape), dtype, True)]
+
+
+def momentum_specs(shape: tuple[int, ...], dtype: torch.dtype) -> list[StateSpec]:
+    """Muon's / PolarGrad's momentum buffer of a matrix of ``shape``."""
+    return [StateSpec("momentum_buffer", tuple(shape), dtype, True)]
+
+
+def spec_bytes(specs: list[StateSpec], bits: int) -> int:
+    """Bytes the tensors of ``specs`` take once made at ``bits`` (what ``init`` makes)."""
+    total = 0
+    for spec in specs:
+        numel = math.prod(spec.shape)
+        if spec.quantizable and bits == 8 and numel >= MIN_8BIT_NUMEL:
+            total += numel + 4 * -(-numel // BLOCKSIZE)          # uint8 codes + fp32 absmax
+        else:
+            total += numel * torch.empty((), dtype=spec.dtype, device="meta").element_size()
+    return total
+
+
 class MomentStore:
-    """Reads and writes named moments of one parameter's state at a fixed bit width.
+    """Makes, reads and writes the state of :class:`StateSpec` s at a fixed bit width.
 
     ``read`` returns an fp32 tensor to update in place; ``write`` stores it back (a no-op
-    for fp32 moments, which ``read`` returned themselves). ``signed`` maps each moment name
-    to whether it can be negative (first moments) or not (second moments).
+    for fp32 moments, which ``read`` returned themselves). ``signed`` maps each quantizable
+    key to whether it can be negative (default :data:`SIGNED`).
     """
 
-    def __init__(self, bits: int, signed: Mapping[str, bool]) -> None:
+    def __init__(self, bits: int, signed: Mapping[str, bool] | None = None) -> None:
         if bits not in (8, 32):
             raise ValueError(f"state_bits must be 8 or 32, got {bits!r}")
         if bits == 8:
             _bitsandbytes()
         self.bits = bits
-        self.signed = dict(signed)
+        self.signed = dict(SIGNED if signed is None else signed)
+
+    def make(self, state: dict, specs: list[StateSpec], device: torch.device,
+             rows: tuple[int, int] = (1, 1)) -> None:
+        """Zero tensors for ``specs`` in ``state``. ``rows``: (global, local) rows of an FSDP2
+        shard, whose state has local shapes but is kept in 8 bits as the whole would be."""
+        for spec in specs:
+            if spec.quantizable:
+                self.init(state, spec.key, spec.shape, device, spec.dtype,
+                          full_numel=math.prod(spec.shape) * rows[0] // max(1, rows[1]))
+            else:
+                state[spec.key] = torch.full(spec.shape, spec.fill, dtype=spec.dtype,
+                                             device=device)
 
     def quantized(self, numel: int) -> bool:
         return self.bits == 8 and numel >= MIN_8BIT_NUMEL
@@ -106,7 +161,7 @@ class MomentStore:
             state[key].copy_(value)
 
     def adam_updates(self, states: list[dict], grads: list[Tensor], *, beta1: float,
-                     beta2: float, eps: float, step: int | Tensor, in_place: bool = False,
+                     beta2: float, eps: float, step: int, in_place: bool = False,
                      out: list[Tensor] | None = None) -> list[Tensor]:
         """Advance ``exp_avg`` / ``exp_avg_sq`` of each state with its gradient (all of one
         device) and return Adam's updates u (lr = 1): written over the (contiguous)
@@ -136,10 +191,9 @@ class MomentStore:
         return result
 
     def adamw_steps(self, states: list[dict], params: list[Tensor], grads: list[Tensor], *,
-                    lr: float | Tensor, beta1: float, beta2: float, eps: float,
-                    weight_decay: float, step: int | Tensor) -> None:
-        """One AdamW step of dense parameters (all of one device) with moments kept here
-        (``lr`` and ``step`` as device tensors only for fp32 moments: a recorded step)."""
+                    lr: float, beta1: float, beta2: float, eps: float,
+                    weight_decay: float, step: int) -> None:
+        """One AdamW step of dense parameters (all of one device) with moments kept here."""
         plain = [i for i, s in enumerate(states) if s["exp_avg"].dtype != torch.uint8]
         adam.adamw_steps([params[i] for i in plain], [grads[i] for i in plain],
                          [states[i]["exp_avg"] for i in plain],

@@ -9,7 +9,6 @@ GaLore (Zhao et al., 2024) calls the default side choice, the smaller dimension,
 from __future__ import annotations
 
 import contextlib
-import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -74,52 +73,9 @@ def full_fp32_matmul() -> contextlib.AbstractContextManager[None]:
     return float32_matmul_precision("highest")
 
 
-#: Row length, in bytes, that GPU matrix products want: a matrix whose rows are not a
-#: multiple of 16 bytes long (LLaMA's 5461 columns) gets the slower unaligned kernels.
-ALIGN_BYTES = 16
-
-
-def aligned_width(n: int, like: Tensor) -> int:
-    """``n`` rounded up so that rows of ``n`` elements of ``like``'s dtype are aligned
-    (CUDA only; on the CPU rows are never padded)."""
-    if not like.is_cuda:
-        return n
-    per = max(1, ALIGN_BYTES // like.element_size())
-    return -(-n // per) * per
-
-
-@functools.lru_cache(maxsize=None)
-def products_cast_into_fp32(device_type: str, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether matrix products of ``dtype`` factors on this device can write fp32 results
-    (``out_dtype``: CUDA in recent torch, for bf16 and fp16), in place into an fp32 matrix
-    too. A capability probe: where torch lacks the kernel it raises, and this returns False."""
-    try:
-        C = torch.zeros(2, 2, device=device_type)
-        A = torch.ones(2, 2, dtype=dtype, device=device_type)
-        torch.addmm(C, A, A, out_dtype=torch.float32, out=C)
-        return bool(C[0, 0] == 2)
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
-
-
-def bf16_product(A: Tensor, B: Tensor, out: Tensor | None = None) -> Tensor:
-    """A @ B in fp32 from bf16 factors (2-D, or 3-D batches): products of the bf16 values
-    summed in fp32, as tensor cores do (``out_dtype``); elsewhere the same factors widened
-    to fp32 and multiplied in full fp32, which differs only in the order of the sums."""
-    if products_cast_into_fp32(A.device.type):
-        product = torch.mm if A.ndim == 2 else torch.bmm
-        return product(A, B, out_dtype=torch.float32, out=out)
-    with full_fp32_matmul():
-        return torch.matmul(A.float(), B.float(), out=out)
-
-
 def project_onto(G: Tensor, B: Tensor, side: str, out: Tensor | None = None) -> Tensor:
     """Low-rank coordinates of G in basis B: G B (right, m x r) or B^T G (left, r x n), in
-    B's dtype (written into ``out`` if given); a bf16 basis gives fp32 coordinates of G
-    rounded to bf16 (:func:`bf16_product`)."""
-    if B.dtype == torch.bfloat16:
-        G = G.to(torch.bfloat16)
-        return bf16_product(G, B, out) if side == "right" else bf16_product(B.mT, G, out)
+    B's dtype (written into ``out`` if given)."""
     if G.dtype != B.dtype:
         G = G.to(B.dtype)
     return torch.mm(G, B, out=out) if side == "right" else torch.mm(B.mT, G, out=out)
@@ -130,19 +86,6 @@ def lift(L: Tensor, B: Tensor, side: str) -> Tensor:
     if L.dtype != B.dtype:
         L = L.to(B.dtype)
     return torch.mm(L, B.mT) if side == "right" else torch.mm(B, L)
-
-
-def bases(projectors: Sequence["Projector"]) -> list[Tensor]:
-    """``basis()`` of each projector; projectors of one class that generate their bases
-    share the work (DCT: one generated matrix per size)."""
-    out: list[Tensor | None] = [None] * len(projectors)
-    by_class: dict[type, list[int]] = {}
-    for i, proj in enumerate(projectors):
-        by_class.setdefault(type(proj), []).append(i)
-    for cls, indices in by_class.items():
-        for i, B in zip(indices, cls.basis_many([projectors[i] for i in indices])):
-            out[i] = B
-    return out
 
 
 class Projector(ABC):
@@ -222,6 +165,19 @@ class Projector(ABC):
     def basis(self) -> Tensor:
         """The orthonormal basis as a dense (d x r) tensor."""
 
+    @abstractmethod
+    def state_shapes(self, dim: int, r: int, dtype: torch.dtype
+                     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each tensor of :meth:`state_dict` for a basis of ``r``
+        vectors of length ``dim`` built in ``dtype`` (without building it)."""
+
+    def shared_table(self, dim: int | None = None, device: torch.device | None = None,
+                     dtype: torch.dtype | None = None) -> tuple[Any, int] | None:
+        """(key, bytes) of state this projector shares with others of the same key (DCT:
+        the O(d) tables of its size), or None; for its own basis, or for one of length
+        ``dim`` on ``device`` in ``dtype`` (an estimate before any update)."""
+        return None
+
     @classmethod
     def basis_many(cls, projectors: Sequence["Projector"]) -> list[Tensor]:
         """``basis()`` of each projector of this class (overridden where they share work)."""
@@ -295,6 +251,10 @@ class StoredBasisProjector(Projector):
     def basis(self) -> Tensor:
         self._check_fitted()
         return self._basis
+
+    def state_shapes(self, dim: int, r: int, dtype: torch.dtype
+                     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"basis": ((dim, r), dtype)}
 
     def _basis_state(self) -> dict[str, Any]:
         return {"basis": self._basis, "seed": self.seed, "draws": self.draws}

@@ -180,6 +180,18 @@ class DCTProjector(Projector):
                 out[i] = B
         return out
 
+    def state_shapes(self, dim: int, r: int, dtype: torch.dtype
+                     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"indices": ((r,), torch.int64)}
+
+    def shared_table(self, dim: int | None = None, device: torch.device | None = None,
+                     dtype: torch.dtype | None = None) -> tuple[Any, int]:
+        """The O(d) tables of a size, dtype and device, which every DCT projector of them
+        generates its columns from."""
+        if dim is None:
+            dim, device, dtype = self.dim, self.indices.device, self.dtype
+        return (dim, str(device), dtype), dct_table_bytes(dim, device, dtype)
+
     def _basis_state(self) -> dict[str, Any]:
         return {"indices": self.indices, "float64": int(self.dtype == torch.float64)}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,28 +51,40 @@ DEFAULT_STEPS = {"newton_schulz": 5, "polar_express": 5}
 METHODS = ("newton_schulz", "polar_express", "svd")
 
 
-def polynomial_iteration(X: Tensor, coefficients: Sequence[Coefficients],
-                         last_factor: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """Map every singular value s of each matrix in X (batch, m, n) to a s + b s^3 + c s^5.
+def gram_factor(X: Tensor, coefficients: Sequence[Coefficients]) -> Tensor:
+    """The small factor Q of ``len(coefficients)`` polynomial steps on X (batch, m, n):
+    the steps turn X into Q X (wide) or X Q (tall), Q being short x short.
 
-    The Gram matrix is taken on the short side: X <- (a I + b A + c A^2) X with A = X X^T for
-    a wide X, X <- X (a I + b A + c A^2) with A = X^T X for a tall one, so a tall matrix
-    needs no transposed copy. The small factor is formed in place (b A + c A^2 in one
-    product, a added to its diagonal), so each step is three products and no copy of X.
-    ``last_factor``: return (X before the last step, that step's small factor M) instead,
-    for a caller that takes the last product itself (M X wide, X M tall).
+    One step maps every singular value s to a s + b s^3 + c s^5: with the short side's Gram
+    matrix R = X X^T (wide; X^T X tall) its factor is M = a I + b R + c R^2 (b R + c R^2 in
+    one product, a added to the diagonal: no copy of X). Further steps iterate R <- M R M
+    and multiply their factors (polynomials in R, so they commute) into Q: only short x short
+    matrices are iterated after the first Gram product.
     """
     tall = X.shape[-2] > X.shape[-1]
-    M = None
-    for a, b, c in coefficients:
-        if M is not None:
-            X = torch.bmm(X, M) if tall else torch.bmm(M, X)
-        A = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
-        M = torch.baddbmm(A, A, A, beta=b, alpha=c) if c != 0.0 else A.mul_(b)
+    R = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
+    Q = None
+    for k, (a, b, c) in enumerate(coefficients):
+        M = torch.baddbmm(R, R, R, beta=b, alpha=c) if c != 0.0 else R.mul(b)
         M.diagonal(dim1=-2, dim2=-1).add_(a)
-    if last_factor:
-        return X, M
-    return torch.bmm(X, M) if tall else torch.bmm(M, X)
+        Q = M if Q is None else torch.bmm(Q, M)
+        if k < len(coefficients) - 1:
+            R = torch.bmm(M, torch.bmm(R, M))
+    return Q
+
+
+def apply_factor(Q: Tensor, X: Tensor) -> Tensor:
+    """Q X for a wide X, X Q for a tall one (the product :func:`gram_factor` leaves)."""
+    return torch.bmm(X, Q) if X.shape[-2] > X.shape[-1] else torch.bmm(Q, X)
+
+
+def polynomial_iteration(X: Tensor, coefficients: Sequence[Coefficients]) -> Tensor:
+    """Map every singular value s of each matrix in X (batch, m, n) to a s + b s^3 + c s^5,
+    one step per (a, b, c): X <- (a I + b A + c A^2) X with A = X X^T (wide; X (...) with
+    A = X^T X tall, so a tall matrix needs no transposed copy); three products a step."""
+    for coefficient in coefficients:
+        X = apply_factor(gram_factor(X, [coefficient]), X)
+    return X
 
 
 #: A rectangular batch at least this many times longer than wide (and 3 steps or more) is
@@ -86,38 +98,26 @@ GRAM_RESTART = 2
 
 
 def gram_polynomial_iteration(X: Tensor, coefficients: Sequence[Coefficients],
-                              restart: int = GRAM_RESTART,
-                              last_factor: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """The map of :func:`polynomial_iteration`, computed on the short side's Gram matrix.
-
-    For a wide X with R = X X^T, a step's factor M = a I + b R + c R^2 turns X into M X, so
-    R becomes M R M, and the factors (polynomials in R, so they commute) multiply into Q with
-    X_k = Q X_0: only short x short matrices are iterated, and X is read by the first Gram
-    product and by the final Q X (tall: R = X^T X and X Q). Rounding makes R drift from the
-    Gram matrix of the X it stands for, so after ``restart`` steps X is formed once and R
-    taken afresh (Dao lab, "Gram Newton-Schulz", 2026). ``last_factor`` returns (X, Q) with
-    the last product left to the caller, as :func:`polynomial_iteration`.
-    """
-    tall = X.shape[-2] > X.shape[-1]
-    phases = [list(coefficients[:restart]), list(coefficients[restart:])]
-    phases = [phase for phase in phases if phase]
-    for i, phase in enumerate(phases):
-        R = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
-        Q = None
-        for k, (a, b, c) in enumerate(phase):
-            M = torch.baddbmm(R, R, R, beta=b, alpha=c) if c != 0.0 else R.mul(b)
-            M.diagonal(dim1=-2, dim2=-1).add_(a)
-            Q = M if Q is None else torch.bmm(Q, M)
-            if k < len(phase) - 1:
-                R = torch.bmm(M, torch.bmm(R, M))
-        if i == len(phases) - 1 and last_factor:
-            return X, Q
-        X = torch.bmm(X, Q) if tall else torch.bmm(Q, X)
+                              restart: int = GRAM_RESTART) -> Tensor:
+    """The map of :func:`polynomial_iteration` computed on the short side's Gram matrix
+    (:func:`gram_factor`): X is read by the first Gram product and by the final Q X.
+    Rounding makes the iterated R drift from the Gram matrix of the X it stands for, so
+    after ``restart`` steps X is formed once and R taken afresh (Dao lab, "Gram
+    Newton-Schulz", 2026)."""
+    for phase in gram_phases(coefficients, restart):
+        X = apply_factor(gram_factor(X, phase), X)
     return X
 
 
+def gram_phases(coefficients: Sequence[Coefficients], restart: int = GRAM_RESTART
+                ) -> list[list[Coefficients]]:
+    """The steps before and after the restart (the second part empty when there is none)."""
+    return [phase for phase in (list(coefficients[:restart]), list(coefficients[restart:]))
+            if phase]
+
+
 def uses_gram_form(shape: tuple[int, int], method: str, steps: int | None) -> bool:
-    """Whether :func:`iterate_polar_` takes the Gram form for (m x n) matrices."""
+    """Whether (m x n) matrices are iterated in Gram form (:func:`gram_polynomial_iteration`)."""
     if method == "svd":
         return False
     m, n = shape[-2:]
@@ -166,20 +166,6 @@ def work_dtype(method: str, G: Tensor, dtype: torch.dtype | None = None) -> torc
     return iteration_dtype(G, dtype)
 
 
-def polar_buffer(count: int, shape: tuple[int, int], dtype: torch.dtype,
-                 device: torch.device, pad_to: int | None = None) -> Tensor:
-    """An uninitialized (count, m, cols) buffer for ``count`` (m x n) matrices whose padding
-    columns (n to cols, a multiple of ``pad_to``: default 64 on CUDA, 1 elsewhere) are zero.
-    Fill ``buffer[i, :, :n]``, then call :func:`iterate_polar_`."""
-    m, n = shape
-    multiple = pad_to if pad_to is not None else (64 if torch.device(device).type == "cuda" else 1)
-    cols = -(-n // multiple) * multiple
-    buffer = torch.empty((count, m, cols), dtype=dtype, device=device)
-    if cols > n:
-        buffer[..., n:].zero_()
-    return buffer
-
-
 def frobenius_norms(buffer: Tensor) -> Tensor:
     """||buffer[i]||_F of each matrix of a (count, m, n) buffer, accumulated in fp32 (fp64)."""
     acc = torch.float64 if buffer.dtype == torch.float64 else torch.float32
@@ -195,51 +181,31 @@ def polar_scales(norms: Tensor, method: str) -> Tensor:
     return (norms * POLAR_EXPRESS_SAFETY + 1e-7).reciprocal()
 
 
-class PolarParts(NamedTuple):
-    """What :func:`iterate_polar_` returns: ``scaled``, the input as the iteration saw it;
-    ``X``, the polar factors (or, with ``last_factor``, X before the last product, whose
-    factor is ``M``: polar = M X for wide matrices, X M for tall ones; else None);
-    ``scales``, what each input was multiplied by ((count,), fp32 or fp64)."""
-    scaled: Tensor
-    X: Tensor
-    M: Tensor | None
-    scales: Tensor
-
-
-def iterate_polar_(buffer: Tensor, method: str, steps: int | None = None,
-                   norms: Tensor | None = None, last_factor: bool = False) -> PolarParts:
-    """Polar factors of the matrices in ``buffer`` (count, m, cols), scaled first (in place,
-    or into an fp16 copy for the Gram form; :func:`polar_scales`, the exact "svd" needs no
-    scaling); rectangular batches take the Gram form (:func:`uses_gram_form`)."""
-    if norms is None:
-        norms = frobenius_norms(buffer)
-    if method == "svd":
-        scales = torch.ones_like(norms)
-        return PolarParts(buffer, _exact_polar(buffer).to(buffer.dtype), None, scales)
-    scales = polar_scales(norms, method)
-    gram = uses_gram_form(tuple(buffer.shape), method, steps)
-    dtype = factor_dtype(buffer.dtype, gram)
-    factors = scales.to(buffer.dtype if dtype == buffer.dtype else torch.float32).view(-1, 1, 1)
-    if dtype == buffer.dtype:
-        scaled = buffer.mul_(factors)
-    else:
-        scaled = torch.mul(buffer, factors, out=torch.empty_like(buffer, dtype=dtype))
-    iterate = gram_polynomial_iteration if gram else polynomial_iteration
-    out = iterate(scaled, schedule(method, steps), last_factor=last_factor)
-    X, M = out if last_factor else (out, None)
-    return PolarParts(scaled, X, M, scales)
-
-
 def _polar_batch(mats: Sequence[Tensor], method: str, steps: int | None,
                  dtype: torch.dtype | None, pad_to: int | None) -> Tensor:
     """Polar factors of same-shape matrices, as a (b, m, n) view in the work dtype."""
     first = mats[0]
-    n = first.shape[1]
-    buffer = polar_buffer(len(mats), tuple(first.shape), work_dtype(method, first, dtype),
-                          first.device, pad_to if method != "svd" else 1)
-    for slot, M in enumerate(mats):
-        buffer[slot, :, :n].copy_(M)
-    return iterate_polar_(buffer, method, steps).X[..., :n]
+    (m, n), work = first.shape, work_dtype(method, first, dtype)
+    if method == "svd":
+        return _exact_polar(torch.stack(list(mats))).to(work)
+    multiple = pad_to if pad_to is not None else (64 if first.is_cuda else 1)
+    cols = -(-n // multiple) * multiple                   # zero columns: polar([X 0]) = [U 0]
+    buffer = torch.zeros((len(mats), m, cols), dtype=work, device=first.device)
+    torch._foreach_copy_([slot[:, :n] for slot in buffer.unbind(0)], list(mats))
+    scales = polar_scales(frobenius_norms(buffer), method)
+    gram = uses_gram_form(tuple(buffer.shape), method, steps)
+    X = scale_into(buffer, scales, factor_dtype(work, gram))
+    iterate = gram_polynomial_iteration if gram else polynomial_iteration
+    return iterate(X, schedule(method, steps))[..., :n]
+
+
+def scale_into(buffer: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """Each matrix of ``buffer`` times its scale: in place when ``dtype`` is the buffer's,
+    else into a new ``dtype`` buffer (the product taken in fp32, rounded once)."""
+    if dtype == buffer.dtype:
+        return buffer.mul_(scales.to(dtype).view(-1, 1, 1))
+    return torch.mul(buffer, scales.float().view(-1, 1, 1),
+                     out=torch.empty_like(buffer, dtype=dtype))
 
 
 def orthogonalize(G: Tensor, method: str = "newton_schulz", steps: int | None = None,

@@ -14,16 +14,11 @@ at an idle clock (it measured up to 25% slower that way).
 ``--profile FILE`` appends, per optimizer, torch.profiler's table of the kernels of three
 non-refresh steps (device time per kernel, and the host time of the whole step).
 The "projection_precision=medium" rows multiply bf16 factors (fp32 sums and results) in the
-step's projections and lifts instead of TF32 ones. The "cuda_graph=True" rows replay
-memopt's low-rank steps from a recorded CUDA graph (the other rows step eagerly, the
-default). The first two steps after the first one are not timed
-(for those rows one eager warm-up and one recording), and "replayed" says which share of the
-timed steps were replays. ``--side-streams N`` sets how many streams a
-recorded step spreads its matrix products over (``memopt.optim.graphs.SIDE_STREAMS``).
-``--products`` adds rows for the matrix products alone, a floor under every low-rank step:
-each matrix's projection and lift (``project_onto`` and ``add_lifted_``, TF32 on CUDA, on
-random orthonormal bases of the rank), replayed as one CUDA graph with the products in order
-and spread over 2 and 4 side streams (on the CPU: in order, eagerly).
+step's projections and lifts instead of TF32 ones. The two steps after the first one are
+not timed (warm-up).
+``--products`` adds a row for the matrix products alone, a floor under every low-rank step:
+each matrix's projection and lift (``project_onto`` and ``executors_lowrank.lift_into_``,
+TF32 on CUDA, on random orthonormal bases of the rank), one after another, eagerly.
 Peers (bitsandbytes, galore-torch, fira) are measured when installed (``pip install
 memopt[bench]``).
 """
@@ -41,7 +36,6 @@ from typing import Any
 import torch
 
 from memopt import optim as mo
-from memopt.optim import graphs
 
 from .timing import (environment, markdown_table, median, resolve_device, synchronize,
                      time_ms, warm_up, write_json)
@@ -144,8 +138,6 @@ def entries(rank: int) -> list[Entry]:
         Entry("memopt GaLoreAdamW", lowrank(mo.GaLoreAdamW), ours=True, lowrank=True),
         Entry("memopt GaLoreAdamW (check_finite=False)", lowrank(mo.GaLoreAdamW, check_finite=False),
               ours=True, lowrank=True),
-        Entry("memopt GaLoreAdamW (cuda_graph=True)", lowrank(mo.GaLoreAdamW, cuda_graph=True),
-              ours=True, lowrank=True),
         Entry("memopt GaLoreAdamW (svd randomized)", lowrank(
             mo.GaLoreAdamW, projector_options={"method": "randomized"}), ours=True, lowrank=True),
         Entry("memopt GaLoreAdamW (polar)", lowrank(mo.GaLoreAdamW, projector="polar"),
@@ -154,19 +146,13 @@ def entries(rank: int) -> list[Entry]:
         Entry("memopt DCTAdamW", lowrank(mo.DCTAdamW), ours=True, lowrank=True),
         Entry("memopt DCTAdamW (check_finite=False)", lowrank(mo.DCTAdamW, check_finite=False),
               ours=True, lowrank=True),
-        Entry("memopt DCTAdamW (cuda_graph=True)", lowrank(mo.DCTAdamW, cuda_graph=True),
-              ours=True, lowrank=True),
         Entry("memopt DCTAdamW8bit", lowrank(mo.DCTAdamW8bit), ours=True, lowrank=True),
         Entry("memopt FiraAdamW", lowrank(mo.FiraAdamW), ours=True, lowrank=True),
-        Entry("memopt FiraAdamW (cuda_graph=True)", lowrank(mo.FiraAdamW, cuda_graph=True),
-              ours=True, lowrank=True),
         Entry("memopt FiraAdamW8bit", lowrank(mo.FiraAdamW8bit), ours=True, lowrank=True),
     ]
-    for cls in (mo.GaLoreAdamW, mo.DCTAdamW, mo.FiraAdamW):     # bf16 factors, eager and recorded
-        for extra, kw in (("", {}), (", cuda_graph=True", {"cuda_graph": True})):
-            out.append(Entry(f"memopt {cls.__name__} (projection_precision=medium{extra})",
-                             lowrank(cls, projection_precision="medium", **kw),
-                             ours=True, lowrank=True))
+    for cls in (mo.GaLoreAdamW, mo.DCTAdamW, mo.FiraAdamW):     # bf16 factors
+        out.append(Entry(f"memopt {cls.__name__} (projection_precision=medium)",
+                         lowrank(cls, projection_precision="medium"), ours=True, lowrank=True))
     if hasattr(torch.optim, "Muon"):
         out.append(Entry("torch.optim.Muon (matrices only)",
                          lambda m, v: torch.optim.Muon(m, lr=0.02, weight_decay=0.0)))
@@ -184,11 +170,12 @@ def entries(rank: int) -> list[Entry]:
 
 def products_rows(matrices: list[torch.Tensor], grads: list[torch.Tensor], rank: int,
                   device: torch.device, steps: int) -> list[dict[str, Any]]:
-    """GPU time of the low-rank products alone: for each matrix, its projection onto a
-    random orthonormal basis of ``rank`` (on the smaller side) and the lift of the result
-    added into a copy of the weight, as the low-rank step does them."""
-    from memopt.optim.lowrank import add_lifted_
-    from memopt.projections.base import float32_matmul_precision, project_onto, resolve_side
+    """Time of the low-rank products alone: for each matrix, its projection onto a random
+    orthonormal basis of ``rank`` (on the smaller side) and the lift of the result added
+    into a copy of the weight, as the low-rank step does them, one after another."""
+    from memopt.optim.executors import precision
+    from memopt.optim.executors_lowrank import lift_into_
+    from memopt.projections.base import project_onto, resolve_side
     weights = fresh_copy(matrices)
     sides = [resolve_side("auto", tuple(W.shape)) for W in weights]
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -198,28 +185,14 @@ def products_rows(matrices: list[torch.Tensor], grads: list[torch.Tensor], rank:
     outs = [torch.empty((rank, W.shape[1]) if side == "left" else (W.shape[0], rank),
                         device=device) for W, side in zip(weights, sides)]
     flops = sum(4 * W.numel() * rank for W in weights)
-    rows = []
-    for n_streams in ((1, 2, 4) if device.type == "cuda" else (1,)):
-        streams = [torch.cuda.Stream(device) for _ in range(n_streams)] if n_streams > 1 else []
 
-        def one(i: int) -> None:
-            project_onto(grads[i], bases_[i], sides[i], out=outs[i])
-            add_lifted_(weights[i].data, outs[i], bases_[i], sides[i], alpha=-1e-6)
-
-        def work() -> None:
-            with float32_matmul_precision("high" if device.type == "cuda" else "highest"):
-                graphs.fan_out(one, range(len(weights)), streams)
-        # on CUDA: the first call warms up, the second records, the timed calls replay
-        recorder = graphs.StepGraph(graphs.CAPTURES[device.type]) \
-            if device.type in graphs.CAPTURES else None
-        run = (lambda: recorder.run("products", work)) if recorder is not None else work
-        ms = median(time_ms(run, device, repeats=steps, warmup=2))
-        rows.append({"optimizer": f"products only ({n_streams} stream{'s' if n_streams > 1 else ''})",
-                     "step_ms": ms, "tflops": flops / ms / 1e9})
-        del run, recorder
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
+    def work() -> None:
+        with precision("auto", device):
+            for i in range(len(weights)):
+                project_onto(grads[i], bases_[i], sides[i], out=outs[i])
+                lift_into_(weights[i].data, outs[i], bases_[i], sides[i], -1e-6, 1.0)
+    ms = median(time_ms(work, device, repeats=steps, warmup=2))
+    return [{"optimizer": "products only (1 stream)", "step_ms": ms, "tflops": flops / ms / 1e9}]
 
 
 def force_refresh(opt: torch.optim.Optimizer, step: Callable[[], None]) -> Callable[[], None]:
@@ -256,20 +229,6 @@ def profile_table(step: Callable[[], None], device: torch.device, steps: int = 3
     return prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
 
 
-def replay_count(opt: torch.optim.Optimizer) -> int:
-    """Steps a memopt low-rank optimizer has replayed from recorded graphs so far."""
-    return sum(r.replays for r in getattr(opt, "_recorders", {}).values())
-
-
-def graph_pool_mb(device: torch.device) -> float:
-    """MiB the caching allocator holds in private pools: the memory of recorded CUDA graphs,
-    kept between steps and unavailable to anything else."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
-               if seg.get("device") == index
-               and tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)) / 2**20
-
-
 def run_entry(entry: Entry, master_matrices: list[torch.Tensor],
               master_vectors: list[torch.Tensor], grads: list[torch.Tensor],
               device: torch.device, steps: int, profile_to: str | None = None) -> dict[str, Any]:
@@ -288,13 +247,9 @@ def run_entry(entry: Entry, master_matrices: list[torch.Tensor],
         reps, warm = (1, 0) if entry.slow else (steps, 2)
         for _ in range(warm):
             step()
-        replays = replay_count(opt)
         row["step_ms"] = median(time_ms(step, device, repeats=reps, warmup=0))
-        if entry.ours and entry.lowrank:
-            row["replayed"] = (replay_count(opt) - replays) / reps
         if device.type == "cuda":
             row["step_peak_extra_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-            row["graph_pool_mb"] = graph_pool_mb(device)
         if entry.ours and entry.lowrank:
             row["refresh_ms"] = median(time_ms(force_refresh(opt, step), device, repeats=2,
                                                warmup=0))
@@ -307,7 +262,7 @@ def run_entry(entry: Entry, master_matrices: list[torch.Tensor],
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         traceback.print_exc()
     finally:
-        del opt, step, matrices, vectors     # step holds opt, and opt its graphs
+        del opt, step, matrices, vectors     # step holds opt
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -328,10 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default=None, help="append kernel tables to this file")
     parser.add_argument("--products", action="store_true",
                         help="add rows for the low-rank matrix products alone")
-    parser.add_argument("--side-streams", type=int, default=graphs.SIDE_STREAMS,
-                        help="streams a recorded low-rank step spreads its products over")
     args = parser.parse_args(argv)
-    graphs.SIDE_STREAMS = args.side_streams
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     hidden = args.hidden or (2048 if gpu else 512)
@@ -353,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done {entry.name}: {rows[-1]}", flush=True)
     if args.products:
         rows += products_rows(matrices, grads[:len(matrices)], rank, device, args.steps)
-        print(f"done products: {rows[-3:]}", flush=True)
+        print(f"done products: {rows[-1:]}", flush=True)
     base = next((r["step_ms"] for r in rows if r["optimizer"].startswith("torch AdamW")
                  and "step_ms" in r), math.nan)
     muon = next((r["step_ms"] for r in rows if r["optimizer"].startswith("torch.optim.Muon")
@@ -368,10 +320,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{n_params / 1e6:.1f}M fp32 parameters, rank {rank}; {env}\n")
     print(markdown_table(rows, ["optimizer", "step_ms", "vs_fused_adamw", "vs_torch_muon",
                                 "first_step_ms", "refresh_ms", "state_bytes_per_param",
-                                "step_peak_extra_mb", "graph_pool_mb", "replayed", "tflops", "error"]))
+                                "step_peak_extra_mb", "tflops", "error"]))
     write_json(args.out, {"environment": env, "hidden": hidden, "intermediate": intermediate,
                           "blocks": args.blocks, "rank": rank, "n_params": n_params,
-                          "side_streams": args.side_streams, "rows": rows})
+                          "rows": rows})
     return 0
 
 

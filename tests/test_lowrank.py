@@ -61,7 +61,7 @@ def test_medium_precision_step_multiplies_bf16_factors(shape, dtype):
                          projection_precision="medium")
     p.grad = G.clone()
     opt.step()
-    B = opt._projectors[p].basis()
+    B = opt.projector(p).basis()
     assert B.dtype == torch.float32                       # kept in fp32
     B16, G16 = B.bfloat16().double(), G.bfloat16().double()
     right = shape[0] >= shape[1]
@@ -102,7 +102,7 @@ def test_updates_stay_in_the_subspace_between_refreshes(projector, shape):
         before = p.detach().clone()
         p.grad = gradient(shape, t).double()
         opt.step()
-        B = opt._projectors[p].basis()
+        B = opt.projector(p).basis()
         assert B.dtype == torch.float64
         delta = p.detach() - before
         if shape[0] >= shape[1]:
@@ -120,7 +120,7 @@ def test_fira_update_has_an_out_of_subspace_part(projector):
     p.grad = gradient(shape, 0)
     before = p.detach().clone()
     opt.step()
-    B = opt._projectors[p].basis().double()
+    B = opt.projector(p).basis().double()
     delta = (p.detach() - before).double()
     outside = delta - delta @ B @ B.T
     assert outside.norm() > 0.3 * delta.norm()
@@ -166,7 +166,7 @@ def test_fira_limiter_caps_a_100x_gradient_spike():
         before = p2.detach().clone()
         p2.grad = gradient(shape, t) * (100.0 if t == 5 else 1.0)
         opt2.step()
-        B = opt2._projectors[p2].basis().double()
+        B = opt2.projector(p2).basis().double()
         delta = (p2.detach() - before).double()
         outside.append(float((delta - delta @ B @ B.T).norm()))
     assert outside[5] <= gamma * outside[4] * (1 + 1e-4)
@@ -260,11 +260,11 @@ def test_rotation_carries_moments_into_the_new_basis(projector):
     for t in range(2):
         p.grad = gradient(shape, t)
         opt.step()
-    B_old = opt._projectors[p].basis().clone()
+    B_old = opt.projector(p).basis().clone()
     m_old = opt.state[p]["exp_avg"].clone()
     p.grad = gradient(shape, 9)
     opt.step()
-    B_new = opt._projectors[p].basis()
+    B_new = opt.projector(p).basis()
     R = p.grad @ B_new
     carried = (opt.state[p]["exp_avg"] - 0.1 * R) / 0.9
     assert torch.allclose(carried, m_old @ (B_new.T @ B_old).T, atol=1e-5)
@@ -280,7 +280,7 @@ def test_reset_zeros_moments_and_restarts_bias_correction():
     assert int(opt.state[p]["step"]) == 3
     p.grad = gradient(shape, 3)
     opt.step()                            # refresh: moments zeroed, then one Adam step
-    B = opt._projectors[p].basis()
+    B = opt.projector(p).basis()
     R = p.grad @ B
     assert int(opt.state[p]["step"]) == 1
     assert torch.allclose(opt.state[p]["exp_avg"], 0.1 * R, atol=1e-6)
@@ -296,7 +296,7 @@ def test_keep_leaves_moments_untouched_at_refresh():
     m_old = opt.state[p]["exp_avg"].clone()
     p.grad = gradient(shape, 5)
     opt.step()
-    R = p.grad @ opt._projectors[p].basis()
+    R = p.grad @ opt.projector(p).basis()
     assert torch.allclose(opt.state[p]["exp_avg"], 0.9 * m_old + 0.1 * R, atol=1e-6)
     assert int(opt.state[p]["step"]) == 3
 
@@ -339,10 +339,10 @@ def test_dct_state_is_indices_not_a_basis():
 
 
 def test_chunked_steps_equal_one_chunk(monkeypatch):
-    from memopt.optim import lowrank
+    from memopt.optim import executors
     results = []
-    for chunk_bytes in (1, 2**40):         # every matrix its own chunk / all in one
-        monkeypatch.setattr(lowrank, "CHUNK_BYTES", chunk_bytes)
+    for chunk_bytes in (1, 2**40):         # every matrix its own slice / all in one
+        monkeypatch.setattr(executors, "CHUNK_BYTES", chunk_bytes)
         ps = [matrix_param((48, 32), seed=i) for i in range(3)]
         opt = mo.FiraAdamW(ps, lr=0.01, rank=5, update_proj_gap=2)
         for t in range(3):
@@ -361,12 +361,13 @@ def test_batched_and_one_by_one_products_agree(name, pad, monkeypatch):
     (with zero-padded rows where rows are unaligned), large ones one by one; both give the
     same steps (to fp32 rounding)."""
     from helpers import make
-    from memopt.optim import lowrank
+    from memopt.optim import executors_lowrank
     shapes = [(48, 32)] * 3 + [(32, 48)] * 2 + [(30, 45)]
     results = []
     for flops, extra in ((0, 0), (float("inf"), pad)):   # one by one; batched (and padded)
-        monkeypatch.setattr(lowrank, "BATCHED_PRODUCT_FLOPS", flops)
-        monkeypatch.setattr(lowrank, "aligned_width", lambda n, like, extra=extra: n + extra)
+        monkeypatch.setattr(executors_lowrank, "BATCHED_PRODUCT_FLOPS", flops)
+        monkeypatch.setattr(executors_lowrank, "aligned_width",
+                            lambda n, like, extra=extra: n + extra)
         ps = [matrix_param(shape, seed=i) for i, shape in enumerate(shapes)]
         opt = make(name, ps, weight_decay=0.1)
         for t in range(5):                     # gap 3: a refresh at step 3

@@ -236,7 +236,7 @@ def test_state_bytes_counts_every_state_tensor(name, bits):
     train(model, opt, 2)
     counted = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                   if isinstance(v, torch.Tensor))
-    shared = opt._shared_state_bytes()
+    shared = opt.shared_state_bytes()
     assert mo.state_bytes(opt) == counted + shared
     assert (shared > 0) == (name == "dct")
 
@@ -409,13 +409,13 @@ def test_checked_and_unchecked_steps_give_the_same_bits(name, bits, monkeypatch)
     """The finiteness check reads witnesses computed before it (projections, momentum
     directions); without the check, or with no room to prepare them, the step streams in
     pieces. Every way gives the same parameters and state."""
-    from memopt.optim import lowrank, polar
+    from memopt.optim import executors, lowrank, muon
     results = []
     for check_finite, prepare_bytes, chunk_bytes in ((True, 2**40, 2**40), (False, 2**40, 1),
                                                       (True, 0, 1)):
         monkeypatch.setattr(lowrank, "PREPARE_BYTES", prepare_bytes)
-        monkeypatch.setattr(polar, "PREPARE_BYTES", prepare_bytes)
-        monkeypatch.setattr(lowrank, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(muon, "PREPARE_BYTES", prepare_bytes)
+        monkeypatch.setattr(executors, "CHUNK_BYTES", chunk_bytes)
         torch.manual_seed(0)
         model = SmallNet()
         opt = make(name, model.parameters(), bits, check_finite=check_finite)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memopt import optim as mo
-from memopt.optim.polar import lr_adjustment
+from memopt.optim.muon import lr_adjustment
 from memopt.projections import orthogonalize
 
 

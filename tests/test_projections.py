@@ -356,7 +356,8 @@ def test_svd_basis_has_a_fixed_sign_convention(method):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_unaligned_gpu_products_match_float64(side):
-    from memopt.projections.base import aligned_width, lift, project_onto
+    from memopt.optim.executors import aligned_width
+    from memopt.projections.base import lift, project_onto
     gen = torch.Generator().manual_seed(0)
     m, n, r = (256, 341, 32) if side == "left" else (341, 203, 32)
     G = torch.randn(m, n, generator=gen, dtype=torch.float64)
@@ -372,7 +373,7 @@ def test_unaligned_gpu_products_match_float64(side):
 
 def test_dct_bases_of_many_projectors_equal_each_basis():
     from memopt.projections import DCTProjector
-    from memopt.projections.base import bases
+    from memopt.optim.executors import bases
     gen = torch.Generator().manual_seed(0)
     projectors = []
     for shape, rank in [((40, 24), 5), ((24, 40), 7), ((40, 24), 3), ((64, 64), 30),
@@ -388,18 +389,21 @@ def test_dct_bases_of_many_projectors_equal_each_basis():
 @pytest.mark.parametrize("last_factor", [False, True])
 def test_gram_form_computes_the_same_map_as_the_plain_iteration(shape, method, steps,
                                                                 last_factor):
-    from memopt.projections.polar import (gram_polynomial_iteration, polynomial_iteration,
+    from memopt.projections.polar import (GRAM_RESTART, apply_factor, gram_factor,
+                                          gram_polynomial_iteration, polynomial_iteration,
                                           schedule)
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(3, *shape, generator=gen, dtype=torch.float64)
     X /= torch.linalg.matrix_norm(X).view(-1, 1, 1)
     coefficients = schedule(method, steps)
     plain = polynomial_iteration(X, coefficients)
-    gram = gram_polynomial_iteration(X, coefficients, last_factor=last_factor)
-    if last_factor:
-        Y, Q = gram
+    if last_factor:        # the last phase's factor kept apart, as Muon's step does
+        Y = gram_polynomial_iteration(X, coefficients[:GRAM_RESTART])
+        Q = gram_factor(Y, coefficients[GRAM_RESTART:])
         assert Q.shape == (3, min(shape), min(shape))
-        gram = torch.bmm(Y, Q) if shape[0] > shape[1] else torch.bmm(Q, Y)
+        gram = apply_factor(Q, Y)
+    else:
+        gram = gram_polynomial_iteration(X, coefficients)
     assert (gram - plain).abs().max() < 1e-10
 
 
@@ -416,14 +420,15 @@ def test_rectangular_batches_take_the_gram_form():
 def test_a_bf16_basis_sums_bf16_products_in_fp32(side):
     """projection_precision="medium": both factors rounded to bf16, the products summed in
     fp32 into an fp32 result (on CUDA by tensor cores, elsewhere emulated)."""
-    from memopt.projections.base import project_onto
+    from memopt.optim.executors import bf16_product, projection_factors
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(0)
     m, n, r = (96, 160, 24) if side == "left" else (160, 96, 24)
     G = torch.randn(m, n, generator=gen)
     d = m if side == "left" else n
     B = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))[0].float()
-    R = project_onto(G.to(device), B.bfloat16().to(device), side).cpu()
+    R = bf16_product(*projection_factors(G.to(device).bfloat16(), B.bfloat16().to(device),
+                                         side)).cpu()
     assert R.dtype == torch.float32
     G16, B16 = G.bfloat16().double(), B.bfloat16().double()
     rounded = G16 @ B16 if side == "right" else B16.T @ G16

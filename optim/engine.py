@@ -1,4 +1,9 @@
-"""What every memopt optimizer shares: gradient checks, flat state, exact resume.
+"""The engine every memopt optimizer runs on: gather -> check -> dispatch -> write.
+
+A step gathers each group's parameters with gradients, lets each group prepare work that
+changes nothing, checks every gradient once for inf / nan (one device sync for all groups),
+then updates each group through its reference or fast executor (the group's ``impl``, like
+torch's ``foreach`` / ``fused``), which writes parameters and state.
 
 Per-parameter state is flat: tensors and plain numbers (``"step"`` is a Python int, so the
 step counter costs no tensor operation).
@@ -28,7 +33,11 @@ from torch.optim import Optimizer
 
 from .distributed import (all_reduce_sum, as_sharded_state, from_sharded_state, is_sharded, local,
                           trim_absmax)
-from .states import MomentStore, tensor_bytes
+from .states import MomentStore, adam_specs, tensor_bytes
+
+#: How a group's step runs: "fast" (the executors: batched, fused; the default) or
+#: "reference" (the methods' reference functions, one parameter at a time).
+IMPLS = ("fast", "reference")
 
 
 def check_nonnegative(name: str, value: Any) -> None:
@@ -55,24 +64,6 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
 def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
-
-
-def as_matrix(t: Tensor) -> Tensor:
-    """A k-D weight as the matrix it acts as: (out, in * k * k) for a conv kernel."""
-    return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
-
-
-def add_to_matrix_(W: Tensor, T: Tensor, alpha: float, factor: Tensor | None = None) -> None:
-    """W <- W + alpha T (times ``factor``, broadcast), T being W's matrix form (conv kernels
-    as (out, in * k * k)); one pass over W when W can be viewed as that matrix."""
-    if W.ndim == 2 or W.is_contiguous():
-        Wm = as_matrix(W)
-        if factor is None:
-            Wm.add_(T, alpha=alpha)
-        else:
-            Wm.addcmul_(T, factor, value=alpha)
-    else:
-        W.add_((T if factor is None else T * factor).reshape(W.shape), alpha=alpha)
 
 
 def moment_dtype(param: Tensor) -> torch.dtype:
@@ -114,11 +105,22 @@ class MemoptOptimizer(Optimizer, ABC):
     _flag_host: Tensor | None = None
     _flag_ready: Any = None
 
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        self._stores: dict[int, MomentStore] = {}
+        super().__init__(params, defaults)
+
+    def _store(self, bits: int) -> MomentStore:
+        """The state store of ``bits`` (8: bitsandbytes, checked when a group is added)."""
+        if bits not in self._stores:
+            self._stores[bits] = MomentStore(bits)
+        return self._stores[bits]
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
             group = self.param_groups[-1]
             check_choice("check_finite", group.get("check_finite", True), (True, False))
+            check_choice("impl", group.get("impl", "fast"), IMPLS)
             self._check_group(group)
         except Exception:
             self.param_groups.pop()
@@ -273,9 +275,8 @@ class MemoptOptimizer(Optimizer, ABC):
             state = self.state[p]
             if not state:
                 state["step"] = 0
-                for key in ("exp_avg", "exp_avg_sq"):
-                    store.init(state, key, local(p).shape, p.device, moment_dtype(p),
-                               full_numel=p.numel())
+                store.make(state, adam_specs(local(p).shape, moment_dtype(p)), p.device,
+                           (p.shape[0], local(p).shape[0]) if p.ndim else (1, 1))
             state["step"] += 1
             buckets.setdefault((state["step"], p.device), []).append(p)
         for (step, _), bucket in buckets.items():
@@ -309,6 +310,8 @@ class MemoptOptimizer(Optimizer, ABC):
         super().load_state_dict({**state_dict, "state": {}})
         for group, kept in zip(self.param_groups, callables):
             group.update(kept)   # a callable cannot be saved; the live one stays
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)     # options newer than the saved state
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         id_map = dict(zip(saved_ids, params))
@@ -333,11 +336,21 @@ class MemoptOptimizer(Optimizer, ABC):
     def state_bytes(self) -> int:
         """Bytes of all optimizer state: moments, bases or indices, norms, steps."""
         own = sum(tensor_bytes(v) for s in self.state.values() for v in s.values())
-        return own + self._shared_state_bytes()
+        return own + self.shared_state_bytes()
 
-    def _shared_state_bytes(self) -> int:
-        """State shared between parameters (e.g. one DCT matrix per size); subclasses."""
+    def shared_state_bytes(self) -> int:
+        """State shared between parameters (e.g. DCT tables, one per size); subclasses."""
         return 0
+
+
+def eight_bit(cls: type) -> type:
+    """``cls`` with 8-bit blockwise states by default (``state_bits=8``), named cls + "8bit"."""
+    def __init__(self: Any, params: Any, *args: Any, state_bits: int = 8, **kwargs: Any) -> None:
+        cls.__init__(self, params, *args, state_bits=state_bits, **kwargs)
+    name = cls.__name__ + "8bit"
+    return type(name, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                               "__qualname__": name, "__doc__": f":class:`{cls.__name__}` "
+                               "with 8-bit blockwise states (``state_bits=8``)."})
 
 
 def state_bytes(optimizer: Optimizer) -> int:

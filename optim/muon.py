@@ -1,0 +1,377 @@
+"""Muon and PolarGrad: updates along the polar factor U V^T of the (momentum) gradient.
+
+Muon (Jordan et al., 2024): buf <- mu buf + (1 - mu) G; u = (1 - mu) G + mu buf (Nesterov) or
+buf; W <- W (1 - lr wd) - lr adj(shape) polar(u). PolarGrad (Lau, Long, Su, 2025) scales the
+polar factor by the nuclear norm of the matrix it came from, ||M||_* = <M, polar(M)>, so its
+step grows with the gradient where Muon's does not. The reference math is on this screen;
+the fast executor (``executors_polar.py``) orthogonalizes same-shape matrices in one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from memopt.projections import orthogonalize
+from memopt.projections.polar import work_dtype
+
+from . import executors_polar as fast
+from .distributed import all_reduce_sum, is_sharded, local, sharded_polar
+from .engine import (PREPARE_BYTES, MemoptOptimizer, Prepared, check_betas, check_choice,
+                     check_nonnegative, check_positive_int, eight_bit, moment_dtype)
+from .executors import MAX_BATCH_BYTES, add_to_matrix_, as_matrix, buckets
+from .states import MomentStore, StateSpec, momentum_specs
+
+ORTHOGONALIZERS = ("newton_schulz", "polar_express", "svd")
+ADJUST_LR = ("original", "match_rms_adamw", "none")
+SCALINGS = ("none", "nuclear_norm")
+VARIANTS = ("momentum_first", "polar_first")
+NS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def lr_adjustment(shape: tuple[int, int], adjust_lr: str) -> float:
+    """Muon's per-shape factor for an (A x B) matrix: "original" max(1, A / B)^0.5 (Jordan
+    et al.); "match_rms_adamw" 0.2 max(A, B)^0.5, AdamW's RMS (Liu et al., 2025)."""
+    A, B = shape
+    if adjust_lr == "original":
+        return math.sqrt(max(1.0, A / B))
+    if adjust_lr == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(A, B))
+    return 1.0
+
+
+def momentum_direction(g: Tensor, buf: Tensor, mu: float, nesterov: bool) -> Tensor:
+    """buf <- mu buf + (1 - mu) g (in place); return (1 - mu) g + mu buf (Nesterov) or buf."""
+    buf.lerp_(g, 1 - mu)
+    return g.lerp(buf, mu) if nesterov else buf
+
+
+def nuclear_norm(M: Tensor, U: Tensor) -> Tensor:
+    """||M||_* = tr(H) = <M, U> for the polar decomposition M = U H (no SVD), in fp32 or wider."""
+    dtype = torch.promote_types(torch.promote_types(M.dtype, U.dtype), torch.float32)
+    return torch.sum(M.to(dtype) * U.to(dtype))
+
+
+def orthogonalized_direction(G: Tensor, buf: Tensor, polar: Callable[[Tensor], Tensor], *,
+                             mu: float, nesterov: bool, variant: str, scaling: str,
+                             total: Callable[[Tensor], Tensor] = lambda x: x) -> Tensor:
+    """The direction D of one matrix (buf advanced in place); W <- W (1 - lr wd) - lr adj D.
+
+        momentum-first (Muon, PolarGrad):  u = momentum(G);  U = polar(u);  D = U
+        polar-first (PolarGrad):           U = polar(G);     D = momentum(U)
+        scaling "nuclear_norm":            D <- <x, U> D, x the matrix U came from
+
+    ``total`` sums the inner product over the row shards of a sharded matrix.
+    """
+    if variant == "momentum_first":
+        source = momentum_direction(G.to(buf.dtype), buf, mu, nesterov)
+        U = D = polar(source)
+    else:
+        source, U = G, polar(G)
+        D = momentum_direction(U.to(buf.dtype), buf, mu, nesterov)
+    return D * total(nuclear_norm(source, U)) if scaling == "nuclear_norm" else D
+
+
+@dataclass
+class _Plan:
+    """A group's parameters with gradients: AdamW ones, same-shape batches of local
+    matrices, FSDP2-sharded matrices; bytes of the batches' inputs and factors."""
+    key: tuple[Any, ...]
+    dense: list[Tensor]
+    batches: list[list[Tensor]]
+    sharded: list[Tensor]
+    work_bytes: int
+
+
+class OrthogonalizedOptimizer(MemoptOptimizer):
+    r"""The optimizer behind :class:`Muon` and :class:`PolarGrad`; they change its defaults.
+
+    .. code-block:: text
+
+        input: lr eta, momentum mu, nesterov, weight decay lambda, orthogonalizer, variant,
+               scaling; AdamW (adamw_lr, adamw_betas, adamw_eps) for non-matrices
+        for t = 1, 2, ...:
+            G = grad of W (conv kernels as (out, in*k*k)); buf starts at 0
+            D = orthogonalized_direction(G, buf)        (momentum, polar factor, scaling)
+            W <- W (1 - eta lambda) - eta adj(shape) D
+
+    Args:
+        params: parameters or param groups (named parameters allowed).
+        lr: learning rate for matrices. momentum: :math:`\mu`. nesterov: (1 - mu) g + mu buf.
+        weight_decay: decoupled weight decay (matrices and AdamW parameters).
+        ns_steps: iterations of the orthogonalizer (ignored by "svd").
+        orthogonalizer: "newton_schulz", "polar_express" or "svd".
+        adjust_lr: "original", "match_rms_adamw" or "none" (see :func:`lr_adjustment`).
+        scaling: "none" (Muon) or "nuclear_norm" (PolarGrad).
+        variant: "momentum_first" (orthogonalize the momentum) or "polar_first"
+            (orthogonalize the gradient, then average the polar factors).
+        adamw_lr, adamw_betas, adamw_eps: AdamW for the other parameters (an LR scheduler
+            scales ``adamw_lr`` by the same factor as ``lr``).
+        state_bits: 32, or 8 for bitsandbytes blockwise 8-bit momentum and AdamW moments.
+        ns_dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16" or "float32".
+        redundant: FSDP2 only: all-gather each matrix and orthogonalize it on every rank
+            instead of on one owner rank (gather + scatter); for small models.
+        adamw: True sends the whole group to AdamW.
+        check_finite: raise FloatingPointError on a non-finite gradient before any change.
+        impl: "fast" (batched executors, the default) or "reference" (one matrix at a time).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float, momentum: float, nesterov: bool,
+                 weight_decay: float, ns_steps: int, orthogonalizer: str, adjust_lr: str,
+                 scaling: str, variant: str, adamw_lr: float,
+                 adamw_betas: tuple[float, float], adamw_eps: float, state_bits: int,
+                 ns_dtype: str = "auto", redundant: bool = False, adamw: bool = False,
+                 check_finite: bool = True, impl: str = "fast") -> None:
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        ns_steps=ns_steps, orthogonalizer=orthogonalizer, adjust_lr=adjust_lr,
+                        scaling=scaling, variant=variant, adamw_lr=adamw_lr,
+                        adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
+                        state_bits=state_bits, ns_dtype=ns_dtype, redundant=redundant,
+                        adamw=adamw, check_finite=check_finite, impl=impl)
+        self._plans: dict[int, _Plan] = {}
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative("learning rate", group["lr"])
+        mu = group["momentum"]
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < 1:
+            raise ValueError(f"Invalid momentum value: {mu!r} (must be in [0, 1))")
+        check_choice("nesterov", group["nesterov"], (True, False))
+        check_nonnegative("weight_decay value", group["weight_decay"])
+        check_positive_int("ns_steps", group["ns_steps"])
+        check_choice("orthogonalizer", group["orthogonalizer"], ORTHOGONALIZERS)
+        check_choice("adjust_lr", group["adjust_lr"], ADJUST_LR)
+        check_choice("scaling", group["scaling"], SCALINGS)
+        check_choice("variant", group["variant"], VARIANTS)
+        check_nonnegative("adamw_lr", group["adamw_lr"])
+        check_betas("adamw_betas", group["adamw_betas"])
+        check_nonnegative("adamw_eps", group["adamw_eps"])
+        check_choice("state_bits", group["state_bits"], (8, 32))
+        check_choice("ns_dtype", group["ns_dtype"], NS_DTYPES)
+        check_choice("adamw", group["adamw"], (True, False))
+        check_choice("redundant", group["redundant"], (True, False))
+        self._store(group["state_bits"])
+
+    @staticmethod
+    def schedule_factor(group: dict[str, Any]) -> float:
+        """lr / initial_lr: what an LR scheduler has done to the group's lr so far, applied to
+        ``adamw_lr`` too, so the AdamW parameters follow the same schedule."""
+        initial = group.get("initial_lr")
+        return group["lr"] / initial if initial else 1.0
+
+    @staticmethod
+    def is_orthogonalized(group: dict[str, Any], p: Tensor) -> bool:
+        """Whether ``p`` gets the orthogonalized update under ``group``'s settings."""
+        return not group["adamw"] and p.ndim >= 2
+
+    @staticmethod
+    def state_specs(group: dict[str, Any], p: Tensor) -> list[StateSpec]:
+        """The state of an orthogonalized matrix: its momentum buffer (matrix shape)."""
+        return momentum_specs(tuple(as_matrix(p).shape), moment_dtype(p))
+
+    # ---------------------------------------------------------------------- step
+    def _plan(self, group: dict[str, Any], params: list[Tensor]) -> _Plan:
+        """AdamW parameters, batches of local matrices and FSDP2-sharded matrices."""
+        key = (group["adamw"], group["orthogonalizer"], group["ns_dtype"], tuple(map(id, params)))
+        plan = self._plans.get(id(group))
+        if plan is None or plan.key != key:
+            dense, matrices, sharded = [], [], []
+            for p in params:
+                if not self.is_orthogonalized(group, p):
+                    dense.append(p)
+                else:
+                    (sharded if is_sharded(p) else matrices).append(p)
+            work = self._work_dtype(group, matrices[0]).itemsize if matrices else 0
+            batches = buckets(matrices, lambda p: (tuple(as_matrix(p).shape), p.dtype, p.device),
+                              lambda p: p.numel() * work, MAX_BATCH_BYTES)
+            plan = self._plans[id(group)] = _Plan(key, dense, batches, sharded, 2 * work * sum(
+                p.numel() for p in matrices))
+        return plan
+
+    def _work_dtype(self, group: dict[str, Any], p: Tensor) -> torch.dtype:
+        return work_dtype(group["orthogonalizer"], p, NS_DTYPES[group["ns_dtype"]])
+
+    def _prepare_group(self, group: dict[str, Any], params: list[Tensor]) -> Prepared:
+        """Fill every batch's orthogonalizer inputs before the finiteness check, which then
+        reads their norms instead of the gradients (with finite momentum an input is
+        non-finite iff its gradient is); each batch is orthogonalized while the next one is
+        filled. Only on the fast path and when all inputs fit in ``PREPARE_BYTES``."""
+        plan = self._plan(group, params)
+        if not group["check_finite"] or group["impl"] != "fast" or not plan.batches \
+                or plan.work_bytes > PREPARE_BYTES:
+            return Prepared()
+        filled: list[tuple[list[Tensor], fast.Filled]] = []
+        for batch in plan.batches:
+            if filled:       # orthogonalizing changes nothing: the device runs it meanwhile
+                self._orthogonalize(group, *filled[-1])
+            filled.append((batch, self._fill(group, batch)))
+        witnesses = {p: norm for ps, f in filled for p, norm in zip(ps, f.norms.split(1))}
+        return Prepared(witnesses, filled)
+
+    def _launch_ahead(self, group: dict[str, Any], prepared: Prepared) -> None:
+        """Orthogonalize the last prepared batch while the host waits for the check."""
+        if prepared.data:
+            self._orthogonalize(group, *prepared.data[-1])
+
+    def _fill(self, group: dict[str, Any], params: list[Tensor]) -> fast.Filled:
+        store = self._store(group["state_bits"])
+        momenta = [store.read(self.state[p], "momentum_buffer") if self.state[p] else None
+                   for p in params]
+        return fast.fill([local(p.grad) for p in params], momenta, momentum=group["momentum"],
+                         nesterov=group["nesterov"], polar_first=group["variant"] == "polar_first",
+                         dtype=self._work_dtype(group, params[0]),
+                         pad=group["orthogonalizer"] != "svd")
+
+    def _orthogonalize(self, group: dict[str, Any], params: list[Tensor],
+                       filled: fast.Filled) -> fast.Filled:
+        """The batch's polar factors; Muon's last product is left to go into the weights."""
+        last = group["scaling"] == "none" and group["variant"] == "momentum_first" and \
+            filled.buffer is not None and fast.last_product_into_weights(
+                local(params[0]), tuple(filled.buffer.shape), filled.buffer.dtype,
+                group["orthogonalizer"], group["ns_steps"])
+        return fast.orthogonalize(filled, group["orthogonalizer"], group["ns_steps"], last)
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor],
+                    prepared: Prepared) -> None:
+        store = self._store(group["state_bits"])
+        plan = self._plan(group, params)
+        if plan.dense:
+            self._adamw(plan.dense, store, lr=group["adamw_lr"] * self.schedule_factor(group),
+                        betas=group["adamw_betas"], eps=group["adamw_eps"],
+                        weight_decay=group["weight_decay"])
+        for batch in plan.batches:
+            for p in batch:
+                if not self.state[p]:
+                    store.make(self.state[p], self.state_specs(group, p), p.device)
+                    self.state[p]["step"] = 0
+        if group["impl"] == "reference":
+            self._matrix_steps(group, [p for b in plan.batches for p in b], store)
+        else:
+            for batch, filled in prepared.data or [(b, self._fill(group, b)) for b in plan.batches]:
+                self._fast_step(group, batch, filled, store)
+        if plan.sharded:
+            self._matrix_steps(group, plan.sharded, store)
+
+    def _fast_step(self, group: dict[str, Any], params: list[Tensor], filled: fast.Filled,
+                   store: MomentStore) -> None:
+        """Advance the momentum, orthogonalize the batch and update its matrices."""
+        grads = [as_matrix(local(p.grad)) for p in params]
+        states = [self.state[p] for p in params]
+        for state in states:
+            state["step"] += 1
+        polar_first = group["variant"] == "polar_first"
+        momenta = [store.read(s, "momentum_buffer") for s in states]
+        if not polar_first:
+            fast.advance_momenta(momenta, grads, group["momentum"])
+        filled = self._orthogonalize(group, params, filled)
+        lr, n = group["lr"], grads[0].shape[1]
+        step_size = lr * lr_adjustment(tuple(grads[0].shape), group["adjust_lr"])
+        weights = [local(p) for p in params]
+        if group["scaling"] == "none" and not polar_first:
+            fast.write(weights, filled, n, step_size=step_size, decay=1 - lr * group["weight_decay"])
+        else:
+            nuclear = fast.nuclear_norms(filled) if group["scaling"] == "nuclear_norm" else None
+            if group["weight_decay"] != 0:
+                torch._foreach_mul_(weights, 1 - lr * group["weight_decay"])
+            for i, (W, U) in enumerate(zip(weights, filled.X[..., :n])):
+                D = momentum_direction(U.to(momenta[i].dtype), momenta[i], group["momentum"],
+                                       group["nesterov"]) if polar_first else U
+                add_to_matrix_(W, D, -step_size, None if nuclear is None else nuclear[i].to(W.dtype))
+        for state, buf in zip(states, momenta):
+            store.write(state, "momentum_buffer", buf)
+
+    def _matrix_steps(self, group: dict[str, Any], params: list[Tensor],
+                      store: MomentStore) -> None:
+        """:func:`orthogonalized_direction` matrix by matrix: the reference path, and the
+        FSDP2 path (momentum on local rows, the polar factor of each whole matrix gathered
+        on an owner rank or everywhere with ``redundant``, nuclear norms summed over ranks)."""
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        for i, p in enumerate(params):
+            state = self.state[p]
+            if not state:
+                store.make(state, momentum_specs(tuple(as_matrix(local(p)).shape),
+                                                 moment_dtype(p)), p.device,
+                           (p.shape[0], local(p).shape[0]))
+                state["step"] = 0
+            state["step"] += 1
+            buf = store.read(state, "momentum_buffer")
+            D = orthogonalized_direction(
+                as_matrix(local(p.grad)), buf, self._polar_of(group, p, i), mu=mu,
+                nesterov=group["nesterov"], variant=group["variant"], scaling=group["scaling"],
+                total=(lambda x, p=p: all_reduce_sum(x, p, "nuclear_norm"))
+                if is_sharded(p) else (lambda x: x))
+            store.write(state, "momentum_buffer", buf)
+            W = local(p)
+            W.mul_(1 - lr * wd)
+            add_to_matrix_(W, D.to(torch.promote_types(D.dtype, W.dtype)),
+                           -lr * lr_adjustment((p.shape[0], p.numel() // p.shape[0]),
+                                               group["adjust_lr"]))
+
+    @staticmethod
+    def _polar_of(group: dict[str, Any], p: Tensor, index: int) -> Callable[[Tensor], Tensor]:
+        """M -> polar(M) for p's matrix (or the local rows of it, orthogonalized whole on
+        rank ``index % world`` or, ``redundant``, everywhere)."""
+        method, steps = group["orthogonalizer"], group["ns_steps"]
+        dtype = NS_DTYPES[group["ns_dtype"]]
+        if not is_sharded(p):
+            return lambda M: orthogonalize(M, method, steps, dtype, check_finite=False)
+        return lambda M: sharded_polar(M, p, index, method, steps, dtype, group["redundant"])
+
+
+class Muon(OrthogonalizedOptimizer):
+    """Muon for every matrix of a model, AdamW for everything else, in one optimizer.
+
+    For a matrix it makes the update of ``torch.optim.Muon`` with equal settings; unlike it,
+    it accepts ``model.parameters()`` and batches same-shape matrices.
+    See :class:`OrthogonalizedOptimizer` for the algorithm and the arguments.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95,
+                 nesterov: bool = True, weight_decay: float = 0.0, ns_steps: int = 5,
+                 orthogonalizer: str = "newton_schulz", adjust_lr: str = "original",
+                 adamw_lr: float = 3e-4, adamw_betas: tuple[float, float] = (0.9, 0.95),
+                 adamw_eps: float = 1e-8, state_bits: int = 32, **kwargs: Any) -> None:
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov,
+                         weight_decay=weight_decay, ns_steps=ns_steps,
+                         orthogonalizer=orthogonalizer, adjust_lr=adjust_lr,
+                         scaling=kwargs.pop("scaling", "none"),
+                         variant=kwargs.pop("variant", "momentum_first"), adamw_lr=adamw_lr,
+                         adamw_betas=adamw_betas, adamw_eps=adamw_eps, state_bits=state_bits,
+                         **kwargs)
+
+
+class PolarGrad(OrthogonalizedOptimizer):
+    """PolarGrad (Lau, Long, Su, 2025): W <- (1 - lr wd) W - lr ||M||_* polar(M).
+
+    ``variant="momentum_first"`` (default) orthogonalizes the momentum M; "polar_first"
+    orthogonalizes G and averages the polar factors, scaled by ||G||_*. The nuclear norm is
+    <M, polar(M)>, exact with ``orthogonalizer="svd"`` and close with Polar Express (the
+    default here, as the authors use it). The step grows with ||M||_*, so the learning rate
+    depends on the gradients' scale: 0.1 was best of {0.01, 0.03, 0.1, 0.3} on our tiny
+    LLaMA recipe; tune it for yours. See :class:`OrthogonalizedOptimizer`.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = False, weight_decay: float = 0.0, ns_steps: int = 5,
+                 orthogonalizer: str = "polar_express", adjust_lr: str = "none",
+                 variant: str = "momentum_first", adamw_lr: float = 3e-4,
+                 adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
+                 state_bits: int = 32, **kwargs: Any) -> None:
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov,
+                         weight_decay=weight_decay, ns_steps=ns_steps,
+                         orthogonalizer=orthogonalizer, adjust_lr=adjust_lr,
+                         scaling=kwargs.pop("scaling", "nuclear_norm"), variant=variant,
+                         adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+                         state_bits=state_bits, **kwargs)
+
+
+Muon8bit = eight_bit(Muon)
+PolarGrad8bit = eight_bit(PolarGrad)
+
+__all__ = ["Muon", "Muon8bit", "OrthogonalizedOptimizer", "PolarGrad", "PolarGrad8bit",
+           "lr_adjustment", "momentum_direction", "nuclear_norm", "orthogonalized_direction"]
