@@ -45,10 +45,7 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 def is_sharded(t: Tensor) -> bool:
     """Whether ``t`` is a DTensor sharded on some dimension (an FSDP2 parameter)."""
-    if type(t) in _PLAIN:
-        return False
-    placements = getattr(t, "placements", None)
-    return placements is not None and any(p.is_shard() for p in placements)
+    return type(t) not in _PLAIN and any(p.is_shard() for p in getattr(t, "placements", ()))
 
 
 def local(t: Tensor) -> Tensor:
@@ -131,6 +128,16 @@ def scatter_rows(full: Tensor | None, like: Tensor, param: Tensor, owner: int,
         _bytes[kind] += sum(p.numel() * p.element_size() for p in parts)
     dist.scatter(out, parts, src=dist.get_global_rank(group, owner), group=group)
     return out[: like.shape[0]]
+
+
+def update_from_shards(projector: Any, G: Tensor, param: Tensor) -> None:
+    """``projector.update`` from this rank's rows ``G`` of a sharded matrix: statistics
+    summed over the ranks where the projector can (a right DCT basis), else from the
+    all-gathered matrix; every rank builds the same basis."""
+    if projector.supports_row_sharding and projector.requested_side == "right":
+        projector.update(G, row_reduce=lambda t: all_reduce_sum(t, param, "basis_refresh"))
+    else:
+        projector.update(all_gather_rows(G, param, "basis_refresh"))
 
 
 def sharded_polar(M: Tensor, param: Tensor, index: int, method: str, steps: int | None,

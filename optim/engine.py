@@ -134,10 +134,30 @@ class MemoptOptimizer(Optimizer, ABC):
         check (subclasses; default: none). Runs before the finiteness check."""
         return Prepared()
 
-    @abstractmethod
     def _step_group(self, group: dict[str, Any], params: list[Tensor],
                     prepared: Prepared) -> None:
-        """Update the parameters of ``group`` that have gradients (already checked)."""
+        """Update the parameters of ``group`` that have gradients (already checked): the
+        plain ones with AdamW (:meth:`adamw_settings`), the others through the subclass."""
+        store = self._store(group["state_bits"])
+        plan = self._plan(group, params)
+        if plan.dense:
+            lr, betas, eps = self.adamw_settings(group)
+            self._adamw(plan.dense, store, lr=lr, betas=betas, eps=eps,
+                        weight_decay=group["weight_decay"])
+        self._step_matrices(group, plan, prepared, store)
+
+    @abstractmethod
+    def _plan(self, group: dict[str, Any], params: list[Tensor]) -> Any:
+        """The group's parameters with gradients, sorted for its step (``.dense``: AdamW)."""
+
+    @abstractmethod
+    def adamw_settings(self, group: dict[str, Any]) -> tuple[float, tuple[float, float], float]:
+        """(lr, betas, eps) of the AdamW update of ``group``'s plain parameters."""
+
+    @abstractmethod
+    def _step_matrices(self, group: dict[str, Any], plan: Any, prepared: Prepared,
+                       store: MomentStore) -> None:
+        """Update the matrices of ``plan`` (the method's update)."""
 
     # ---------------------------------------------------------------------- step
     @torch.no_grad()
@@ -273,11 +293,10 @@ class MemoptOptimizer(Optimizer, ABC):
         buckets: dict[tuple[int, torch.device], list[Tensor]] = {}
         for p in params:
             state = self.state[p]
-            if not state:
-                state["step"] = 0
+            if "exp_avg" not in state:
                 store.make(state, adam_specs(local(p).shape, moment_dtype(p)), p.device,
                            (p.shape[0], local(p).shape[0]) if p.ndim else (1, 1))
-            state["step"] += 1
+            state["step"] = state.get("step", 0) + 1
             buckets.setdefault((state["step"], p.device), []).append(p)
         for (step, _), bucket in buckets.items():
             store.adamw_steps([self.state[p] for p in bucket], [local(p) for p in bucket],
@@ -341,6 +360,14 @@ class MemoptOptimizer(Optimizer, ABC):
     def shared_state_bytes(self) -> int:
         """State shared between parameters (e.g. DCT tables, one per size); subclasses."""
         return 0
+
+
+def arguments(names: dict[str, Any]) -> dict[str, Any]:
+    """A constructor's arguments from its ``locals()`` (``kwargs`` spread out), without
+    ``self`` and ``params``: the defaults of its param groups, or a base constructor's."""
+    extra = names.get("kwargs", {})
+    return {**{k: v for k, v in names.items()
+               if k not in ("self", "params", "kwargs", "__class__")}, **extra}
 
 
 def eight_bit(cls: type) -> type:

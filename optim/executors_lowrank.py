@@ -22,8 +22,33 @@ from torch import Tensor
 from .executors import (add_to_matrix_, addmm_into_, aligned_width, as_matrix,
                         lift_factors, norm_dim, padded, product, projected_shape,
                         projection_factors, slices)
-from .fira import FIRA_EPS
+from .fira import FIRA_EPS, fira_residual
+from .galore import galore_adam, project_back
 from .states import MomentStore
+
+def reference(weights: list[Tensor], grads: list[Tensor], bases: list[Tensor],
+              sides: list[str], states: list[dict], store: MomentStore, *, lr: float,
+              betas: tuple[float, float], eps: float, scale: float, weight_decay: float,
+              fira_gamma: float | None) -> None:
+    """The reference step, matrix by matrix (torch's ``_single_tensor_`` path): the
+    direction of ``galore.galore_adam`` plus ``fira.fira_residual`` with ``fira_gamma``;
+    W <- W (1 - lr wd) - lr D. Moments go through ``store`` (8 bits: dequantize, update,
+    quantize)."""
+    for W, G, P, side, state in zip(weights, grads, bases, sides, states):
+        G = as_matrix(G)
+        m, v = store.read(state, "exp_avg"), store.read(state, "exp_avg_sq")
+        state["step"] += 1
+        R, N, D = galore_adam(G, P, side, m, v, state["step"], beta1=betas[0], beta2=betas[1],
+                              eps=eps, scale=scale)
+        store.write(state, "exp_avg", m)
+        store.write(state, "exp_avg_sq", v)
+        if fira_gamma is not None:
+            S, state["residual_norm"] = fira_residual(G, R, N, project_back(R, P, side), side,
+                                                      state.get("residual_norm"), fira_gamma)
+            D = D + S
+        W.mul_(1 - lr * weight_decay)
+        add_to_matrix_(W, D, -lr)
+
 
 #: Plain matrices whose projection takes fewer flops than this are projected and lifted with
 #: batched products over stacked copies: such small products cannot fill the GPU, and one
@@ -166,9 +191,8 @@ def apply(batch: Batch, U: Tensor, states: list[dict], *, lr: float, scale: floa
     beta, alpha = 1 - lr * weight_decay, lr * scale
     if fira_gamma is not None:
         dim = norm_dim(batch.side)
-        previous = torch.stack([s.get("residual_norm", torch.full((), math.inf,
-                                                                   device=U.device))
-                                for s in states])
+        previous = torch.stack([s["residual_norm"] if "residual_norm" in s else
+                                torch.full((), math.inf, device=U.device) for s in states])
         phi, norms = fira_scales(batch.R, U, batch.gradient_sq_norms(), batch.side, previous,
                                  fira_gamma, sum_over_shards)
         U.addcmul_(batch.R, phi.unsqueeze(dim + 1), value=1 / scale)

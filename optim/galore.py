@@ -45,3 +45,18 @@ def galore_adam(G: Tensor, P: Tensor, side: str, m: Tensor, v: Tensor, t: int, *
     N = adam_direction(R, m, v, t, beta1, beta2, eps)
     return R, N, scale * project_back(N, P, side)
 
+
+def carry_moments(m: Tensor, v: Tensor, mode: str, P_new: Tensor, P_old: Tensor | None,
+                  side: str) -> tuple[Tensor, Tensor]:
+    """The subspace moments after a basis refresh ("keep": as they are, as galore-torch).
+
+        reset:   m, v <- 0 (and Adam's bias correction restarts: t <- 0)
+        rotate:  C = P_new^T P_old (r x r);  m <- C m,  v <- (C o C) v   (left; m C^T right)
+    """
+    if mode == "reset":
+        return m.zero_(), v.zero_()
+    if mode == "rotate":
+        C = P_new.mT @ P_old.to(P_new.dtype)
+        mix = (lambda X, K: K @ X) if side == "left" else (lambda X, K: X @ K.mT)
+        return mix(m, C), mix(v, C.square())
+    return m, v

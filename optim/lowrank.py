@@ -22,20 +22,17 @@ from memopt.projections import PROJECTORS, Projector, make_projector
 from memopt.projections.base import compute_dtype, resolve_side
 
 from . import executors_lowrank as fast
-from .distributed import all_gather_rows, all_reduce_sum, is_sharded, local
-from .engine import (PREPARE_BYTES, MemoptOptimizer, Prepared, check_betas, check_choice,
-                     check_nonnegative, check_positive_int, eight_bit, moment_dtype)
-from .executors import (CHUNK_BYTES, PROJECTION_PRECISIONS, add_to_matrix_, as_matrix, bases,
-                        basis_dim, buckets, precision, projected_shape)
-from .fira import fira_residual
-from .galore import galore_adam, project_back
+from .distributed import all_reduce_sum, is_sharded, local, update_from_shards
+from .engine import (PREPARE_BYTES, MemoptOptimizer, Prepared, arguments, check_betas,
+                     check_choice, check_nonnegative, check_positive_int, eight_bit)
+from .executors import (CHUNK_BYTES, PROJECTION_PRECISIONS, as_matrix, bases, basis_dim,
+                        buckets, precision, projected_shape)
+from .galore import carry_moments
 from .states import MomentStore, StateSpec, adam_specs
 
 ProjectorSpec = Union[str, Callable[[int], Projector]]
 
-#: What happens to the subspace moments when the basis is refreshed: "keep" leaves them
-#: (galore-torch), "reset" zeros them and restarts Adam's bias correction, "rotate" carries
-#: them into the new basis (m <- C m, v <- (C o C) v with C = B_new^T B_old).
+#: What happens to the subspace moments at a refresh (``galore.carry_moments``).
 REFRESH_MODES = ("keep", "reset", "rotate")
 RESIDUALS = ("none", "fira")
 PROJ_PREFIX = "proj_"
@@ -43,9 +40,8 @@ PROJ_PREFIX = "proj_"
 
 @dataclass
 class _Plan:
-    """A group's parameters with gradients: AdamW ones, projected ones, and (once every
-    basis is fitted) the projected ones in same-shape batches, whole and cut to
-    ``CHUNK_BYTES``; bytes of their work. Cached while the parameters stay the same."""
+    """A group's parameters with gradients: AdamW ones, projected ones and (every basis
+    fitted) their same-shape batches, whole and cut to ``CHUNK_BYTES``; their work bytes."""
     key: tuple[Any, ...]
     dense: list[Tensor]
     projected: list[Tensor]
@@ -56,8 +52,7 @@ class _Plan:
 
 @dataclass
 class _Ready:
-    """A step's projections made before the finiteness check, and one batch whose
-    projection waits for the check's launch (its gradients are checked instead)."""
+    """Projections made before the finiteness check; a batch projected after its launch."""
     batches: list[tuple[list[Tensor], fast.Batch]] = field(default_factory=list)
     deferred: list[Tensor] = field(default_factory=list)
 
@@ -78,10 +73,7 @@ class LowRankAdamW(MemoptOptimizer):
 
     Args:
         params: parameters or param groups (named parameters allowed).
-        lr: learning rate :math:`\eta` (default 1e-3).
-        betas: Adam's (beta1, beta2) (default (0.9, 0.999)).
-        eps: Adam's epsilon (default 1e-8).
-        weight_decay: decoupled weight decay :math:`\lambda` (default 0).
+        lr, betas, eps, weight_decay: AdamW's (defaults 1e-3, (0.9, 0.999), 1e-8, 0).
         rank: subspace rank r; ``None`` turns projection off for the group (default 128).
             A parameter is projected when it has ndim >= 2 and its smaller side exceeds r.
         update_proj_gap: steps between basis refreshes T (default 200).
@@ -114,20 +106,15 @@ class LowRankAdamW(MemoptOptimizer):
                  moments_on_refresh: str = "keep", projection_precision: str = "auto",
                  adamw: bool = False, check_finite: bool = True, impl: str = "fast",
                  cuda_graph: bool = False) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
-                        scale=scale, projector=projector, projector_options=projector_options,
-                        state_bits=state_bits, residual=residual, limiter_gamma=limiter_gamma,
-                        moments_on_refresh=moments_on_refresh,
-                        projection_precision=projection_precision, adamw=adamw,
-                        check_finite=check_finite, impl=impl, cuda_graph=cuda_graph)
+        defaults = {**arguments(locals()),
+                    "betas": tuple(betas) if isinstance(betas, list) else betas}
         self._projectors: dict[Tensor, Projector] = {}
         self._plans: dict[int, _Plan] = {}
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
-            matrices = [p for p in group["params"] if p.ndim >= 2]
-            if group["rank"] is not None and not group["adamw"] and matrices and \
-                    not any(self.is_projected(group, p) for p in matrices):
+            projected = [self.is_projected(group, p) for p in group["params"] if p.ndim >= 2]
+            if projected and not any(projected) and group["rank"] is not None \
+                    and not group["adamw"]:
                 warnings.warn(f"{type(self).__name__}: no matrix of param group {i} is "
                               f"projected (rank {group['rank']} >= each one's smaller side), "
                               "so it trains as plain AdamW; lower the rank", stacklevel=2)
@@ -151,12 +138,10 @@ class LowRankAdamW(MemoptOptimizer):
             check_choice("projector", spec, PROJECTORS)
         if options is not None and not isinstance(options, dict):
             raise ValueError(f"Invalid projector_options: {options!r} (must be a dict or None)")
-        check_choice("state_bits", group["state_bits"], (8, 32))
-        check_choice("residual", group["residual"], RESIDUALS)
-        check_choice("moments_on_refresh", group["moments_on_refresh"], REFRESH_MODES)
-        check_choice("projection_precision", group["projection_precision"],
-                     PROJECTION_PRECISIONS)
-        check_choice("adamw", group["adamw"], (True, False))
+        for key, choices in (("state_bits", (8, 32)), ("residual", RESIDUALS),
+                             ("moments_on_refresh", REFRESH_MODES), ("adamw", (True, False)),
+                             ("projection_precision", PROJECTION_PRECISIONS)):
+            check_choice(key, group[key], choices)
         if group.get("cuda_graph", False) is not False:
             raise ValueError(f"Invalid cuda_graph: {group['cuda_graph']!r}: recorded CUDA-graph "
                              "steps were removed (slower than the eager step); use False")
@@ -193,14 +178,25 @@ class LowRankAdamW(MemoptOptimizer):
         """The state of projected matrix ``p`` (its global shape): Adam's moments on the
         projected shape, Fira's residual norm, and the projector's tensors (basis or
         indices), each with the keys it has in ``state``."""
+        proj, shape, side, d, r, dtype = self._geometry(group, p)
+        return self._moment_specs(group, projected_shape(shape, side, r), dtype) + [
+            StateSpec(PROJ_PREFIX + k, size, dt)
+            for k, (size, dt) in proj.state_shapes(d, r, dtype).items()]
+
+    def estimated_shared_table(self, group: dict[str, Any], p: Tensor,
+                               device: torch.device) -> tuple[Any, int] | None:
+        """(key, bytes) of the state p's projector will share with others on ``device``."""
+        proj, _, _, d, _, dtype = self._geometry(group, p)
+        return proj.shared_table(d, device, dtype)
+
+    def _geometry(self, group: dict[str, Any], p: Tensor) -> tuple[Any, ...]:
+        """(projector, matrix shape, side, basis length d, rank, compute dtype) of p,
+        before any basis is built."""
         proj = self.projector(p, group)
         shape = tuple(as_matrix(p).shape)
         side = resolve_side(proj.requested_side, shape)
-        r = min(proj.rank, basis_dim(shape, side))
-        dtype = compute_dtype(p.dtype)
-        return self._moment_specs(group, projected_shape(shape, side, r), dtype) + [
-            StateSpec(PROJ_PREFIX + k, size, dt)
-            for k, (size, dt) in proj.state_shapes(basis_dim(shape, side), r, dtype).items()]
+        d = basis_dim(shape, side)
+        return proj, shape, side, d, min(proj.rank, d), compute_dtype(p.dtype)
 
     @staticmethod
     def _moment_specs(group: dict[str, Any], shape: tuple[int, int],
@@ -213,8 +209,7 @@ class LowRankAdamW(MemoptOptimizer):
         return specs
 
     def shared_state_bytes(self) -> int:
-        """State shared between matrices: the O(d) tables DCT projectors generate their
-        columns from, one per size, dtype and device."""
+        """State shared between matrices (DCT tables, one per size, dtype and device)."""
         tables = dict(filter(None, (proj.shared_table() for proj in self._projectors.values()
                                     if proj.shape is not None)))
         return sum(tables.values())
@@ -297,17 +292,14 @@ class LowRankAdamW(MemoptOptimizer):
     def _project(self, group: dict[str, Any], params: list[Tensor]) -> fast.Batch:
         projectors = [self.projector(p, group) for p in params]
         return fast.project([local(p) for p in params], [local(p.grad) for p in params],
-                            bases(projectors), projectors[0].side,
-                            group["projection_precision"] == "medium",
-                            group["residual"] == "fira")
+                            bases(projectors), projectors[0].side, group["projection_precision"]
+                            == "medium", group["residual"] == "fira")
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor],
-                    prepared: Prepared) -> None:
-        store = self._store(group["state_bits"])
-        plan = self._plan(group, params)
-        if plan.dense:
-            self._adamw(plan.dense, store, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                        weight_decay=group["weight_decay"])
+    def adamw_settings(self, group: dict[str, Any]) -> tuple[float, tuple[float, float], float]:
+        return group["lr"], group["betas"], group["eps"]
+
+    def _step_matrices(self, group: dict[str, Any], plan: _Plan, prepared: Prepared,
+                       store: MomentStore) -> None:
         if not plan.projected:
             return
         ready = prepared.data or _Ready()
@@ -316,7 +308,7 @@ class LowRankAdamW(MemoptOptimizer):
         with precision(group["projection_precision"], plan.projected[0].device):
             for p in rest:
                 self._refresh_if_due(group, p, store)
-            if group["impl"] == "reference":
+            if group["impl"] == "reference":       # FSDP2 shards always run fast
                 self._reference_step(group, [p for p in rest if not is_sharded(p)], store)
                 rest = [p for p in rest if is_sharded(p)]
             if ready.batches:
@@ -344,67 +336,45 @@ class LowRankAdamW(MemoptOptimizer):
 
     def _reference_step(self, group: dict[str, Any], params: list[Tensor],
                         store: MomentStore) -> None:
-        """The update of ``galore.galore_adam`` (+ ``fira.fira_residual``), matrix by matrix."""
-        beta1, beta2 = group["betas"]
-        lr, fira = group["lr"], group["residual"] == "fira"
-        for p in params:
-            state, proj = self.state[p], self.projector(p, group)
-            P, side, W, G = proj.basis(), proj.side, local(p), as_matrix(local(p.grad))
-            m, v = store.read(state, "exp_avg"), store.read(state, "exp_avg_sq")
-            state["step"] += 1
-            R, N, D = galore_adam(G, P, side, m, v, state["step"], beta1=beta1, beta2=beta2,
-                                  eps=group["eps"], scale=group["scale"])
-            store.write(state, "exp_avg", m)
-            store.write(state, "exp_avg_sq", v)
-            if fira:
-                S, state["residual_norm"] = fira_residual(
-                    G, R, N, project_back(R, P, side), side, state.get("residual_norm"),
-                    group["limiter_gamma"])
-                D = D + S
-            W.mul_(1 - lr * group["weight_decay"])
-            add_to_matrix_(W, D, -lr)
+        projectors = [self.projector(p, group) for p in params]
+        fast.reference([local(p) for p in params], [local(p.grad) for p in params],
+                       [q.basis() for q in projectors], [q.side for q in projectors],
+                       [self.state[p] for p in params], store, lr=group["lr"],
+                       betas=group["betas"], eps=group["eps"], scale=group["scale"],
+                       weight_decay=group["weight_decay"],
+                       fira_gamma=group["limiter_gamma"] if group["residual"] == "fira" else None)
 
     def _refresh_if_due(self, group: dict[str, Any], p: Tensor, store: MomentStore) -> None:
         """A new basis from G every ``update_proj_gap`` steps (the first step included);
         then the state is made (first time) or the moments kept, reset or rotated."""
         state = self.state[p]
-        if not state:
-            state["step"] = 0
-        if state["step"] % group["update_proj_gap"]:
+        if state.setdefault("step", 0) % group["update_proj_gap"]:
             return
         proj, mode = self.projector(p, group), group["moments_on_refresh"]
         old = proj.basis() if "exp_avg" in state and mode == "rotate" else None
         G = as_matrix(local(p.grad))
-        if not is_sharded(p):
-            proj.update(G)
-        elif proj.supports_row_sharding and proj.requested_side == "right":
-            proj.update(G, row_reduce=lambda t: all_reduce_sum(t, p, "basis_refresh"))
+        if is_sharded(p):
+            update_from_shards(proj, G, p)
         else:
-            proj.update(all_gather_rows(G, p, "basis_refresh"))
+            proj.update(G)
         for key, value in proj.state_dict().items():
             state[PROJ_PREFIX + key] = value
         if "exp_avg" not in state:
             shape = projected_shape(tuple(G.shape), proj.side, proj.effective_rank)
             store.make(state, self._moment_specs(group, shape, compute_dtype(p.dtype)),
                        G.device, (p.shape[0], local(p).shape[0]))
-        elif mode == "reset":
-            for key in ("exp_avg", "exp_avg_sq"):
-                store.write(state, key, store.read(state, key).zero_())
-            state["step"] = 0
-        elif mode == "rotate":
-            C = proj.basis().mT @ old.to(proj.basis().dtype)      # r x r
-            for key, mix in (("exp_avg", C), ("exp_avg_sq", C.square())):
-                moment = store.read(state, key)
-                store.write(state, key, mix @ moment if proj.side == "left" else moment @ mix.mT)
+        elif mode != "keep":
+            m, v = store.read(state, "exp_avg"), store.read(state, "exp_avg_sq")
+            m, v = carry_moments(m, v, mode, proj.basis(), old, proj.side)
+            store.write(state, "exp_avg", m)
+            store.write(state, "exp_avg_sq", v)
+            if mode == "reset":
+                state["step"] = 0
 
 
 class GaLoreAdamW(LowRankAdamW):
-    """GaLore-Adam (Zhao et al., 2024): :class:`LowRankAdamW` with ``projector="svd"``.
-
-    ``GaLoreAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=128,
-    update_proj_gap=200, scale=0.25, projector="svd", state_bits=32)``; every argument of
-    :class:`LowRankAdamW` is accepted (its docstring has the algorithm).
-    """
+    """GaLore-Adam (Zhao et al., 2024): :class:`LowRankAdamW` (its docstring has the
+    algorithm and the arguments) with the SVD projector."""
 
 
 class DCTAdamW(GaLoreAdamW):
@@ -424,9 +394,7 @@ class FiraAdamW(GaLoreAdamW):
         super().__init__(params, *args, limiter_gamma=limiter_gamma, residual=residual, **kwargs)
 
 
-GaLoreAdamW8bit = eight_bit(GaLoreAdamW)
-DCTAdamW8bit = eight_bit(DCTAdamW)
-FiraAdamW8bit = eight_bit(FiraAdamW)
+GaLoreAdamW8bit, DCTAdamW8bit, FiraAdamW8bit = map(eight_bit, (GaLoreAdamW, DCTAdamW, FiraAdamW))
 
 __all__ = ["DCTAdamW", "DCTAdamW8bit", "FiraAdamW", "FiraAdamW8bit", "GaLoreAdamW",
            "GaLoreAdamW8bit", "LowRankAdamW", "REFRESH_MODES"]

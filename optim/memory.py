@@ -13,10 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from memopt.projections.base import compute_dtype, resolve_side
-
 from .engine import MemoptOptimizer, moment_dtype, state_bytes
-from .executors import as_matrix, basis_dim
 from .lowrank import LowRankAdamW
 from .muon import OrthogonalizedOptimizer
 from .registry import create_optimizer
@@ -78,7 +75,7 @@ def _memopt_state_bytes(optimizer: MemoptOptimizer) -> int:
                 continue
             if isinstance(optimizer, LowRankAdamW) and optimizer.is_projected(group, p):
                 specs = optimizer.state_specs(group, p)
-                table = _shared_table(optimizer, group, p)
+                table = optimizer.estimated_shared_table(group, p, META)
                 if table is not None:
                     shared[table[0]] = table[1]
             elif (isinstance(optimizer, OrthogonalizedOptimizer)
@@ -88,14 +85,6 @@ def _memopt_state_bytes(optimizer: MemoptOptimizer) -> int:
                 specs = adam_specs(tuple(p.shape), moment_dtype(p))
             total += spec_bytes(specs, group["state_bits"])
     return total + sum(shared.values())
-
-
-def _shared_table(optimizer: LowRankAdamW, group: dict[str, Any], p: Tensor) -> Any:
-    """The (key, bytes) of the state p's projector shares with others, or None."""
-    proj = optimizer.projector(p, group)
-    shape = tuple(as_matrix(p).shape)
-    side = resolve_side(proj.requested_side, shape)
-    return proj.shared_table(basis_dim(shape, side), META, compute_dtype(p.dtype))
 
 
 def _stepped_state_bytes(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> int:

@@ -22,7 +22,7 @@ from memopt.projections.polar import work_dtype
 
 from . import executors_polar as fast
 from .distributed import all_reduce_sum, is_sharded, local, sharded_polar
-from .engine import (PREPARE_BYTES, MemoptOptimizer, Prepared, check_betas, check_choice,
+from .engine import (PREPARE_BYTES, MemoptOptimizer, Prepared, arguments, check_betas, check_choice,
                      check_nonnegative, check_positive_int, eight_bit, moment_dtype)
 from .executors import MAX_BATCH_BYTES, add_to_matrix_, as_matrix, buckets
 from .states import MomentStore, StateSpec, momentum_specs
@@ -127,12 +127,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
                  adamw_betas: tuple[float, float], adamw_eps: float, state_bits: int,
                  ns_dtype: str = "auto", redundant: bool = False, adamw: bool = False,
                  check_finite: bool = True, impl: str = "fast") -> None:
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        ns_steps=ns_steps, orthogonalizer=orthogonalizer, adjust_lr=adjust_lr,
-                        scaling=scaling, variant=variant, adamw_lr=adamw_lr,
-                        adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
-                        state_bits=state_bits, ns_dtype=ns_dtype, redundant=redundant,
-                        adamw=adamw, check_finite=check_finite, impl=impl)
+        defaults = {**arguments(locals()), "adamw_betas": tuple(adamw_betas)}
         self._plans: dict[int, _Plan] = {}
         super().__init__(params, defaults)
 
@@ -141,20 +136,16 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         mu = group["momentum"]
         if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < 1:
             raise ValueError(f"Invalid momentum value: {mu!r} (must be in [0, 1))")
-        check_choice("nesterov", group["nesterov"], (True, False))
         check_nonnegative("weight_decay value", group["weight_decay"])
         check_positive_int("ns_steps", group["ns_steps"])
-        check_choice("orthogonalizer", group["orthogonalizer"], ORTHOGONALIZERS)
-        check_choice("adjust_lr", group["adjust_lr"], ADJUST_LR)
-        check_choice("scaling", group["scaling"], SCALINGS)
-        check_choice("variant", group["variant"], VARIANTS)
-        check_nonnegative("adamw_lr", group["adamw_lr"])
+        for key in ("adamw_lr", "adamw_eps"):
+            check_nonnegative(key, group[key])
         check_betas("adamw_betas", group["adamw_betas"])
-        check_nonnegative("adamw_eps", group["adamw_eps"])
-        check_choice("state_bits", group["state_bits"], (8, 32))
-        check_choice("ns_dtype", group["ns_dtype"], NS_DTYPES)
-        check_choice("adamw", group["adamw"], (True, False))
-        check_choice("redundant", group["redundant"], (True, False))
+        for key, choices in (("orthogonalizer", ORTHOGONALIZERS), ("adjust_lr", ADJUST_LR),
+                             ("scaling", SCALINGS), ("variant", VARIANTS), ("ns_dtype", NS_DTYPES),
+                             ("state_bits", (8, 32)), ("nesterov", (True, False)),
+                             ("adamw", (True, False)), ("redundant", (True, False))):
+            check_choice(key, group[key], choices)
         self._store(group["state_bits"])
 
     @staticmethod
@@ -236,14 +227,12 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
                 group["orthogonalizer"], group["ns_steps"])
         return fast.orthogonalize(filled, group["orthogonalizer"], group["ns_steps"], last)
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor],
-                    prepared: Prepared) -> None:
-        store = self._store(group["state_bits"])
-        plan = self._plan(group, params)
-        if plan.dense:
-            self._adamw(plan.dense, store, lr=group["adamw_lr"] * self.schedule_factor(group),
-                        betas=group["adamw_betas"], eps=group["adamw_eps"],
-                        weight_decay=group["weight_decay"])
+    def adamw_settings(self, group: dict[str, Any]) -> tuple[float, tuple[float, float], float]:
+        return group["adamw_lr"] * self.schedule_factor(group), group["adamw_betas"], \
+            group["adamw_eps"]
+
+    def _step_matrices(self, group: dict[str, Any], plan: _Plan, prepared: Prepared,
+                       store: MomentStore) -> None:
         for batch in plan.batches:
             for p in batch:
                 if not self.state[p]:
@@ -336,13 +325,8 @@ class Muon(OrthogonalizedOptimizer):
                  orthogonalizer: str = "newton_schulz", adjust_lr: str = "original",
                  adamw_lr: float = 3e-4, adamw_betas: tuple[float, float] = (0.9, 0.95),
                  adamw_eps: float = 1e-8, state_bits: int = 32, **kwargs: Any) -> None:
-        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov,
-                         weight_decay=weight_decay, ns_steps=ns_steps,
-                         orthogonalizer=orthogonalizer, adjust_lr=adjust_lr,
-                         scaling=kwargs.pop("scaling", "none"),
-                         variant=kwargs.pop("variant", "momentum_first"), adamw_lr=adamw_lr,
-                         adamw_betas=adamw_betas, adamw_eps=adamw_eps, state_bits=state_bits,
-                         **kwargs)
+        kwargs = {"scaling": "none", "variant": "momentum_first", **kwargs}
+        super().__init__(params, **arguments(locals()))
 
 
 class PolarGrad(OrthogonalizedOptimizer):
@@ -356,22 +340,17 @@ class PolarGrad(OrthogonalizedOptimizer):
     LLaMA recipe; tune it for yours. See :class:`OrthogonalizedOptimizer`.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = False, weight_decay: float = 0.0, ns_steps: int = 5,
-                 orthogonalizer: str = "polar_express", adjust_lr: str = "none",
-                 variant: str = "momentum_first", adamw_lr: float = 3e-4,
+    def __init__(self, params: Iterable[Any], lr: float = 0.1,
+                 momentum: float = 0.95, nesterov: bool = False, weight_decay: float = 0.0,
+                 ns_steps: int = 5, orthogonalizer: str = "polar_express",
+                 adjust_lr: str = "none", variant: str = "momentum_first", adamw_lr: float = 3e-4,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
                  state_bits: int = 32, **kwargs: Any) -> None:
-        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov,
-                         weight_decay=weight_decay, ns_steps=ns_steps,
-                         orthogonalizer=orthogonalizer, adjust_lr=adjust_lr,
-                         scaling=kwargs.pop("scaling", "nuclear_norm"), variant=variant,
-                         adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-                         state_bits=state_bits, **kwargs)
+        kwargs = {"scaling": "nuclear_norm", **kwargs}
+        super().__init__(params, **arguments(locals()))
 
 
-Muon8bit = eight_bit(Muon)
-PolarGrad8bit = eight_bit(PolarGrad)
+Muon8bit, PolarGrad8bit = map(eight_bit, (Muon, PolarGrad))
 
 __all__ = ["Muon", "Muon8bit", "OrthogonalizedOptimizer", "PolarGrad", "PolarGrad8bit",
            "lr_adjustment", "momentum_direction", "nuclear_norm", "orthogonalized_direction"]

@@ -28,6 +28,20 @@ def check_rank(rank: Any) -> int:
     return rank
 
 
+def check_one_of(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
+    """Raise ValueError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_count(name: str, value: Any) -> int:
+    """Raise ValueError unless ``value`` is an integer >= 0 (iteration counts, oversampling)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
 def check_matrix(G: Tensor, name: str = "G") -> Tensor:
     """Raise if ``G`` is not a finite, real, dense 2-D floating-point tensor."""
     if not isinstance(G, Tensor):
@@ -142,8 +156,7 @@ class Projector(ABC):
 
     def project(self, G: Tensor) -> Tensor:
         """G B (right) or B^T G (left), in the basis dtype."""
-        self._check_operand(G, "G", full=True)
-        return project_onto(G, self.basis(), self.side)
+        return project_onto(self._check_operand(G, "G", full=True), self.basis(), self.side)
 
     def project_back(self, L: Tensor) -> Tensor:
         """L B^T (right) or B L (left), in the basis dtype. No scale: that is the optimizer's."""
@@ -221,7 +234,7 @@ class Projector(ABC):
         if self.shape is None:
             raise RuntimeError(f"{type(self).__name__} has no basis yet: call update(G) first")
 
-    def _check_operand(self, X: Tensor, name: str, full: bool) -> None:
+    def _check_operand(self, X: Tensor, name: str, full: bool) -> Tensor:
         self._check_fitted()
         if X.ndim != 2:
             raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(X.shape)}")
@@ -234,6 +247,7 @@ class Projector(ABC):
         if tuple(X.shape) != expected:
             raise ValueError(f"{name} has shape {tuple(X.shape)}, expected {expected} for a "
                              f"{self.side} basis of rank {r} on a {m} x {n} matrix")
+        return X
 
 
 class StoredBasisProjector(Projector):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Projector, full_fp32_matmul
+from .base import Projector, check_one_of, full_fp32_matmul
 
 METHODS = ("auto", "matmul", "fft")
 
@@ -138,8 +138,7 @@ class DCTProjector(Projector):
     """r columns of the orthonormal DCT-II basis, chosen by alignment with G; indices only.
 
     Args:
-        rank: r (>= 1).
-        side: "auto", "left" or "right".
+        rank, side: as for :class:`~memopt.projections.base.Projector`.
         method: how all d alignments are computed: "matmul" (dense product with the shared
             DCT matrix), "fft" (one real FFT per row), or "auto" (FFT from
             ``FFT_MIN_DIM[device]`` up).
@@ -150,9 +149,7 @@ class DCTProjector(Projector):
 
     def __init__(self, rank: int, side: str = "auto", method: str = "auto") -> None:
         super().__init__(rank, side)
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        self.method = method
+        self.method = check_one_of("method", method, METHODS)
         self.indices: Tensor | None = None
         self.dtype = torch.float32
 

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import StoredBasisProjector, accurate_svd, full_fp32_matmul, seeded_gaussian
+from .base import (StoredBasisProjector, accurate_svd, check_count, full_fp32_matmul,
+                   seeded_gaussian)
 
 Coefficients = tuple[float, float, float]
 
@@ -23,20 +24,18 @@ Coefficients = tuple[float, float, float]
 #: so five steps push every singular value into roughly [0.7, 1.2] instead of exactly 1.
 NEWTON_SCHULZ_COEFFICIENTS: Coefficients = (3.4445, -4.7750, 2.0315)
 
-#: Polar Express degree-5 schedule for l = 1e-3 (Amsel et al., 2025, Algorithm 1). Each step
+#: Polar Express degree-5 schedule for l = 1e-3 (Amsel et al., 2025, Algorithm 1), as columns
+#: a, b, c of the steps' polynomials a x + b x^3 + c x^5. Each step
 #: is the minimax-optimal odd quintic for the interval the previous step left behind; the
 #: last one repeats. All but the last are divided by a safety factor 1.01 (a / s, b / s^3,
 #: c / s^5) so that bf16 rounding cannot push a singular value past the point of divergence.
-_POLAR_EXPRESS_RAW: tuple[Coefficients, ...] = (
-    (8.28721201814563, -23.595886519098837, 17.300387312530933),
-    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
-    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
-    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
-    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
-    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
-    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
-    (1.875, -1.25, 0.375),
-)
+_A = (8.28721201814563, 4.107059111542203, 3.9486908534822946, 3.3184196573706015,
+      2.300652019954817, 1.891301407787398, 1.8750014808534479, 1.875)
+_B = (-23.595886519098837, -2.9478499167379106, -2.908902115962949,
+      -2.488488024314874, -1.6689039845747493, -1.2679958271945868, -1.2500016453999487, -1.25)
+_C = (17.300387312530933, 0.5448431082926601, 0.5518191394370137, 0.51004894012372,
+      0.4188073119525673, 0.37680408948524835, 0.3750001645474248, 0.375)
+_POLAR_EXPRESS_RAW: tuple[Coefficients, ...] = tuple(zip(_A, _B, _C))
 POLAR_EXPRESS_SAFETY = 1.01
 POLAR_EXPRESS_COEFFICIENTS: tuple[Coefficients, ...] = tuple(
     (a / POLAR_EXPRESS_SAFETY, b / POLAR_EXPRESS_SAFETY**3, c / POLAR_EXPRESS_SAFETY**5)
@@ -329,8 +328,7 @@ class PolarProjector(StoredBasisProjector):
     range finder; the polar step is Polar Express plus Newton-Schulz polishing.
 
     Args:
-        rank: r (>= 1).
-        side: "auto", "left" or "right".
+        rank, side: as for :class:`~memopt.projections.base.Projector`.
         power_iters: extra power iterations per update (default 1).
         warm_start: start from the previous basis when it has the right shape (default True).
         seed: seed of the Gaussian test matrix; saved in ``state_dict``.
@@ -341,9 +339,7 @@ class PolarProjector(StoredBasisProjector):
     def __init__(self, rank: int, side: str = "auto", power_iters: int = 1,
                  warm_start: bool = True, seed: int = 0) -> None:
         super().__init__(rank, side, seed)
-        if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0:
-            raise ValueError(f"power_iters must be an integer >= 0, got {power_iters!r}")
-        self.power_iters = power_iters
+        self.power_iters = check_count("power_iters", power_iters)
         self.warm_start = bool(warm_start)
 
     def _fit(self, G: Tensor, side: str, dim: int, r: int) -> None:

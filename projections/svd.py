@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import (StoredBasisProjector, accurate_svd, canonical_signs, full_fp32_matmul,
-                   orthonormality_error, seeded_gaussian)
+from .base import (StoredBasisProjector, accurate_svd, canonical_signs, check_count,
+                   check_one_of, full_fp32_matmul, orthonormality_error, seeded_gaussian)
 
 METHODS = ("exact", "randomized")
 
@@ -63,8 +63,7 @@ class SVDProjector(StoredBasisProjector):
     """Top-r singular vectors of G on one side, computed in fp32 (fp64 for fp64 input).
 
     Args:
-        rank: r (>= 1).
-        side: "auto", "left" or "right".
+        rank, side: as for :class:`~memopt.projections.base.Projector`.
         method: "exact" (torch.linalg.svd) or "randomized" (subspace iteration from the
             previous basis, or a seeded Gaussian sketch with ``oversample`` extra columns).
         power_iters: subspace iterations per randomized update (default 2; 1 when warm).
@@ -77,14 +76,9 @@ class SVDProjector(StoredBasisProjector):
     def __init__(self, rank: int, side: str = "auto", method: str = "exact",
                  power_iters: int = 2, oversample: int = 8, seed: int = 0) -> None:
         super().__init__(rank, side, seed)
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        for name, value in (("power_iters", power_iters), ("oversample", oversample)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        self.method = method
-        self.power_iters = power_iters
-        self.oversample = oversample
+        self.method = check_one_of("method", method, METHODS)
+        self.power_iters = check_count("power_iters", power_iters)
+        self.oversample = check_count("oversample", oversample)
 
     def _fit(self, G: Tensor, side: str, dim: int, r: int) -> None:
         if self.method == "exact" or r == dim:

@@ -459,3 +459,17 @@ def test_a_finite_gradient_whose_update_overflows_raises_and_changes_nothing(nam
     with pytest.raises(FloatingPointError, match="finite but so large"):
         opt.step()
     assert_same((p.detach(), opt.state_dict()), before)
+
+
+@pytest.mark.parametrize("name", list(LOWRANK))
+def test_recorded_steps_are_refused_but_old_groups_load(name):
+    """cuda_graph=True (recorded CUDA-graph steps) was removed: a clear ValueError; False,
+    as saved in the param groups of old state dicts, is still accepted."""
+    p = torch.nn.Parameter(torch.randn(16, 12))
+    with pytest.raises(ValueError, match="recorded CUDA-graph steps were removed"):
+        make(name, [p], cuda_graph=True)
+    opt = make(name, [p], cuda_graph=False)
+    p.grad = torch.randn(16, 12)
+    opt.step()
+    opt.load_state_dict(round_trip(opt.state_dict()))
+    assert opt.param_groups[0]["cuda_graph"] is False
