@@ -16,6 +16,7 @@ finiteness check with one device sync, then ``_step_group``.
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,12 +24,13 @@ from itertools import chain
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .distributed import (all_reduce_sum, as_sharded_state, from_sharded_state, is_sharded, local,
                           trim_absmax)
-from .states import MomentStore, tensor_bytes
+from .groups import param_groups
+from .states import MIN_8BIT_NUMEL, MomentStore, tensor_bytes
 
 
 def check_nonnegative(name: str, value: Any) -> None:
@@ -114,6 +116,12 @@ class MemoptOptimizer(Optimizer, ABC):
     _flag_host: Tensor | None = None
     _flag_ready: Any = None
 
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        if isinstance(params, nn.Module):      # hidden matrices vs. the rest, by module type
+            params = param_groups(params)
+        self._eight_bit_unused_checked = False
+        super().__init__(params, defaults)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
@@ -146,6 +154,7 @@ class MemoptOptimizer(Optimizer, ABC):
             with torch.enable_grad():
                 loss = closure()
         self._run(self._collect())
+        self._warn_if_8bit_unused()
         return loss
 
     @torch.no_grad()
@@ -156,6 +165,26 @@ class MemoptOptimizer(Optimizer, ABC):
         gradient is checked first, so a bad one raises before this parameter changes.
         """
         self._run([(g, ps) for g, ps in self._collect(only=param) if ps])
+        self._warn_if_8bit_unused()
+
+    def _warn_if_8bit_unused(self) -> None:
+        """Warn once when ``state_bits=8`` was asked but every state tensor made so far is
+        under ``MIN_8BIT_NUMEL`` elements and stays fp32 (as in bitsandbytes' own 8-bit
+        optimizers): such a model trains exactly as with 32-bit state."""
+        if self._eight_bit_unused_checked:
+            return
+        eight = [p for g in self.param_groups if g.get("state_bits") == 8 for p in g["params"]]
+        states = [v for p in eight for v in self.state.get(p, {}).values()
+                  if isinstance(v, Tensor) and v.is_floating_point()]
+        if not states:
+            self._eight_bit_unused_checked = not eight
+            return
+        self._eight_bit_unused_checked = True
+        if not any(v.dtype == torch.uint8 for p in eight for v in self.state[p].values()
+                   if isinstance(v, Tensor)):
+            warnings.warn(f"{type(self).__name__}: state_bits=8, but every state tensor has "
+                          f"fewer than {MIN_8BIT_NUMEL} elements and stays fp32 (as in "
+                          "bitsandbytes), so this model's state is not quantized", stacklevel=5)
 
     def _run(self, work: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
         """Prepare every group, check every gradient (or its witness), then update: a bad

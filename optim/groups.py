@@ -21,14 +21,22 @@ HEAD_NAMES = ("lm_head", "head", "classifier", "score", "output", "embed_out", "
 def _special_modules(model: nn.Module, head_names: Iterable[str]) -> set[int]:
     """ids of the parameters of embeddings and output heads."""
     special: list[nn.Module] = []
+    linears: list[nn.Module] = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) or (name and name.rsplit(".", 1)[-1] in head_names):
             special.append(module)
-    for getter in ("get_input_embeddings", "get_output_embeddings"):   # transformers models
-        fn = getattr(model, getter, None)
-        module = fn() if callable(fn) else None
-        if isinstance(module, nn.Module):
-            special.append(module)
+        if isinstance(module, nn.Linear):
+            linears.append(module)
+    output = getattr(model, "get_output_embeddings", None)      # transformers models
+    output = output() if callable(output) else None
+    if isinstance(output, nn.Module):
+        special.append(output)
+    elif linears:                 # by type: the last nn.Linear registered is the output head
+        special.append(linears[-1])
+    inputs = getattr(model, "get_input_embeddings", None)
+    inputs = inputs() if callable(inputs) else None
+    if isinstance(inputs, nn.Module):
+        special.append(inputs)
     return {id(p) for m in special for p in m.parameters(recurse=False)}
 
 
@@ -37,9 +45,12 @@ def param_groups(model: nn.Module, head_names: Iterable[str] = HEAD_NAMES,
     """Two named param groups: hidden matrices (with ``overrides``) and the rest (``adamw=True``).
 
     A parameter is a hidden matrix when it has ndim >= 2 and does not belong to an
-    ``nn.Embedding``, the model's input / output embeddings, or a module whose last name is
-    in ``head_names``. Norms and biases (ndim < 2) always go to the AdamW group. Shared
-    (tied) parameters appear once. Empty groups are left out.
+    ``nn.Embedding``, the output head, or a module whose last name is in ``head_names``.
+    The output head is found by type: a transformers model's ``get_output_embeddings()``
+    (and ``get_input_embeddings()``), otherwise the last ``nn.Linear`` registered in the
+    model (an ``nn.Sequential``'s last layer). Norms and biases (ndim < 2) always go to the
+    AdamW group. Shared (tied) parameters appear once. Empty groups are left out. Every
+    memopt optimizer given a model (rather than parameters) uses this split.
 
     Example: ``GaLoreAdamW(param_groups(model, rank=256), lr=0.01)``.
     """

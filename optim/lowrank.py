@@ -29,6 +29,7 @@ from memopt.projections.base import (aligned_width, bases, bf16_product,
 from memopt.projections.dct import dct_table_bytes
 
 from . import graphs
+from .compat import lowrank_group
 from .base import (PREPARE_BYTES, MemoptOptimizer, Prepared, add_to_matrix_, as_matrix,
                    check_betas, check_choice, check_nonnegative, check_positive_int,
                    moment_dtype)
@@ -208,7 +209,10 @@ class LowRankAdamW(MemoptOptimizer):
         W_t = W_{t-1}(1 - \eta\lambda) - \eta\,(\alpha\,\mathrm{project\_back}(\psi_t) + S_t)
 
     Args:
-        params: parameters or param groups (named parameters allowed).
+        params: a model (split by :func:`~memopt.optim.param_groups`: embeddings, output
+            head, norms and biases get AdamW), or parameters or param groups (named
+            parameters allowed; every matrix in them is projected). When some group names
+            a ``rank``, groups that name none are plain AdamW (galore-torch's convention).
         lr: learning rate :math:`\eta` (default 1e-3).
         betas: Adam's (beta1, beta2) (default (0.9, 0.999)).
         eps: Adam's epsilon (default 1e-8).
@@ -264,6 +268,11 @@ class LowRankAdamW(MemoptOptimizer):
         self._scalar_buffers: dict[int, DeviceScalars] = {}   # per param group
         self._unrecordable: set[int] = set()              # groups whose recording failed
         self._eager_only = False
+        # galore-torch's convention: when some group names a rank, the others are plain AdamW
+        self._ranks_named = False
+        if not isinstance(params, (torch.nn.Module, Tensor)):   # torch refuses a Tensor
+            params = list(params)
+            self._ranks_named = any(isinstance(g, dict) and "rank" in g for g in params)
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
             matrices = [p for p in group["params"] if p.ndim >= 2]
@@ -274,6 +283,11 @@ class LowRankAdamW(MemoptOptimizer):
                               "so it trains as plain AdamW; lower the rank", stacklevel=2)
 
     # ------------------------------------------------------------ configuration
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; galore-torch / fira keys are translated (:mod:`.compat`): a group
+        that names no ``rank`` is plain AdamW when the constructor's groups named ranks."""
+        super().add_param_group(lowrank_group(param_group, self._ranks_named))
+
     def _check_group(self, group: dict[str, Any]) -> None:
         check_nonnegative("learning rate", group["lr"])
         check_betas("betas", group["betas"])

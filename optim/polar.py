@@ -23,6 +23,7 @@ from memopt.projections.polar import (MAX_BATCH_BYTES, PolarParts, factor_dtype,
                                      frobenius_norms, iterate_polar_, orthogonalize_many,
                                      polar_buffer, uses_gram_form, work_dtype)
 
+from .compat import muon_arguments
 from .base import (PREPARE_BYTES, MemoptOptimizer, Prepared, add_to_matrix_, as_matrix,
                    check_betas, check_choice, check_nonnegative, check_positive_int,
                    moment_dtype)
@@ -93,7 +94,9 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
     r"""The engine of :class:`Muon` and :class:`PolarGrad`; they only change its defaults.
 
     Args:
-        params: parameters or param groups (named parameters allowed).
+        params: a model (split by :func:`~memopt.optim.param_groups`: embeddings, output
+            head, norms and biases get AdamW), or parameters or param groups (named
+            parameters allowed; every matrix in them is orthogonalized).
         lr: learning rate for matrices.
         momentum: :math:`\mu` of the EMA momentum buffer.
         nesterov: use (1 - mu) g + mu buf instead of buf.
@@ -104,8 +107,9 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         scaling: "none" (Muon) or "nuclear_norm" (PolarGrad).
         variant: "momentum_first" (orthogonalize the momentum) or "polar_first"
             (orthogonalize the gradient, then average the polar factors).
-        adamw_lr, adamw_betas, adamw_eps: AdamW for the other parameters (an LR scheduler
-            scales ``adamw_lr`` by the same factor as ``lr``).
+        adamw_lr, adamw_betas, adamw_eps: AdamW for the other parameters. They follow the
+            group's lr: their rate is ``adamw_lr`` times lr / the group's lr when it was
+            added, so an LR scheduler scales both alike and lr 0 freezes the whole group.
         state_bits: 32, or 8 for bitsandbytes blockwise 8-bit momentum and AdamW moments.
         ns_dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16" or "float32".
         redundant: FSDP2 only: all-gather each matrix and orthogonalize it on every rank
@@ -149,6 +153,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         check_choice("ns_dtype", group["ns_dtype"], NS_DTYPES)
         check_choice("adamw", group["adamw"], (True, False))
         check_choice("redundant", group["redundant"], (True, False))
+        group.setdefault("lr_at_start", group["lr"])
         self._store(group["state_bits"])
 
     def _store(self, bits: int) -> MomentStore:
@@ -157,12 +162,19 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
                 bits, {"momentum_buffer": True, "exp_avg": True, "exp_avg_sq": False})
         return self._stores[bits]
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(muon_arguments(param_group))
+
     @staticmethod
-    def schedule_factor(group: dict[str, Any]) -> float:
-        """lr / initial_lr: what an LR scheduler has done to the group's lr so far, applied to
-        ``adamw_lr`` too, so the AdamW parameters follow the same schedule."""
-        initial = group.get("initial_lr")
-        return group["lr"] / initial if initial else 1.0
+    def adamw_lr(group: dict[str, Any]) -> float:
+        """The AdamW rate of ``group``'s other parameters: ``adamw_lr`` times lr / the lr the
+        group had when it was added, so they follow every change of the group's lr (an LR
+        scheduler, a manual change; lr 0 freezes the whole group). A group added at lr 0
+        keeps ``adamw_lr`` once its lr is raised."""
+        start = group.get("lr_at_start", group.get("initial_lr"))
+        if not start:
+            return 0.0 if group["lr"] == 0 else group["adamw_lr"]
+        return group["adamw_lr"] * group["lr"] / start
 
     @staticmethod
     def is_orthogonalized(group: dict[str, Any], p: Tensor) -> bool:
@@ -247,7 +259,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         store = self._store(group["state_bits"])
         route = self._route(group, params)
         if route.dense:
-            self._adamw(route.dense, store, lr=group["adamw_lr"] * self.schedule_factor(group),
+            self._adamw(route.dense, store, lr=self.adamw_lr(group),
                         betas=group["adamw_betas"], eps=group["adamw_eps"],
                         weight_decay=group["weight_decay"])
         if prepared.data is not None:
@@ -454,9 +466,11 @@ class Muon(OrthogonalizedOptimizer):
                  orthogonalizer: str = "newton_schulz", adjust_lr: str = "original",
                  adamw_lr: float = 3e-4, adamw_betas: tuple[float, float] = (0.9, 0.95),
                  adamw_eps: float = 1e-8, state_bits: int = 32, **kwargs: Any) -> None:
+        kwargs = muon_arguments(kwargs)
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov,
                          weight_decay=weight_decay, ns_steps=ns_steps,
-                         orthogonalizer=orthogonalizer, adjust_lr=adjust_lr,
+                         orthogonalizer=orthogonalizer,
+                         adjust_lr=kwargs.pop("adjust_lr", adjust_lr),
                          scaling=kwargs.pop("scaling", "none"),
                          variant=kwargs.pop("variant", "momentum_first"), adamw_lr=adamw_lr,
                          adamw_betas=adamw_betas, adamw_eps=adamw_eps, state_bits=state_bits,
@@ -480,9 +494,11 @@ class PolarGrad(OrthogonalizedOptimizer):
                  variant: str = "momentum_first", adamw_lr: float = 3e-4,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
                  state_bits: int = 32, **kwargs: Any) -> None:
+        kwargs = muon_arguments(kwargs)
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov,
                          weight_decay=weight_decay, ns_steps=ns_steps,
-                         orthogonalizer=orthogonalizer, adjust_lr=adjust_lr,
+                         orthogonalizer=orthogonalizer,
+                         adjust_lr=kwargs.pop("adjust_lr", adjust_lr),
                          scaling=kwargs.pop("scaling", "nuclear_norm"), variant=variant,
                          adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
                          state_bits=state_bits, **kwargs)

@@ -15,6 +15,7 @@ for 8-bit ones.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,13 +29,23 @@ MIN_8BIT_NUMEL = 4096    # smaller tensors stay fp32 (bitsandbytes' min_8bit_siz
 ABSMAX_SUFFIX = "_absmax"
 
 
+class _QuietFourBitKernel(logging.Filter):
+    """Drops bitsandbytes' CPU notice that its optional 4-bit matmul kernel is missing
+    (memopt uses only the blockwise 8-bit quantization, which needs no such kernel)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward" not in record.getMessage()
+
+
 def _bitsandbytes() -> Any:
     """The bitsandbytes package, imported on first use of 8-bit state."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_QuietFourBitKernel())
     try:
         import bitsandbytes
         import bitsandbytes.functional  # noqa: F401  (registers torch.ops.bitsandbytes)
-    except ImportError as exc:   # pragma: no cover - depends on the environment
-        raise ImportError("state_bits=8 needs bitsandbytes>=0.45: pip install bitsandbytes") from exc
+    except ImportError as exc:
+        raise ImportError("state_bits=8 needs bitsandbytes (>= 0.45), an optional dependency: "
+                          "pip install 'memopt[8bit]' (or pip install bitsandbytes)") from exc
     return bitsandbytes
 
 
