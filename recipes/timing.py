@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
+import os
 import platform
 import statistics
 import time
@@ -75,6 +77,41 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def available_cores() -> int:
+    """CPU cores this process may use: its affinity mask (``taskset``), further limited by a
+    cgroup CPU quota (``docker --cpus``, Kubernetes limits), which the mask does not show."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:                      # macOS, Windows
+        cores = os.cpu_count() or 1
+    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()[:2]),
+                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):
+        try:
+            text = Path(path).read_text()
+            if parse is None:
+                period = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text()
+                quota, period = text.strip(), period.strip()
+            else:
+                quota, period = parse(text)
+        except (OSError, ValueError):
+            continue
+        if quota not in ("max", "-1") and int(period) > 0:
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+        break
+    return cores
+
+
+def use_available_cores() -> int:
+    """Set torch's intra-op threads to the cores this process may use, unless the user chose
+    a number with OMP_NUM_THREADS; return the number of threads torch will use.
+
+    torch's default can exceed the cores a container or ``taskset`` grants, and threads
+    beyond the cores wait on each other at every operation."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(available_cores())
+    return torch.get_num_threads()
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on."""
     info = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
@@ -85,17 +122,40 @@ def environment(device: torch.device) -> dict[str, Any]:
     else:
         info["cpu"] = platform.processor() or platform.machine()
         info["threads"] = torch.get_num_threads()
+        info["cores"] = available_cores()
     return info
 
 
-def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    """Rows of dicts as a GitHub markdown table (floats to 4 significant digits)."""
-    def fmt(v: Any) -> str:
+def describe_environment(env: dict[str, Any]) -> str:
+    """:func:`environment` as readable lines, e.g. "torch 2.13.0, Python 3.12.3" /
+    "device: cpu (x86_64), 2 threads on 2 cores" / "date: 2026-12-02"."""
+    where = f"device: {env.get('device', '?')}"
+    if env.get("gpu"):
+        where += f" ({env['gpu']}, CUDA {env.get('cuda')})"
+    elif env.get("cpu"):
+        where += f" ({env['cpu']})"
+    if env.get("threads") is not None:
+        where += f", {env['threads']} threads"
+        if env.get("cores") is not None:
+            where += f" on {env['cores']} cores"
+    return "\n".join([f"torch {env.get('torch', '?')}, Python {env.get('python', '?')}", where,
+                      f"date: {env.get('date', '?')}"])
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str],
+                   headers: Sequence[str] | None = None,
+                   formats: dict[str, str] | None = None) -> str:
+    """Rows of dicts as a GitHub markdown table: floats to 4 significant digits unless
+    ``formats`` gives a column its own format spec (e.g. ``{"ms": ".1f"}``); ``headers``
+    replaces the column keys in the first line."""
+    formats = formats or {}
+
+    def fmt(column: str, v: Any) -> str:
         if isinstance(v, float):
-            return f"{v:.4g}"
+            return format(v, formats.get(column, ".4g"))
         return "" if v is None else str(v)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    lines = ["| " + " | ".join(headers or columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(c, r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
