@@ -1,10 +1,10 @@
 """The whole training step (forward + backward + optimizer) of a LLaMA, per optimizer.
 
-    python -m memopt.recipes.bench_train_step [--device cuda] [--only NAME,...] [--repeats 3]
+    python -m memopt.recipes.bench_train_step [--device cuda] [--only NAME,...] [--repeats 2]
         [--steps 20] [--warmup 5] [--out FILE.json]
 
 What: a ``LlamaForCausalLM`` built from a ``LlamaConfig`` (default hidden 1024, 12 layers,
-intermediate 2736, vocabulary 32000, 16 heads: 218M parameters; no download), fp32 weights,
+intermediate 2736, vocabulary 32000, 16 heads: 216.8M parameters; no download), fp32 weights,
 bf16 autocast, batch 8 x 512 random tokens. Per optimizer: milliseconds per step and tokens/s;
 the peak GPU memory (``torch.cuda.max_memory_allocated``) of the steady state and of a basis
 refresh step, reported apart; optimizer state in bytes, total and per parameter
@@ -20,22 +20,26 @@ A peer that is not installed is skipped with a note.
 How: every (repeat, optimizer) runs in a fresh process (in one process, later rows inherited
 about 0.8 GB of allocator state from earlier ones), and the repeats are interleaved: repeat r
 runs every row once, in order, so a drift of the machine (clocks, neighbours) spreads over all
-rows instead of landing on one. In a process: the GPU is kept busy for half a second (an idle GPU
-runs at a low clock), ``--warmup`` steps are run (step 0 builds the state and the first
+rows instead of landing on one. In a process: the GPU is kept busy for half a second (an idle
+GPU runs at a low clock), ``--warmup`` steps are run (step 0 builds the state and the first
 bases), then ``--steps`` steps are timed as one window between CUDA events, with no
-synchronization inside it beyond what the optimizers do themselves; their peak memory is the
-steady peak. The low-rank rows refresh their bases every ``warmup + steps`` steps (instead of
-200) so that no refresh falls in the timed window and the step right after it refreshes every
-basis: that step is timed and its peak measured apart (``reset_peak_memory_stats`` before it),
-and the number of bases it rebuilt is recorded. Muon, PolarGrad and AdamW have no refresh:
-their refresh columns stay empty. The table gives, per row, the median over the repeats of
-ms per step with its spread [min-max], and the ratio of that median to fused AdamW's median;
-the JSON (``--out``) holds every raw measurement, the environment and the command. GB and MB
-are 10^9 and 10^6 bytes. On the CPU (``--device cpu``) everything runs but peaks are "n/a";
-the model-size flags make that run small (the test uses hidden 64, 2 layers).
+synchronization inside it beyond what the optimizers do themselves: the process's ms per step
+is the window over the steps (hiccups included, as a training run gets them; the JSON also has
+every step's time); the window's peak memory is the steady peak. The low-rank rows refresh
+their bases every ``warmup + steps`` steps (instead of 200) so that no refresh falls in the
+timed window and the step right after it refreshes every basis: that step is timed and its
+peak measured apart (``reset_peak_memory_stats`` before it), and the number of bases it
+rebuilt is recorded. Muon, PolarGrad and AdamW have no refresh: their refresh columns stay
+empty. The table gives, per row, the median over the repeats of ms per step with its spread
+[min-max], and the ratio of that median to fused AdamW's median; the JSON (``--out``) holds
+every raw measurement, the environment and the command. GB and MB are 10^9 and 10^6 bytes. On
+the CPU (``--device cpu``) everything runs but peaks are "n/a"; the model-size flags make that
+run small (the test uses hidden 64, 2 layers).
 
-The default run (11 rows x 3 repeats, about 30 s of process start, model build and steps per
-process on an H200, more for the SVD refreshes of the GaLore-type rows) takes about 8 minutes.
+The default run takes about 8 minutes on an H200: 11 rows x 2 repeats, each process about
+20-25 s (measured 2026-12-02, one repeat in 246 s: interpreter, torch and transformers imports,
+CUDA start and model build are most of it; galore-torch's SVD refreshes add about 11 s);
+``--repeats 3`` takes about 12 minutes.
 """
 
 from __future__ import annotations
@@ -332,6 +336,7 @@ def measure(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     step_ms = clock.intervals_ms()
     steady = peaks(device)
     out.update(window_ms=sum(step_ms), ms_per_step=sum(step_ms) / len(step_ms), step_ms=step_ms,
+               step_ms_median=statistics.median(step_ms),
                steady_peak_bytes=steady["allocated"], steady_reserved_bytes=steady["reserved"])
 
     out.update(refresh_step=None, refresh_step_ms=None, refresh_peak_bytes=None,
@@ -454,7 +459,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--only", default=None,
                    help="comma-separated rows: " + ", ".join(r.key for r in ROWS))
-    p.add_argument("--repeats", type=int, default=3, help="processes per row, interleaved")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="processes per row, interleaved (3: about 12 min on an H200)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (>= 1)")
     p.add_argument("--rank", type=int, default=256, help="rank of the low-rank rows")
