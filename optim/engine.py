@@ -21,49 +21,25 @@ finiteness check with one device sync, then ``_step_group``.
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .distributed import (all_reduce_sum, as_sharded_state, from_sharded_state, is_sharded, local,
                           trim_absmax)
-from .states import MomentStore, adam_specs, tensor_bytes
+from .groups import check_choice, param_groups
+from .states import MIN_8BIT_NUMEL, MomentStore, adam_specs, eight_bit_unused, tensor_bytes
 
 #: How a group's step runs: "fast" (the executors: batched, fused; the default) or
 #: "reference" (the methods' reference functions, one parameter at a time).
 IMPLS = ("fast", "reference")
-
-
-def check_nonnegative(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
-            or not math.isfinite(value):
-        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number >= 0)")
-
-
-def check_betas(name: str, betas: Any) -> None:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid {name}: {betas!r} (must be a pair of numbers in [0, 1))")
-    for i, beta in enumerate(betas):
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i} of {name}: {beta!r} "
-                             "(must be in [0, 1))")
-
-
-def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"Invalid {name}: {value!r} (choose one of {choices})")
-
-
-def check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
 
 
 def moment_dtype(param: Tensor) -> torch.dtype:
@@ -105,8 +81,11 @@ class MemoptOptimizer(Optimizer, ABC):
     _flag_host: Tensor | None = None
     _flag_ready: Any = None
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        if isinstance(params, nn.Module):      # hidden matrices vs. the rest, by module type
+            params = param_groups(params)
         self._stores: dict[int, MomentStore] = {}
+        self._eight_bit_unused_checked = False
         super().__init__(params, defaults)
 
     def _store(self, bits: int) -> MomentStore:
@@ -168,6 +147,7 @@ class MemoptOptimizer(Optimizer, ABC):
             with torch.enable_grad():
                 loss = closure()
         self._run(self._collect())
+        self._warn_if_8bit_unused()
         return loss
 
     @torch.no_grad()
@@ -178,6 +158,21 @@ class MemoptOptimizer(Optimizer, ABC):
         gradient is checked first, so a bad one raises before this parameter changes.
         """
         self._run([(g, ps) for g, ps in self._collect(only=param) if ps])
+        self._warn_if_8bit_unused()
+
+    def _warn_if_8bit_unused(self) -> None:
+        """Warn once when ``state_bits=8`` was asked but every state tensor made so far is
+        under ``MIN_8BIT_NUMEL`` elements and stays fp32 (as in bitsandbytes' own 8-bit
+        optimizers): such a model trains exactly as with 32-bit state."""
+        if self._eight_bit_unused_checked:
+            return
+        eight = [p for g in self.param_groups if g.get("state_bits") == 8 for p in g["params"]]
+        unused = eight_bit_unused([self.state.get(p, {}) for p in eight])
+        self._eight_bit_unused_checked = unused is not None or not eight
+        if unused:
+            warnings.warn(f"{type(self).__name__}: state_bits=8, but every state tensor has "
+                          f"fewer than {MIN_8BIT_NUMEL} elements and stays fp32 (as in "
+                          "bitsandbytes), so this model's state is not quantized", stacklevel=5)
 
     def _run(self, work: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
         """Prepare every group, check every gradient (or its witness), then update: a bad

@@ -1,4 +1,4 @@
-"""The usual split of a model's parameters for memory-efficient optimizers.
+"""Param groups: the usual split of a model's parameters, and the checks of a group's values.
 
 Hidden matrices (attention and MLP weights, conv kernels) get the low-rank or orthogonalized
 update; embeddings, the output head, norms and biases get plain AdamW. This follows GaLore's
@@ -8,27 +8,65 @@ head stay on AdamW; Jordan et al., 2024).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+
+def check_nonnegative(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+            or not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number >= 0)")
+
+
+def check_betas(name: str, betas: Any) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid {name}: {betas!r} (must be a pair of numbers in [0, 1))")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i} of {name}: {beta!r} "
+                             "(must be in [0, 1))")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (choose one of {choices})")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
+
+
 #: Last name component of modules treated as the output head.
 HEAD_NAMES = ("lm_head", "head", "classifier", "score", "output", "embed_out", "fc_out")
+
+
+def _transformers_module(model: nn.Module, getter: str) -> nn.Module | None:
+    """``model.get_output_embeddings()`` (or another getter) of a transformers model."""
+    fn = getattr(model, getter, None)
+    module = fn() if callable(fn) else None
+    return module if isinstance(module, nn.Module) else None
 
 
 def _special_modules(model: nn.Module, head_names: Iterable[str]) -> set[int]:
     """ids of the parameters of embeddings and output heads."""
     special: list[nn.Module] = []
+    linears: list[nn.Module] = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) or (name and name.rsplit(".", 1)[-1] in head_names):
             special.append(module)
-    for getter in ("get_input_embeddings", "get_output_embeddings"):   # transformers models
-        fn = getattr(model, getter, None)
-        module = fn() if callable(fn) else None
-        if isinstance(module, nn.Module):
-            special.append(module)
+        if isinstance(module, nn.Linear):
+            linears.append(module)
+    output = _transformers_module(model, "get_output_embeddings")
+    if output is None and linears:   # by type: the last nn.Linear registered is the output head
+        output = linears[-1]
+    special += [m for m in (output, _transformers_module(model, "get_input_embeddings"))
+                if m is not None]
     return {id(p) for m in special for p in m.parameters(recurse=False)}
 
 
@@ -37,9 +75,12 @@ def param_groups(model: nn.Module, head_names: Iterable[str] = HEAD_NAMES,
     """Two named param groups: hidden matrices (with ``overrides``) and the rest (``adamw=True``).
 
     A parameter is a hidden matrix when it has ndim >= 2 and does not belong to an
-    ``nn.Embedding``, the model's input / output embeddings, or a module whose last name is
-    in ``head_names``. Norms and biases (ndim < 2) always go to the AdamW group. Shared
-    (tied) parameters appear once. Empty groups are left out.
+    ``nn.Embedding``, the output head, or a module whose last name is in ``head_names``.
+    The output head is found by type: a transformers model's ``get_output_embeddings()``
+    (and ``get_input_embeddings()``), otherwise the last ``nn.Linear`` registered in the
+    model (an ``nn.Sequential``'s last layer). Norms and biases (ndim < 2) always go to the
+    AdamW group. Shared (tied) parameters appear once. Empty groups are left out. Every
+    memopt optimizer given a model (rather than parameters) uses this split.
 
     Example: ``GaLoreAdamW(param_groups(model, rank=256), lr=0.01)``.
     """

@@ -9,7 +9,6 @@ executor (``executors_lowrank.py``).
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,20 +21,20 @@ from memopt.projections import PROJECTORS, Projector, make_projector
 from memopt.projections.base import compute_dtype, resolve_side
 
 from . import executors_lowrank as fast
+from .compat import lowrank_group
 from .distributed import all_reduce_sum, is_sharded, local, update_from_shards
-from .engine import (PREPARE_BYTES, MemoptOptimizer, Prepared, arguments, check_betas,
-                     check_choice, check_nonnegative, check_positive_int, eight_bit)
+from .engine import PREPARE_BYTES, MemoptOptimizer, Prepared, arguments, eight_bit
 from .executors import (CHUNK_BYTES, PROJECTION_PRECISIONS, as_matrix, bases, basis_dim,
                         buckets, precision, projected_shape)
 from .galore import carry_moments
-from .states import MomentStore, StateSpec, adam_specs
+from .groups import check_betas, check_choice, check_nonnegative, check_positive_int
+from .states import PROJ_PREFIX, MomentStore, StateSpec, lowrank_specs
 
 ProjectorSpec = Union[str, Callable[[int], Projector]]
 
 #: What happens to the subspace moments at a refresh (``galore.carry_moments``).
 REFRESH_MODES = ("keep", "reset", "rotate")
 RESIDUALS = ("none", "fira")
-PROJ_PREFIX = "proj_"
 
 
 @dataclass
@@ -72,7 +71,9 @@ class LowRankAdamW(MemoptOptimizer):
             W <- W (1 - eta lambda) - eta D
 
     Args:
-        params: parameters or param groups (named parameters allowed).
+        params: a model (split by :func:`~memopt.optim.param_groups`), or parameters or
+            param groups (named allowed; every matrix in them is projected). When a group
+            names a ``rank``, groups that name none are AdamW (galore-torch's convention).
         lr, betas, eps, weight_decay: AdamW's (defaults 1e-3, (0.9, 0.999), 1e-8, 0).
         rank: subspace rank r; ``None`` turns projection off for the group (default 128).
             A parameter is projected when it has ndim >= 2 and its smaller side exceeds r.
@@ -93,8 +94,7 @@ class LowRankAdamW(MemoptOptimizer):
             anything (default True; one device sync per step).
         impl: "fast" (batched executors, the default) or "reference" (the reference
             functions, one matrix at a time; FSDP2 shards always run fast).
-        cuda_graph: accepted for old code and saved states; must be False (recorded steps
-            were removed: they were slower than the eager step on an H200).
+        cuda_graph: must be False (recorded steps were removed; kept for saved states).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3,
@@ -110,6 +110,11 @@ class LowRankAdamW(MemoptOptimizer):
                     "betas": tuple(betas) if isinstance(betas, list) else betas}
         self._projectors: dict[Tensor, Projector] = {}
         self._plans: dict[int, _Plan] = {}
+        # galore-torch's convention: when some group names a rank, the others are plain AdamW
+        self._ranks_named = False
+        if not isinstance(params, (torch.nn.Module, Tensor)):   # torch refuses a Tensor
+            params = list(params)
+            self._ranks_named = any(isinstance(g, dict) and "rank" in g for g in params)
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
             projected = [self.is_projected(group, p) for p in group["params"] if p.ndim >= 2]
@@ -120,6 +125,11 @@ class LowRankAdamW(MemoptOptimizer):
                               "so it trains as plain AdamW; lower the rank", stacklevel=2)
 
     # ------------------------------------------------------------ configuration
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; galore-torch / fira keys are translated (:mod:`.compat`): a group
+        that names no ``rank`` is plain AdamW when the constructor's groups named ranks."""
+        super().add_param_group(lowrank_group(param_group, self._ranks_named))
+
     def _check_group(self, group: dict[str, Any]) -> None:
         check_nonnegative("learning rate", group["lr"])
         check_betas("betas", group["betas"])
@@ -179,9 +189,8 @@ class LowRankAdamW(MemoptOptimizer):
         projected shape, Fira's residual norm, and the projector's tensors (basis or
         indices), each with the keys it has in ``state``."""
         proj, shape, side, d, r, dtype = self._geometry(group, p)
-        return self._moment_specs(group, projected_shape(shape, side, r), dtype) + [
-            StateSpec(PROJ_PREFIX + k, size, dt)
-            for k, (size, dt) in proj.state_shapes(d, r, dtype).items()]
+        return lowrank_specs(projected_shape(shape, side, r), dtype, group["residual"] == "fira",
+                             proj.state_shapes(d, r, dtype))
 
     def estimated_shared_table(self, group: dict[str, Any], p: Tensor,
                                device: torch.device) -> tuple[Any, int] | None:
@@ -197,16 +206,6 @@ class LowRankAdamW(MemoptOptimizer):
         side = resolve_side(proj.requested_side, shape)
         d = basis_dim(shape, side)
         return proj, shape, side, d, min(proj.rank, d), compute_dtype(p.dtype)
-
-    @staticmethod
-    def _moment_specs(group: dict[str, Any], shape: tuple[int, int],
-                      dtype: torch.dtype) -> list[StateSpec]:
-        """Adam's moments of the coordinates (``shape``) and Fira's residual norm (inf
-        before the first step: no limit yet)."""
-        specs = adam_specs(shape, dtype)
-        if group["residual"] == "fira":
-            specs.append(StateSpec("residual_norm", (), dtype, fill=math.inf))
-        return specs
 
     def shared_state_bytes(self) -> int:
         """State shared between matrices (DCT tables, one per size, dtype and device)."""
@@ -361,7 +360,8 @@ class LowRankAdamW(MemoptOptimizer):
             state[PROJ_PREFIX + key] = value
         if "exp_avg" not in state:
             shape = projected_shape(tuple(G.shape), proj.side, proj.effective_rank)
-            store.make(state, self._moment_specs(group, shape, compute_dtype(p.dtype)),
+            store.make(state, lowrank_specs(shape, compute_dtype(p.dtype),
+                                            group["residual"] == "fira"),
                        G.device, (p.shape[0], local(p).shape[0]))
         elif mode != "keep":
             m, v = store.read(state, "exp_avg"), store.read(state, "exp_avg_sq")

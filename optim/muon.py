@@ -21,10 +21,11 @@ from memopt.projections import orthogonalize
 from memopt.projections.polar import work_dtype
 
 from . import executors_polar as fast
+from .compat import muon_arguments
 from .distributed import all_reduce_sum, is_sharded, local, sharded_polar
-from .engine import (PREPARE_BYTES, MemoptOptimizer, Prepared, arguments, check_betas, check_choice,
-                     check_nonnegative, check_positive_int, eight_bit, moment_dtype)
+from .engine import PREPARE_BYTES, MemoptOptimizer, Prepared, arguments, eight_bit, moment_dtype
 from .executors import MAX_BATCH_BYTES, add_to_matrix_, as_matrix, buckets
+from .groups import check_betas, check_choice, check_nonnegative, check_positive_int
 from .states import MomentStore, StateSpec, momentum_specs
 
 ORTHOGONALIZERS = ("newton_schulz", "polar_express", "svd")
@@ -101,7 +102,9 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
             W <- W (1 - eta lambda) - eta adj(shape) D
 
     Args:
-        params: parameters or param groups (named parameters allowed).
+        params: a model (split by :func:`~memopt.optim.param_groups`: embeddings, output
+            head, norms and biases get AdamW), or parameters or param groups (named
+            parameters allowed; every matrix in them is orthogonalized).
         lr: learning rate for matrices. momentum: :math:`\mu`. nesterov: (1 - mu) g + mu buf.
         weight_decay: decoupled weight decay (matrices and AdamW parameters).
         ns_steps: iterations of the orthogonalizer (ignored by "svd").
@@ -110,8 +113,9 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         scaling: "none" (Muon) or "nuclear_norm" (PolarGrad).
         variant: "momentum_first" (orthogonalize the momentum) or "polar_first"
             (orthogonalize the gradient, then average the polar factors).
-        adamw_lr, adamw_betas, adamw_eps: AdamW for the other parameters (an LR scheduler
-            scales ``adamw_lr`` by the same factor as ``lr``).
+        adamw_lr, adamw_betas, adamw_eps: AdamW for the other parameters. They follow the
+            group's lr: their rate is ``adamw_lr`` times lr / the group's lr when it was
+            added, so an LR scheduler scales both alike and lr 0 freezes the whole group.
         state_bits: 32, or 8 for bitsandbytes blockwise 8-bit momentum and AdamW moments.
         ns_dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16" or "float32".
         redundant: FSDP2 only: all-gather each matrix and orthogonalize it on every rank
@@ -146,14 +150,22 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
                              ("state_bits", (8, 32)), ("nesterov", (True, False)),
                              ("adamw", (True, False)), ("redundant", (True, False))):
             check_choice(key, group[key], choices)
+        group.setdefault("lr_at_start", group["lr"])
         self._store(group["state_bits"])
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(muon_arguments(param_group))
+
     @staticmethod
-    def schedule_factor(group: dict[str, Any]) -> float:
-        """lr / initial_lr: what an LR scheduler has done to the group's lr so far, applied to
-        ``adamw_lr`` too, so the AdamW parameters follow the same schedule."""
-        initial = group.get("initial_lr")
-        return group["lr"] / initial if initial else 1.0
+    def adamw_lr(group: dict[str, Any]) -> float:
+        """The AdamW rate of ``group``'s other parameters: ``adamw_lr`` times lr / the lr the
+        group had when it was added, so they follow every change of the group's lr (an LR
+        scheduler, a manual change; lr 0 freezes the whole group). A group added at lr 0
+        keeps ``adamw_lr`` once its lr is raised."""
+        start = group.get("lr_at_start", group.get("initial_lr"))
+        if not start:
+            return 0.0 if group["lr"] == 0 else group["adamw_lr"]
+        return group["adamw_lr"] * group["lr"] / start
 
     @staticmethod
     def is_orthogonalized(group: dict[str, Any], p: Tensor) -> bool:
@@ -228,8 +240,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         return fast.orthogonalize(filled, group["orthogonalizer"], group["ns_steps"], last)
 
     def adamw_settings(self, group: dict[str, Any]) -> tuple[float, tuple[float, float], float]:
-        return group["adamw_lr"] * self.schedule_factor(group), group["adamw_betas"], \
-            group["adamw_eps"]
+        return self.adamw_lr(group), group["adamw_betas"], group["adamw_eps"]
 
     def _step_matrices(self, group: dict[str, Any], plan: _Plan, prepared: Prepared,
                        store: MomentStore) -> None:
@@ -325,7 +336,7 @@ class Muon(OrthogonalizedOptimizer):
                  orthogonalizer: str = "newton_schulz", adjust_lr: str = "original",
                  adamw_lr: float = 3e-4, adamw_betas: tuple[float, float] = (0.9, 0.95),
                  adamw_eps: float = 1e-8, state_bits: int = 32, **kwargs: Any) -> None:
-        kwargs = {"scaling": "none", "variant": "momentum_first", **kwargs}
+        kwargs = {"scaling": "none", "variant": "momentum_first", **muon_arguments(kwargs)}
         super().__init__(params, **arguments(locals()))
 
 
@@ -346,7 +357,7 @@ class PolarGrad(OrthogonalizedOptimizer):
                  adjust_lr: str = "none", variant: str = "momentum_first", adamw_lr: float = 3e-4,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
                  state_bits: int = 32, **kwargs: Any) -> None:
-        kwargs = {"scaling": "nuclear_norm", **kwargs}
+        kwargs = {"scaling": "nuclear_norm", **muon_arguments(kwargs)}
         super().__init__(params, **arguments(locals()))
 
 

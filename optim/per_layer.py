@@ -82,6 +82,7 @@ def step_in_backward(model_or_params: nn.Module | Iterable[Tensor],
             if clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([param], clip_grad_norm)
             opt = handle.optimizers[param]
+            optimizer._opt_called = True   # what torch's LR schedulers check that step() set
             if opt is optimizer:
                 optimizer.step_param(param)
             else:

@@ -15,6 +15,7 @@ for 8-bit ones.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,13 +31,23 @@ MIN_8BIT_NUMEL = 4096    # smaller tensors stay fp32 (bitsandbytes' min_8bit_siz
 ABSMAX_SUFFIX = "_absmax"
 
 
+class _QuietFourBitKernel(logging.Filter):
+    """Drops bitsandbytes' CPU notice that its optional 4-bit matmul kernel is missing
+    (memopt uses only the blockwise 8-bit quantization, which needs no such kernel)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward" not in record.getMessage()
+
+
 def _bitsandbytes() -> Any:
     """The bitsandbytes package, imported on first use of 8-bit state."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_QuietFourBitKernel())
     try:
         import bitsandbytes
         import bitsandbytes.functional  # noqa: F401  (registers torch.ops.bitsandbytes)
-    except ImportError as exc:   # pragma: no cover - depends on the environment
-        raise ImportError("state_bits=8 needs bitsandbytes>=0.45: pip install bitsandbytes") from exc
+    except ImportError as exc:
+        raise ImportError("state_bits=8 needs bitsandbytes (>= 0.45), an optional dependency: "
+                          "pip install 'memopt[8bit]' (or pip install bitsandbytes)") from exc
     return bitsandbytes
 
 
@@ -84,6 +95,23 @@ def adam_specs(shape: tuple[int, ...], dtype: torch.dtype) -> list[StateSpec]:
     """Adam's moments m and v of a tensor of ``shape``."""
     return [StateSpec("exp_avg", tuple(shape), dtype, True),
             StateSpec("exp_avg_sq", tuple(shape), dtype, True)]
+
+
+#: Prefix of the projector's keys (``Projector.state_dict``) in a low-rank matrix's state.
+PROJ_PREFIX = "proj_"
+
+
+def lowrank_specs(shape: tuple[int, int], dtype: torch.dtype, fira: bool,
+                  projector: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+                  ) -> list[StateSpec]:
+    """A projected matrix's state: Adam's moments of its coordinates (``shape``), Fira's
+    residual norm (inf before the first step: no limit yet), the projector's tensors
+    (``Projector.state_shapes``: a basis, or DCT indices) under ``PROJ_PREFIX``."""
+    specs = adam_specs(shape, dtype)
+    if fira:
+        specs.append(StateSpec("residual_norm", (), dtype, fill=math.inf))
+    return specs + [StateSpec(PROJ_PREFIX + key, size, dt)
+                    for key, (size, dt) in (projector or {}).items()]
 
 
 def momentum_specs(shape: tuple[int, ...], dtype: torch.dtype) -> list[StateSpec]:
@@ -222,6 +250,15 @@ class MomentStore:
 
     def _quantize_into(self, state: dict, key: str, value: Tensor) -> None:
         state[key], state[key + ABSMAX_SUFFIX] = quantize(value, self.signed[key])
+
+
+def eight_bit_unused(states: list[dict]) -> bool | None:
+    """Whether the states of 8-bit parameters quantized nothing (every tensor under
+    ``MIN_8BIT_NUMEL`` elements); None while none has a floating-point tensor yet."""
+    values = [v for s in states for v in s.values() if isinstance(v, Tensor)]
+    if not any(v.is_floating_point() for v in values):
+        return None
+    return not any(v.dtype == torch.uint8 for v in values)
 
 
 def tensor_bytes(value: Any) -> int:

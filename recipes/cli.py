@@ -1,55 +1,69 @@
-"""The `memopt` command (also `python -m memopt`): train, compare, bench."""
+"""The `memopt` command (also `python -m memopt`): train, compare, estimate, bench.
+
+Every mistake on the command line ends in one line, ``memopt COMMAND: error: ...``, that
+names the flag, and exit status 2, before anything is trained: values are checked as they
+are parsed, and each optimizer is built once on a meta-device copy of the model with the
+given options, so a bad ``--set`` is refused before the first run and not minutes into a
+comparison.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import math
+import os
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 from memopt.optim import OPTIMIZER_NAMES
 
-from .presets import PRESETS
+from .presets import PRESETS, get_preset
+
+LOW_RANK = ("galore", "dct", "fira")
 
 
-def _run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", choices=list(PRESETS),
-                        help="model and schedule size (default: tiny, for a CPU)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (preset default)")
-    parser.add_argument("--rank", type=int, default=None, help="rank of low-rank optimizers")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (preset default)")
-    parser.add_argument("--data", default=None,
-                        help="'stdlib' (default), a text file or folder, or hf:NAME[:SPLIT]")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--per-layer", action="store_true",
-                        help="update each parameter in the backward pass (frees gradients early)")
-    parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="recompute activations in backward instead of keeping them")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        type=_option, dest="options",
-                        help="extra optimizer argument, e.g. --set moments_on_refresh=rotate "
-                             "(repeatable; values are Python literals or plain strings)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--ddp", action="store_true", help="DistributedDataParallel (torchrun)")
-    mode.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard (torchrun)")
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``memopt train: error: argument --lr: ...`` (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _run_config(args: argparse.Namespace, optimizer: str, out: str | None):
-    from .train import RunConfig
-    return RunConfig(optimizer=optimizer, preset=args.preset, lr=args.lr, rank=args.rank,
-                     steps=args.steps, data=args.data, device=args.device, out=out,
-                     seed=args.seed, resume=getattr(args, "resume", False),
-                     checkpoint_every=getattr(args, "checkpoint_every", None),
-                     progress=not args.no_progress, per_layer=args.per_layer,
-                     activation_checkpointing=args.activation_checkpointing,
-                     distributed="ddp" if args.ddp else "fsdp" if args.fsdp else None,
-                     optimizer_options=dict(args.options))
+# ------------------------------------------------------------------ value types
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def _option(text: str) -> tuple[str, object]:
-    import ast
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -67,30 +81,77 @@ def _optimizer_name(name: str) -> str:
 
 
 def _optimizer_list(value: str) -> list[str]:
-    return [_optimizer_name(n.strip()) for n in value.split(",") if n.strip()]
+    names = [_optimizer_name(n.strip()) for n in value.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected at least one optimizer name")
+    return names
+
+
+def _is_low_rank(name: str) -> bool:
+    return name.removesuffix("8bit") in LOW_RANK
+
+
+# ------------------------------------------------------------------ parser
+def _run_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None:
+    parser.add_argument("--preset", default=default_preset, choices=list(PRESETS),
+                        help=f"model and schedule size (default: {default_preset})")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help="learning rate (default: the preset's rate for each optimizer "
+                             "family)")
+    parser.add_argument("--rank", type=positive_int, default=None,
+                        help="rank of the low-rank optimizers (galore, dct, fira; default: "
+                             "the preset's)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="training steps (default: the preset's)")
+    parser.add_argument("--data", default=None,
+                        help="'stdlib' (default), a text file or folder, or hf:NAME[:SPLIT]")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="update each parameter in the backward pass (frees gradients early)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute activations in backward instead of keeping them")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        type=_option, dest="options",
+                        help="extra optimizer argument, e.g. --set moments_on_refresh=rotate "
+                             "(repeatable; values are Python literals or plain strings)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--ddp", action="store_true", help="DistributedDataParallel (torchrun)")
+    mode.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard (torchrun)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memopt", description=__doc__)
+    from . import estimate
+    from .compare import DEFAULT_OPTIMIZERS, DEFAULT_PRESET
+    parser = ArgumentParser(prog="memopt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="pretrain a byte-level LLaMA with one optimizer")
     p.add_argument("--optimizer", type=_optimizer_name, required=True,
                    help=f"one of {', '.join(OPTIMIZER_NAMES)}")
-    _run_arguments(p)
+    _run_arguments(p, "tiny")
     p.add_argument("--out", default=None, help="folder for log.jsonl, checkpoint.pt, summary.json")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                    help="also checkpoint every N steps (always at the end)")
-    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+    p.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
                    help="stop (checkpointed) after N steps; continue with --resume")
 
-    p = sub.add_parser("compare", help="the same run with several optimizers, side by side")
-    from .compare import DEFAULT_OPTIMIZERS
+    p = sub.add_parser(
+        "compare", help="the same run with several optimizers, side by side",
+        description="Train the same model on the same batches once per optimizer. Each "
+                    "finished run is written to OUT/results.json and OUT/loss_curves.png at "
+                    "once, so Ctrl-C keeps the finished runs. --lr and --rank apply to every "
+                    "optimizer they concern (--rank: the low-rank ones).")
     p.add_argument("--optimizers", type=_optimizer_list, default=list(DEFAULT_OPTIMIZERS),
                    help=f"comma-separated (default: {','.join(DEFAULT_OPTIMIZERS)})")
-    _run_arguments(p)
+    _run_arguments(p, DEFAULT_PRESET)
     p.add_argument("--out", default=None, help="output folder (default: runs/compare-PRESET)")
+
+    p = sub.add_parser("estimate", help=estimate.HELP, description=estimate.DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    estimate.add_arguments(p)
 
     p = sub.add_parser("bench", help="step time and state bytes per parameter (bench_step)")
     p.add_argument("--projectors", action="store_true",
@@ -101,34 +162,148 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "train":
-        from .train import Run
-        summary = Run(_run_config(args, args.optimizer, args.out)).train(args.stop_after)
-        brief = {k: v for k, v in summary.items() if k not in ("history", "config")}
-        import os
-        if os.environ.get("RANK", "0") == "0":
-            if args.out:
-                Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1))
-            print(json.dumps(brief, indent=1))
-        return 0
-    if args.command == "compare":
-        from .compare import compare
-        out = args.out or f"runs/compare-{args.preset}"
-        result = compare(args.optimizers, _run_config(args, args.optimizers[0], None), out)
-        print(f"\n{result['corpus']}; preset {args.preset}; {result['environment']}\n")
-        print(result["table"])
-        print(f"\nwrote {out}/results.json and {out}/loss_curves.png")
-        return 0
+# ------------------------------------------------------------------ checks
+class UsageError(Exception):
+    """A command-line value that cannot work; the message names the flag."""
+
+
+def _run_config(args: argparse.Namespace, optimizer: str, out: str | None):
+    from .train import RunConfig
+    return RunConfig(optimizer=optimizer, preset=args.preset, lr=args.lr, rank=args.rank,
+                     steps=args.steps, data=args.data, device=args.device, out=out,
+                     seed=args.seed, resume=getattr(args, "resume", False),
+                     checkpoint_every=getattr(args, "checkpoint_every", None),
+                     progress=not args.no_progress, per_layer=args.per_layer,
+                     activation_checkpointing=args.activation_checkpointing,
+                     distributed="ddp" if args.ddp else "fsdp" if args.fsdp else None,
+                     optimizer_options=dict(args.options))
+
+
+def check_optimizer(name: str, args: argparse.Namespace) -> None:
+    """Build ``name`` as the run will, on a meta-device copy of the preset's model: first
+    with the preset's arguments and --lr / --rank, then adding each --set option in turn, so
+    that an error names the option that caused it."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from memopt.optim import create_optimizer
+    preset = get_preset(args.preset, steps=args.steps)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(preset.llama_config())
+    kwargs = preset.optimizer_kwargs(name, args.lr, args.rank)
+    flag = "--lr" if args.lr is not None else "--optimizer"
+    for key, value in [(None, None)] + list(args.options):
+        if key is not None:
+            kwargs[key] = value
+            flag = f"--set {key}"
+        try:
+            create_optimizer(name, model, **kwargs)
+        except TypeError as exc:
+            if key is not None and repr(key) in str(exc):
+                raise UsageError(f"argument {flag}: {name} has no argument {key!r} "
+                                 f"(see help(memopt.optim) for each optimizer's arguments)") from None
+            raise UsageError(f"argument {flag}: {name}: {exc}") from None
+        except ValueError as exc:
+            raise UsageError(f"argument {flag}: {name}: {exc}") from None
+
+
+def check_run_arguments(args: argparse.Namespace, optimizers: list[str]) -> Any:
+    """Everything that can be checked before training; returns the loaded corpus."""
+    import torch
+
+    from .data import load_corpus
+    if args.rank is not None and not any(_is_low_rank(n) for n in optimizers):
+        raise UsageError(f"argument --rank: {', '.join(optimizers)} has no rank (--rank is for "
+                         f"{', '.join(LOW_RANK)} and their 8bit versions)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("argument --device: cuda was asked for, but torch sees no CUDA device")
+    if (args.ddp or args.fsdp) and "RANK" not in os.environ:
+        raise UsageError(f"argument {'--ddp' if args.ddp else '--fsdp'}: needs torchrun "
+                         "(torchrun --nproc_per_node N -m memopt train ...)")
+    if getattr(args, "resume", False):
+        if not args.out:
+            raise UsageError("argument --resume: needs --out, the folder of the checkpoint")
+        from .train import CHECKPOINT
+        if not Path(args.out, CHECKPOINT).exists():
+            raise UsageError(f"argument --resume: no {CHECKPOINT} in {args.out}")
+    for name in optimizers:
+        check_optimizer(name, args)
+    try:
+        corpus = load_corpus(args.data)
+    except (ValueError, OSError) as exc:           # data.py's messages start with "--data"
+        message = str(exc).removeprefix("--data").lstrip(": ")
+        raise UsageError(f"argument --data: {message}") from None
+    preset = get_preset(args.preset, steps=args.steps)
+    for split in ("train", "val"):
+        size = getattr(corpus, split).numel()
+        if size <= preset.seq_len + 1:
+            raise UsageError(f"argument --data: its {split} split has {size} bytes, fewer than "
+                             f"one sequence of the preset ({preset.seq_len + 1})")
+    return corpus
+
+
+# ------------------------------------------------------------------ commands
+def _train(args: argparse.Namespace) -> int:
+    from .timing import use_available_cores
+    from .train import Diverged, Run
+    use_available_cores()
+    corpus = check_run_arguments(args, [args.optimizer])
+    try:
+        summary = Run(_run_config(args, args.optimizer, args.out), corpus).train(args.stop_after)
+    except Diverged as exc:
+        print(f"memopt train: error: {exc}; try a lower --lr", file=sys.stderr)
+        return 1
+    brief = {k: v for k, v in summary.items() if k not in ("history", "config")}
+    if os.environ.get("RANK", "0") == "0":
+        if args.out:
+            Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1))
+        print(json.dumps(brief, indent=1))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare, describe_setting, format_duration, results_table
+    from .timing import describe_environment, use_available_cores
+    use_available_cores()
+    corpus = check_run_arguments(args, args.optimizers)
+    out = args.out or f"runs/compare-{args.preset}"
+    print(describe_setting(get_preset(args.preset, steps=args.steps)), flush=True)
+    try:
+        result = compare(args.optimizers, _run_config(args, args.optimizers[0], None), out,
+                         corpus)
+    except KeyboardInterrupt:
+        return 130
+    print(f"\n{result['corpus']}\n{result['setting']}\n"
+          f"{describe_environment(result['environment'])}\n")
+    print(results_table(result["runs"]))
+    print(f"\ntotal wall time {format_duration(result['wall_s'])} for "
+          f"{len(result['runs'])} runs; wrote {out}/results.json and {out}/loss_curves.png")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    forwarded = ["--device", args.device] + (["--out", args.out] if args.out else [])
     if args.projectors:
         from .bench_projectors import main as bench_main
-        forwarded = ["--device", args.device] + (["--out", args.out] if args.out else [])
     else:
         from .bench_step import main as bench_main
-        forwarded = ["--device", args.device] + (["--out", args.out] if args.out else []) + \
-            (["--only", args.only] if args.only else [])
+        forwarded += ["--only", args.only] if args.only else []
     return bench_main(forwarded)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "estimate":
+        from .estimate import run
+        command = run
+    else:
+        command = {"train": _train, "compare": _compare, "bench": _bench}[args.command]
+    try:
+        return command(args)
+    except UsageError as exc:
+        print(f"memopt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

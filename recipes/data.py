@@ -69,7 +69,8 @@ def load_corpus(data: str | None = None) -> ByteCorpus:
         if not files:
             raise ValueError(f"--data folder {path} has no {'/'.join(TEXT_SUFFIXES)} files")
         return _split_files(files, str(path))
-    raise ValueError(f"--data {data!r} is neither 'stdlib', a file, a folder nor hf:NAME")
+    raise ValueError(f"--data {data!r}: no such file or folder (give 'stdlib', a text file, "
+                     "a folder or hf:NAME[:SPLIT])")
 
 
 def _hf_corpus(spec: str) -> ByteCorpus:

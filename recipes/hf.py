@@ -66,8 +66,9 @@ def create_trainer_optimizer_and_scheduler(
     ``schedule`` decay to 0 at ``num_training_steps``). Raises ValueError on bad steps or
     an unknown schedule, before building anything.
 
-    For Muon and PolarGrad the AdamW parameters use the group key ``adamw_lr``, which a
-    LambdaLR does not scale: only the matrices follow the schedule.
+    For Muon and PolarGrad the AdamW parameters (embeddings, head, norms) use the group
+    key ``adamw_lr``, scaled by the same factor as the group's ``lr``, so the whole model
+    follows the schedule.
     """
     if isinstance(num_training_steps, bool) or not isinstance(num_training_steps, int) \
             or num_training_steps < 1:

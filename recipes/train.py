@@ -27,6 +27,15 @@ from .timing import resolve_device
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
+LN2 = math.log(2)
+
+
+class Diverged(RuntimeError):
+    """Training stopped at ``step`` on a non-finite loss or gradient (learning rate too high?)."""
+
+    def __init__(self, step: int, reason: str) -> None:
+        super().__init__(f"training diverged at step {step}: {reason}")
+        self.step = step
 
 
 @dataclass
@@ -154,9 +163,12 @@ class Run:
         self.step, self.history = int(state["step"]), list(state["history"])
 
     # ------------------------------------------------------------------------ train
-    def train(self, stop_after: int | None = None) -> dict[str, Any]:
+    def train(self, stop_after: int | None = None, label: str | None = None) -> dict[str, Any]:
         """Run to the preset's step count (or stop, checkpointed, after ``stop_after`` steps,
-        to continue later with ``resume``); return the summary of :meth:`summary`."""
+        to continue later with ``resume``); return the summary of :meth:`summary`.
+
+        ``label`` names the progress bar (default: the optimizer). A non-finite loss or
+        gradient raises :class:`Diverged` naming the step."""
         last = self.preset.steps if stop_after is None else min(stop_after, self.preset.steps)
         cfg, preset, device = self.config, self.preset, self.device
         val = eval_batches(self.corpus.val, preset.eval_batches, preset.batch_size,
@@ -165,9 +177,10 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
         lead = self.rank == 0
         log = open(self.out / LOG, "a") if self.out and lead else None
-        bar = _progress(cfg.progress and lead, preset.steps, self.step, cfg.optimizer)
+        bar = _progress(cfg.progress and lead, preset.steps, self.step, label or cfg.optimizer)
         share = preset.batch_size // self.world
-        tokens = preset.batch_size * preset.seq_len
+        eval_every = preset.eval_interval()
+        postfix: dict[str, str] = {}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
@@ -179,25 +192,32 @@ class Run:
                 if self.per_layer is None:
                     self.optimizer.zero_grad(set_to_none=True)
                 loss = next_byte_loss(self.trained, x, y)
-                loss.backward()                     # per-layer: the update happens here
-                if self.per_layer is None:
-                    self.optimizer.step()
+                try:
+                    loss.backward()                 # per-layer: the update happens here
+                    if self.per_layer is None:
+                        self.optimizer.step()
+                except FloatingPointError as exc:
+                    raise Diverged(self.step + 1, str(exc)) from exc
                 self.scheduler.step()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 ms = (time.perf_counter() - start) * 1e3
+                if not math.isfinite(loss.item()):
+                    raise Diverged(self.step + 1, f"the loss is {loss.item()}")
                 self.step += 1
                 record = {"step": self.step, "loss": loss.item(), "ms": ms,
                           "lr": self.scheduler.get_last_lr()[0]}
-                if self.step % preset.eval_every == 0 or self.step == preset.steps:
+                if self.step % eval_every == 0 or self.step == preset.steps:
                     record["val_loss"] = evaluate(self.trained, val, device)
+                    postfix["val_bpb"] = f"{record['val_loss'] / LN2:.3f}"
                 self.history.append(record)
                 if log:
                     log.write(json.dumps(record) + "\n")
                 if bar is not None:
+                    postfix["bpb"] = f"{record['loss'] / LN2:.3f}"
+                    postfix["ms"] = f"{ms:.0f}"
+                    bar.set_postfix(postfix, refresh=False)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens / ms * 1e3:.0f}",
-                                    state_mb=f"{state_bytes(self.optimizer) / 2**20:.1f}")
                 if self.out and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
         finally:
@@ -210,8 +230,9 @@ class Run:
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
-        """Final train loss (mean of the last 10 steps), validation loss, bits per byte,
-        median ms per step (after the first 5), optimizer-state MB and peak GPU MB."""
+        """Final train loss (mean of the last 10 steps), validation loss (nats per byte, and
+        in bits per byte: divided by ln 2), median ms per step (after the first 5),
+        optimizer-state MB and, on CUDA only, peak GPU MB."""
         losses = [h["loss"] for h in self.history[-10:]]
         vals = [h for h in self.history if "val_loss" in h]
         times = sorted(h["ms"] for h in self.history[5:]) or [math.nan]
@@ -226,7 +247,8 @@ class Run:
                                                   self.config.rank)["lr"],
                "config": asdict(self.config), "corpus": self.corpus.describe(),
                "history": self.history}
-        out["val_bits_per_byte"] = out["val_loss"] / math.log(2)
+        out["train_bits_per_byte"] = out["train_loss"] / LN2
+        out["val_bits_per_byte"] = out["val_loss"] / LN2
         if self.device.type == "cuda":
             out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return out
@@ -304,9 +326,11 @@ def _progress(enabled: bool, total: int, initial: int, name: str) -> Any:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True,
+                leave=True)
 
 
-def train(config: RunConfig, corpus: ByteCorpus | None = None) -> dict[str, Any]:
+def train(config: RunConfig, corpus: ByteCorpus | None = None,
+          label: str | None = None) -> dict[str, Any]:
     """Build a :class:`Run` and train it; returns its summary."""
-    return Run(config, corpus).train()
+    return Run(config, corpus).train(label=label)

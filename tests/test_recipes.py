@@ -15,9 +15,20 @@ from memopt.recipes.data import batch_at, load_corpus             # noqa: E402
 from memopt.recipes.train import Run, RunConfig                   # noqa: E402
 
 
-def test_compare_tiny_end_to_end(tmp_path, capsys):
+@pytest.fixture
+def micro(monkeypatch):
+    """A test-only preset: a 2-layer LLaMA of hidden 32 that trains a step in milliseconds."""
+    from memopt.recipes import presets
+    preset = presets.Preset("micro", hidden=32, intermediate=64, heads=2, layers=2, seq_len=32,
+                            batch_size=4, steps=20, rank=8, update_proj_gap=10,
+                            lr=dict(presets._TINY_LR), eval_every=50, eval_batches=2)
+    monkeypatch.setitem(presets.PRESETS, "micro", preset)
+    return preset
+
+
+def test_compare_end_to_end(tmp_path, capsys, micro):
     out = tmp_path / "cmp"
-    assert cli.main(["compare", "--preset", "tiny", "--steps", "20", "--out", str(out),
+    assert cli.main(["compare", "--preset", "micro", "--steps", "20", "--out", str(out),
                      "--no-progress", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     result = json.loads((out / "results.json").read_text())
@@ -39,11 +50,12 @@ def test_compare_tiny_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("optimizer", ["galore", "dct8bit", "muon"])
-def test_resume_equals_an_uninterrupted_run(tmp_path, optimizer):
-    common = dict(optimizer=optimizer, steps=12, device="cpu", progress=False)
+def test_resume_equals_an_uninterrupted_run(tmp_path, optimizer, micro):
+    common = dict(optimizer=optimizer, preset="micro", steps=12, device="cpu", progress=False)
     whole = Run(RunConfig(**common, out=str(tmp_path / "whole")))
     whole.train()
-    Run(RunConfig(**common, out=str(tmp_path / "split"))).train(stop_after=7)   # crosses nothing
+    Run(RunConfig(**common, out=str(tmp_path / "split"))).train(stop_after=7)
+    # the resumed part crosses a basis refresh (micro: every 10 steps)
     resumed = Run(RunConfig(**common, out=str(tmp_path / "split"), resume=True))
     assert resumed.step == 7
     resumed.train()
@@ -55,10 +67,11 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, optimizer):
     assert saved["step"] == 12
 
 
-def test_train_command_writes_log_summary_and_checkpoint(tmp_path, capsys):
+def test_train_command_writes_log_summary_and_checkpoint(tmp_path, capsys, micro):
     out = tmp_path / "run"
-    assert cli.main(["train", "--optimizer", "galore8bit", "--steps", "6", "--out", str(out),
-                     "--no-progress", "--per-layer", "--activation-checkpointing"]) == 0
+    assert cli.main(["train", "--optimizer", "galore8bit", "--preset", "micro", "--steps", "6",
+                     "--out", str(out), "--no-progress", "--per-layer",
+                     "--activation-checkpointing"]) == 0
     lines = (out / "log.jsonl").read_text().splitlines()
     assert len(lines) == 6 and json.loads(lines[-1])["step"] == 6
     summary = json.loads((out / "summary.json").read_text())

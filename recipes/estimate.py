@@ -1,0 +1,234 @@
+"""`memopt estimate`: will it fit? Weights, gradients and optimizer state before training.
+
+    memopt estimate --model llama-7b --optimizers adamw,adamw8bit,galore8bit,dct8bit \\
+        --rank 1024 --per-layer both
+
+One row per (optimizer, per-layer) from memopt.optim.estimate_memory, which builds the
+model on the meta device (nothing is allocated) and counts, byte for byte, the state each
+optimizer holds after its first step. peak = weights + gradients + optimizer state;
+activations and temporaries are NOT included (they depend on batch, sequence length and
+activation checkpointing): add them for the memory a training step needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HELP = "weights, gradients and optimizer state of a model, before training (no activations)"
+DESCRIPTION = __doc__.split("\n\n", 1)[1]
+
+#: LLaMA shapes (hidden, intermediate, heads, layers), vocabulary 32000, and the GaLore
+#: paper's rank for each (Zhao et al., 2024, Table 8; 7B: its 8-bit 7B run). "llama-7b" is
+#: LLaMA-7B itself; the others are the GaLore paper's LLaMA sizes.
+NAMED_MODELS: dict[str, tuple[tuple[int, int, int, int], int]] = {
+    "llama-60m": ((512, 1376, 8, 8), 128),
+    "llama-130m": ((768, 2048, 12, 12), 256),
+    "llama-350m": ((1024, 2736, 16, 24), 256),
+    "llama-1b": ((2048, 5461, 32, 24), 512),
+    "llama-7b": ((4096, 11008, 32, 32), 1024),
+}
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOW_RANK = ("galore", "dct", "fira")
+GB = 1e9
+
+
+class EstimateError(ValueError):
+    """A bad argument; the message names the flag."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import _option, _optimizer_list, positive_int
+    p.add_argument("--model", default=None, metavar="NAME|CONFIG",
+                   help=f"a named LLaMA size ({', '.join(NAMED_MODELS)}; vocabulary 32000), "
+                        "a recipe preset (tiny, small, 60m, ..., 1b; vocabulary 256), or a "
+                        "Hugging Face config.json (or the folder holding it)")
+    for flag, what in (("--hidden", "hidden size"), ("--intermediate", "MLP intermediate size"),
+                       ("--layers", "decoder layers"), ("--heads", "attention heads"),
+                       ("--kv-heads", "key/value heads (default: --heads)"),
+                       ("--vocab", "vocabulary size")):
+        p.add_argument(flag, type=positive_int, default=None,
+                       help=f"{what}: a LLaMA of this shape, or this field of --model replaced")
+    p.add_argument("--optimizers", type=_optimizer_list,
+                   default=["adamw", "adamw8bit", "galore8bit", "dct8bit", "muon8bit"],
+                   help="comma-separated (default: adamw,adamw8bit,galore8bit,dct8bit,muon8bit)")
+    p.add_argument("--bits", default=None, choices=["32", "8", "32,8"], metavar="32|8|32,8",
+                   help="state bits: each optimizer in its 32-bit or 8-bit version, or both "
+                        "(default: as named)")
+    p.add_argument("--rank", type=positive_int, default=None,
+                   help="rank of galore, dct and fira (default: the named size's or preset's "
+                        "rank, else the optimizer's)")
+    p.add_argument("--per-layer", default="no", nargs="?", const="yes",
+                   choices=["no", "yes", "both"],
+                   help="gradients freed one parameter at a time in the backward pass "
+                        "(step_in_backward): only the largest gradient is counted "
+                        "(default: no; both: a row for each)")
+    p.add_argument("--weights", default="bf16", choices=list(WEIGHT_DTYPES),
+                   help="dtype of the weights and gradients (default: bf16)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=_option,
+                   dest="options", help="extra optimizer argument (repeatable)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the rows here")
+
+
+def model_config(args: argparse.Namespace) -> tuple[Any, str, int | None]:
+    """The transformers config to estimate, a one-line description, and a default rank."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from .presets import PRESETS
+    shape = {"hidden_size": args.hidden, "intermediate_size": args.intermediate,
+             "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
+             "num_key_value_heads": args.kv_heads, "vocab_size": args.vocab}
+    given = {k: v for k, v in shape.items() if v is not None}
+    rank = None
+    if args.model is None:
+        missing = [f for f, k in (("--hidden", "hidden_size"), ("--intermediate",
+                                  "intermediate_size"), ("--layers", "num_hidden_layers"))
+                   if k not in given]
+        if missing:
+            raise EstimateError(f"argument --model: give a model (--model llama-7b, a preset or "
+                                f"a config.json) or its shape ({', '.join(missing)} missing)")
+        heads = given.get("num_attention_heads") or max(1, given["hidden_size"] // 128)
+        config = LlamaConfig(vocab_size=given.get("vocab_size", 32000),
+                             hidden_size=given["hidden_size"],
+                             intermediate_size=given["intermediate_size"],
+                             num_hidden_layers=given["num_hidden_layers"],
+                             num_attention_heads=heads,
+                             num_key_value_heads=given.get("num_key_value_heads", heads),
+                             tie_word_embeddings=False)
+        return config, "LLaMA", rank
+    name = args.model
+    if name.lower() in NAMED_MODELS:
+        (hidden, intermediate, heads, layers), rank = NAMED_MODELS[name.lower()]
+        config = LlamaConfig(vocab_size=32000, hidden_size=hidden,
+                             intermediate_size=intermediate, num_attention_heads=heads,
+                             num_key_value_heads=heads, num_hidden_layers=layers,
+                             tie_word_embeddings=False)
+        title = "LLaMA-" + name.lower().removeprefix("llama-").upper()
+    elif name in PRESETS:
+        config, rank, title = PRESETS[name].llama_config(), PRESETS[name].rank, f"preset {name}"
+    else:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise EstimateError(
+                f"argument --model: {name!r} is neither a named size "
+                f"({', '.join(NAMED_MODELS)}), a preset ({', '.join(PRESETS)}) nor a config.json")
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EstimateError(f"argument --model: cannot read {path} as a transformers "
+                                f"config: {first}") from None
+        title = getattr(config, "model_type", "model") + f" ({path})"
+    for key, value in given.items():
+        setattr(config, key, value)
+    if "num_attention_heads" in given and "num_key_value_heads" not in given:
+        config.num_key_value_heads = given["num_attention_heads"]
+    return config, title, rank
+
+
+def expand_optimizers(names: list[str], bits: str | None) -> list[str]:
+    """``--bits 32,8`` turns each name into its 32-bit and 8-bit versions (in that order)."""
+    if bits is None:
+        return list(dict.fromkeys(names))
+    out = []
+    for name in names:
+        base = name.removesuffix("8bit")
+        out += [base + ("8bit" if b == "8" else "") for b in bits.split(",")]
+    return list(dict.fromkeys(out))
+
+
+def estimate_rows(config: Any, optimizers: list[str], per_layer: list[bool],
+                  weight_dtype: torch.dtype, rank: int | None,
+                  options: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (optimizer, per-layer): bytes of weights, gradients, state and peak."""
+    import transformers
+
+    from memopt.optim import estimate_memory
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    rows = []
+    for name in optimizers:
+        kwargs = dict(options)
+        low_rank = name.removesuffix("8bit") in LOW_RANK
+        if low_rank and rank is not None:
+            kwargs.setdefault("rank", rank)
+        for layered in per_layer:
+            try:
+                e = estimate_memory(model, name, per_layer=layered, weight_dtype=weight_dtype,
+                                    **kwargs)
+            except TypeError as exc:
+                raise EstimateError(f"argument --set: {name}: {exc}") from None
+            except ValueError as exc:
+                raise EstimateError(f"argument --set or --rank: {name}: {exc}") from None
+            rows.append({"optimizer": name, "rank": kwargs.get("rank") if low_rank else None,
+                         "per_layer": "yes" if layered else "no",
+                         "parameters": e["parameters"], "weights": e["weights"],
+                         "gradients": e["gradients"], "optimizer_state": e["optimizer_state"],
+                         "peak": e["total"],
+                         "state_bytes_per_param": e["optimizer_state"] / e["parameters"]})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    from .timing import markdown_table
+    columns = ["optimizer", "rank", "per_layer", "weights_gb", "gradients_gb", "state_gb",
+               "peak_gb", "state_bytes_per_param"]
+    headers = ["optimizer", "rank", "per-layer", "weights GB", "gradients GB", "state GB",
+               "peak GB", "state bytes/param"]
+    shown = [{**r, "weights_gb": r["weights"] / GB, "gradients_gb": r["gradients"] / GB,
+              "state_gb": r["optimizer_state"] / GB, "peak_gb": r["peak"] / GB} for r in rows]
+    formats = {c: ".2f" for c in columns if c.endswith("_gb")}
+    formats["state_bytes_per_param"] = ".3f"
+    return markdown_table(shown, columns, headers=headers, formats=formats)
+
+
+def describe_model(config: Any, title: str, parameters: int, weights: str) -> str:
+    shape = ", ".join(f"{label} {getattr(config, key)}" for label, key in (
+        ("hidden", "hidden_size"), ("intermediate", "intermediate_size"),
+        ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
+        ("vocab", "vocab_size")) if getattr(config, key, None) is not None)
+    count = f"{parameters / 1e9:.2f}B" if parameters >= 1e9 else f"{parameters / 1e6:.2f}M"
+    return f"{title}: {count} parameters ({shape}), {weights} weights and gradients"
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `memopt estimate` command: print the table (and write --json)."""
+    import memopt.optim
+    import memopt.projections
+
+    from .cli import UsageError
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        config, title, default_rank = model_config(args)
+        optimizers = expand_optimizers(args.optimizers, args.bits)
+        rank = args.rank if args.rank is not None else default_rank
+        if args.rank is not None and not any(n.removesuffix("8bit") in LOW_RANK
+                                             for n in optimizers):
+            raise EstimateError(f"argument --rank: none of {', '.join(optimizers)} has a rank "
+                                f"(--rank is for {', '.join(LOW_RANK)})")
+        per_layer = {"no": [False], "yes": [True], "both": [False, True]}[args.per_layer]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rows = estimate_rows(config, optimizers, per_layer, WEIGHT_DTYPES[args.weights],
+                                 rank, dict(args.options))
+    except EstimateError as exc:
+        raise UsageError(str(exc)) from None
+    print(describe_model(config, title, rows[0]["parameters"], args.weights))
+    print(format_table(rows))
+    print("peak = weights + gradients + optimizer state (memopt.optim.estimate_memory); "
+          "activations and temporaries are not included. GB = 1e9 bytes.")
+    ours = tuple(str(Path(m.__file__).parent) for m in (memopt.optim, memopt.projections))
+    for message in dict.fromkeys(str(w.message) for w in caught if w.filename.startswith(ours)):
+        print(f"note: {message}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": title, "weights": args.weights,
+                                               "rows": rows}, indent=1))
+    return 0
