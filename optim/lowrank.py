@@ -236,8 +236,7 @@ class LowRankAdamW(MemoptOptimizer):
 
     @staticmethod
     def _work_bytes(group: dict[str, Any], p: Tensor) -> int:
-        """Bytes of p's projected gradient, its Adam update and a generated basis (upper
-        bound: the rank on the larger side)."""
+        """Bytes of p's coordinates, Adam's update and a generated basis (an upper bound)."""
         m, n = as_matrix(local(p)).shape
         return 3 * min(group["rank"], m, n) * max(m, n) * (8 if p.dtype == torch.float64 else 4)
 
@@ -275,8 +274,7 @@ class LowRankAdamW(MemoptOptimizer):
         return Prepared(witnesses, ready)
 
     def _launch_ahead(self, group: dict[str, Any], prepared: Prepared) -> None:
-        """While the host waits for the check: project the deferred batch and (Fira) take
-        the gradients' column (row) norms; neither changes anything."""
+        """While the host waits for the check: the deferred projection, Fira's G norms."""
         ready = prepared.data
         if ready is None:
             return
@@ -290,7 +288,9 @@ class LowRankAdamW(MemoptOptimizer):
 
     def _project(self, group: dict[str, Any], params: list[Tensor]) -> fast.Batch:
         projectors = [self.projector(p, group) for p in params]
-        return fast.project([local(p) for p in params], [local(p.grad) for p in params],
+        shards = is_sharded(params[0])            # a batch is all shards or none
+        return fast.project([local(p) if shards else p for p in params],
+                            [local(p.grad) if shards else p.grad for p in params],
                             bases(projectors), projectors[0].side, group["projection_precision"]
                             == "medium", group["residual"] == "fira")
 

@@ -223,9 +223,10 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
 
     def _fill(self, group: dict[str, Any], params: list[Tensor]) -> fast.Filled:
         store = self._store(group["state_bits"])
-        momenta = [store.read(self.state[p], "momentum_buffer") if self.state[p] else None
-                   for p in params]
-        return fast.fill([local(p.grad) for p in params], momenta, momentum=group["momentum"],
+        states = [self.state[p] for p in params]
+        momenta = store.read_all(states, "momentum_buffer") if all(states) else \
+            [store.read(s, "momentum_buffer") if s else None for s in states]
+        return fast.fill([p.grad for p in params], momenta, momentum=group["momentum"],
                          nesterov=group["nesterov"], polar_first=group["variant"] == "polar_first",
                          dtype=self._work_dtype(group, params[0]),
                          pad=group["orthogonalizer"] != "svd")
@@ -235,7 +236,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         """The batch's polar factors; Muon's last product is left to go into the weights."""
         last = group["scaling"] == "none" and group["variant"] == "momentum_first" and \
             filled.buffer is not None and fast.last_product_into_weights(
-                local(params[0]), tuple(filled.buffer.shape), filled.buffer.dtype,
+                params[0], tuple(filled.buffer.shape), filled.buffer.dtype,
                 group["orthogonalizer"], group["ns_steps"])
         return fast.orthogonalize(filled, group["orthogonalizer"], group["ns_steps"], last)
 
@@ -260,18 +261,18 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
     def _fast_step(self, group: dict[str, Any], params: list[Tensor], filled: fast.Filled,
                    store: MomentStore) -> None:
         """Advance the momentum, orthogonalize the batch and update its matrices."""
-        grads = [as_matrix(local(p.grad)) for p in params]
+        grads = [as_matrix(p.grad) for p in params]          # batches hold no FSDP2 shards
         states = [self.state[p] for p in params]
         for state in states:
             state["step"] += 1
         polar_first = group["variant"] == "polar_first"
-        momenta = [store.read(s, "momentum_buffer") for s in states]
+        momenta = store.read_all(states, "momentum_buffer")
         if not polar_first:
             fast.advance_momenta(momenta, grads, group["momentum"])
         filled = self._orthogonalize(group, params, filled)
         lr, n = group["lr"], grads[0].shape[1]
         step_size = lr * lr_adjustment(tuple(grads[0].shape), group["adjust_lr"])
-        weights = [local(p) for p in params]
+        weights = params
         if group["scaling"] == "none" and not polar_first:
             fast.write(weights, filled, n, step_size=step_size, decay=1 - lr * group["weight_decay"])
         else:
@@ -282,8 +283,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
                 D = momentum_direction(U.to(momenta[i].dtype), momenta[i], group["momentum"],
                                        group["nesterov"]) if polar_first else U
                 add_to_matrix_(W, D, -step_size, None if nuclear is None else nuclear[i].to(W.dtype))
-        for state, buf in zip(states, momenta):
-            store.write(state, "momentum_buffer", buf)
+        store.write_all(states, "momentum_buffer", momenta)
 
     def _matrix_steps(self, group: dict[str, Any], params: list[Tensor],
                       store: MomentStore) -> None:

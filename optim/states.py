@@ -181,6 +181,16 @@ class MomentStore:
             return value
         return dequantize(value, state[key + ABSMAX_SUFFIX], self.signed[key])
 
+    def read_all(self, states: list[dict], key: str) -> list[Tensor]:
+        """:meth:`read` of ``key`` in each state (no call per state for fp32 moments)."""
+        return [v if (v := s[key]).dtype != torch.uint8 else self.read(s, key) for s in states]
+
+    def write_all(self, states: list[dict], key: str, values: list[Tensor]) -> None:
+        """:meth:`write` of each value (nothing to do for fp32 moments: read gave them)."""
+        for state, value in zip(states, values):
+            if value is not state[key]:
+                self.write(state, key, value)
+
     def write(self, state: dict, key: str, value: Tensor) -> None:
         """Store an fp32 moment returned by :meth:`read` (after updating it)."""
         if state[key].dtype == torch.uint8:
