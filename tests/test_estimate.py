@@ -1,6 +1,7 @@
 """`memopt estimate`: the README's LLaMA-7B example, model given by name, shape or config.json."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,11 @@ def test_readme_7b_example(capsys):
     assert rows[("galore8bit", "yes")][1] == "1024" and rows[("adamw", "no")][1] == ""
     assert printed.startswith("LLaMA-7B: 6.74B parameters")
     assert "activations" in printed and "not included" in printed
+    # the README shows this command and, word for word, what it prints
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert README_7B in readme
+    for line in printed.splitlines():
+        assert line in readme, line
 
 
 def test_shape_flags_and_config_file_equal_the_named_size(capsys, tmp_path):
