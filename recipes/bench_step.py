@@ -79,7 +79,8 @@ def stepper(opt: torch.optim.Optimizer, params: list[torch.Tensor],
 
 
 def peer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Tensor bytes in an optimizer's state, looking inside objects peers keep there."""
+    """Bytes of the tensors in an optimizer's state, each counted once, looking inside the
+    objects peers keep there (galore-torch's projector and its basis)."""
     seen: set[int] = set()
 
     def walk(value: Any) -> int:

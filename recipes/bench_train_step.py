@@ -60,6 +60,7 @@ from typing import Any
 
 import torch
 
+from .bench_step import peer_state_bytes
 from .timing import environment, markdown_table, resolve_device, synchronize, warm_up, write_json
 
 #: Learning rates: sane for a few dozen steps of this model; the time does not depend on them.
@@ -194,28 +195,6 @@ def llama_config(args: argparse.Namespace) -> Any:
                        num_attention_heads=args.heads, num_key_value_heads=args.heads,
                        max_position_embeddings=max(args.seq, 2048), tie_word_embeddings=False,
                        use_cache=False)
-
-
-def peer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors in an optimizer's state, each counted once, looking inside the
-    objects peers keep there (galore-torch's projector and its basis)."""
-    seen: set[int] = set()
-
-    def walk(value: Any) -> int:
-        if isinstance(value, torch.Tensor):
-            if id(value) in seen:
-                return 0
-            seen.add(id(value))
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(walk(v) for v in value.values())
-        if isinstance(value, (list, tuple)):
-            return sum(walk(v) for v in value)
-        if hasattr(value, "__dict__"):
-            return walk(vars(value))
-        return 0
-
-    return sum(walk(s) for s in opt.state.values())
 
 
 def basis_versions(opts: list[torch.optim.Optimizer]) -> list[Any]:

@@ -33,24 +33,25 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # ------------------------------------------------------------------ value types
-def positive_int(text: str) -> int:
+def whole_number(text: str, minimum: int) -> int:
+    """``text`` as an int of at least ``minimum``, or argparse's error saying what is wrong."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 1, got {value}" if minimum == 1 else
+            f"must be {minimum} or more, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return whole_number(text, 1)
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    return whole_number(text, 0)
 
 
 def positive_float(text: str) -> float:

@@ -17,16 +17,6 @@ from memopt.recipes.compare import smoothed                              # noqa:
 from memopt.recipes.timing import available_cores, describe_environment, environment  # noqa: E402
 
 
-@pytest.fixture
-def micro(monkeypatch):
-    """A test-only preset: a 2-layer LLaMA of hidden 32 that trains a step in milliseconds."""
-    preset = presets.Preset("micro", hidden=32, intermediate=64, heads=2, layers=2, seq_len=32,
-                            batch_size=4, steps=20, rank=8, update_proj_gap=10,
-                            lr=dict(presets._TINY_LR), eval_every=50, eval_batches=2)
-    monkeypatch.setitem(presets.PRESETS, "micro", preset)
-    return preset
-
-
 def run_main(argv, capsys):
     """``cli.main(argv)`` -> (exit status, stdout, stderr), whether it returns or exits."""
     try:
@@ -192,7 +182,6 @@ def test_bench_projectors_prints_each_row_as_it_is_measured(capsys):
     rows = [line for line in lines[header + 2:] if line.startswith("| 48x32")]
     assert len(rows) == len(bench_projectors.projector_cases(8)) + 3
     assert all(math.isfinite(float(r.split("|")[3])) for r in rows)
-
 
 
 def test_threads_leave_busy_cores_alone(monkeypatch):

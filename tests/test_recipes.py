@@ -15,17 +15,6 @@ from memopt.recipes.data import batch_at, load_corpus             # noqa: E402
 from memopt.recipes.train import Run, RunConfig                   # noqa: E402
 
 
-@pytest.fixture
-def micro(monkeypatch):
-    """A test-only preset: a 2-layer LLaMA of hidden 32 that trains a step in milliseconds."""
-    from memopt.recipes import presets
-    preset = presets.Preset("micro", hidden=32, intermediate=64, heads=2, layers=2, seq_len=32,
-                            batch_size=4, steps=20, rank=8, update_proj_gap=10,
-                            lr=dict(presets._TINY_LR), eval_every=50, eval_batches=2)
-    monkeypatch.setitem(presets.PRESETS, "micro", preset)
-    return preset
-
-
 def test_compare_end_to_end(tmp_path, capsys, micro):
     out = tmp_path / "cmp"
     assert cli.main(["compare", "--preset", "micro", "--steps", "20", "--out", str(out),
