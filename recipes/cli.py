@@ -10,82 +10,19 @@ comparison.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
-import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from memopt.optim import OPTIMIZER_NAMES
 
+from .arguments import (ArgumentParser, UsageError, non_negative_int, option, optimizer_list,
+                        optimizer_name, positive_float, positive_int)
 from .presets import PRESETS, get_preset
 
 LOW_RANK = ("galore", "dct", "fira")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``memopt train: error: argument --lr: ...`` (exit 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-# ------------------------------------------------------------------ value types
-def whole_number(text: str, minimum: int) -> int:
-    """``text`` as an int of at least ``minimum``, or argparse's error saying what is wrong."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(
-            f"must be at least 1, got {value}" if minimum == 1 else
-            f"must be {minimum} or more, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    return whole_number(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    return whole_number(text, 0)
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _option(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
-
-
-def _optimizer_name(name: str) -> str:
-    if name.lower() not in OPTIMIZER_NAMES:
-        raise argparse.ArgumentTypeError(
-            f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
-    return name.lower()
-
-
-def _optimizer_list(value: str) -> list[str]:
-    names = [_optimizer_name(n.strip()) for n in value.split(",") if n.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("expected at least one optimizer name")
-    return names
 
 
 def _is_low_rank(name: str) -> bool:
@@ -114,7 +51,7 @@ def _run_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute activations in backward instead of keeping them")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        type=_option, dest="options",
+                        type=option, dest="options",
                         help="extra optimizer argument, e.g. --set moments_on_refresh=rotate "
                              "(repeatable; values are Python literals or plain strings)")
     mode = parser.add_mutually_exclusive_group()
@@ -129,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="pretrain a byte-level LLaMA with one optimizer")
-    p.add_argument("--optimizer", type=_optimizer_name, required=True,
+    p.add_argument("--optimizer", type=optimizer_name, required=True,
                    help=f"one of {', '.join(OPTIMIZER_NAMES)}")
     _run_arguments(p, "tiny")
     p.add_argument("--out", default=None, help="folder for log.jsonl, checkpoint.pt, summary.json")
@@ -145,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "finished run is written to OUT/results.json and OUT/loss_curves.png at "
                     "once, so Ctrl-C keeps the finished runs. --lr and --rank apply to every "
                     "optimizer they concern (--rank: the low-rank ones).")
-    p.add_argument("--optimizers", type=_optimizer_list, default=list(DEFAULT_OPTIMIZERS),
+    p.add_argument("--optimizers", type=optimizer_list, default=list(DEFAULT_OPTIMIZERS),
                    help=f"comma-separated (default: {','.join(DEFAULT_OPTIMIZERS)})")
     _run_arguments(p, DEFAULT_PRESET)
     p.add_argument("--out", default=None, help="output folder (default: runs/compare-PRESET)")
@@ -164,10 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------ checks
-class UsageError(Exception):
-    """A command-line value that cannot work; the message names the flag."""
-
-
 def _run_config(args: argparse.Namespace, optimizer: str, out: str | None):
     from .train import RunConfig
     return RunConfig(optimizer=optimizer, preset=args.preset, lr=args.lr, rank=args.rank,

@@ -44,7 +44,7 @@ class EstimateError(ValueError):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import _option, _optimizer_list, positive_int
+    from .arguments import option, optimizer_list, positive_int
     p.add_argument("--model", default=None, metavar="NAME|CONFIG",
                    help=f"a named LLaMA size ({', '.join(NAMED_MODELS)}; vocabulary 32000), "
                         "a recipe preset (tiny, small, 60m, ..., 1b; vocabulary 256), or a "
@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        ("--vocab", "vocabulary size")):
         p.add_argument(flag, type=positive_int, default=None,
                        help=f"{what}: a LLaMA of this shape, or this field of --model replaced")
-    p.add_argument("--optimizers", type=_optimizer_list,
+    p.add_argument("--optimizers", type=optimizer_list,
                    default=["adamw", "adamw8bit", "galore8bit", "dct8bit", "muon8bit"],
                    help="comma-separated (default: adamw,adamw8bit,galore8bit,dct8bit,muon8bit)")
     p.add_argument("--bits", default=None, choices=["32", "8", "32,8"], metavar="32|8|32,8",
@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: no; both: a row for each)")
     p.add_argument("--weights", default="bf16", choices=list(WEIGHT_DTYPES),
                    help="dtype of the weights and gradients (default: bf16)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=_option,
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=option,
                    dest="options", help="extra optimizer argument (repeatable)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows here")
 
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     import memopt.optim
     import memopt.projections
 
-    from .cli import UsageError
+    from .arguments import UsageError
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         config, title, default_rank = model_config(args)
