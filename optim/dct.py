@@ -16,15 +16,17 @@ from torch import Tensor
 from memopt.projections import dct_matrix
 
 
-def dct_select(G: Tensor, side: str, r: int) -> tuple[Tensor, Tensor]:
+def dct_select(G: Tensor, side: str, r: int, norm: str = "l2") -> tuple[Tensor, Tensor]:
     """The r DCT-II vectors best aligned with G (m x n), and their indices:
 
         T = DCT-II matrix of size d (row k = vector d_k; d = n right, m left)
-        e_k = ||G d_k||^2 (right) or ||d_k^T G||^2 (left)
+        C = G T^T (right) or (T G)^T (left)            (column k: G's coefficients on d_k)
+        e_k = ||C_k||_2^2 ("l2", the default) or ||C_k||_1 ("l1", the authors' ell_norm=1)
         idx = the r largest e_k, strongest first;  P = T[idx]^T  (d x r, orthonormal)
     """
     d = G.shape[1] if side == "right" else G.shape[0]
     T = dct_matrix(d, G.device, G.dtype)
-    energy = ((G @ T.mT) if side == "right" else (T @ G).mT).square().sum(dim=0)
+    C = (G @ T.mT) if side == "right" else (T @ G).mT
+    energy = (C.abs() if norm == "l1" else C.square()).sum(dim=0)
     idx = torch.topk(energy, r, sorted=True).indices
     return T[idx].mT, idx

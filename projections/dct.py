@@ -2,8 +2,9 @@
 Optimization").
 
 The orthonormal DCT-II basis of size d is fixed, so a rank-r basis is just r of its vectors:
-the r with the largest alignment ||G d_k|| (energy of G's DCT coefficients). Only the r
-indices are state. The chosen columns are generated when needed from two O(d) tables per
+the r with the largest alignment with G, measured by the L2 norm ||G d_k|| (the energy of
+G's DCT coefficients, the default) or the L1 norm ||G d_k||_1 (the authors' ``ell_norm=1``).
+Only the r indices are state. The chosen columns are generated when needed from two O(d) tables per
 size (no d x d matrix is kept); all d alignments cost one real FFT per row (m d log d), or a
 dense product with a generated DCT matrix for small d.
 """
@@ -21,6 +22,8 @@ from torch import Tensor
 from .base import Projector, check_one_of, full_fp32_matmul
 
 METHODS = ("auto", "matmul", "fft")
+#: How a DCT vector's alignment with G is measured: the L2 or the L1 norm of G's coefficients.
+NORMS = ("l2", "l1")
 
 #: "auto" uses the FFT from this length up, per device type. Set from
 #: ``python -m memopt.recipes.bench_projectors`` (README, "Projector refresh").
@@ -106,21 +109,25 @@ def dct2(x: Tensor) -> Tensor:
     return X
 
 
-def dct_energy(G: Tensor, side: str, method: str = "auto") -> Tensor:
-    """Alignment of every DCT vector with G: e_k = ||G d_k||^2 (right) or ||d_k^T G||^2 (left)."""
+def dct_energy(G: Tensor, side: str, method: str = "auto", norm: str = "l2") -> Tensor:
+    """Alignment of every DCT vector with G: e_k = ||G d_k||^2 (right) or ||d_k^T G||^2
+    (left) for "l2"; the L1 norms ||G d_k||_1, ||d_k^T G||_1 for "l1". Both are sums over
+    G's rows (right) or columns (left), so shards of those add up."""
     d = G.shape[1] if side == "right" else G.shape[0]
     if method == "auto":
         method = "fft" if d >= FFT_MIN_DIM.get(G.device.type, 1024) else "matmul"
     rows = G if side == "right" else G.mT                 # transform along the last dim
     if method == "fft":
-        return dct2(rows).square().sum(dim=0)
-    with full_fp32_matmul():
-        coefficients = rows @ dct_columns(d, torch.arange(d, device=G.device), G.dtype)
-    return coefficients.square().sum(dim=0)
+        coefficients = dct2(rows)
+    else:
+        with full_fp32_matmul():
+            coefficients = rows @ dct_columns(d, torch.arange(d, device=G.device), G.dtype)
+    return (coefficients.abs() if norm == "l1" else coefficients.square()).sum(dim=0)
 
 
 def select_dct_indices(G: Tensor, side: str, r: int, method: str = "auto",
-                       row_reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                       row_reduce: Callable[[Tensor], Tensor] | None = None,
+                       norm: str = "l2") -> Tensor:
     """Indices (int64) of the r DCT vectors best aligned with G, strongest first (with the
     right-side energy summed over row shards by ``row_reduce``).
 
@@ -128,7 +135,7 @@ def select_dct_indices(G: Tensor, side: str, r: int, method: str = "auto",
     across a refresh then keeps them for the direction of the same rank. Sorted by index
     instead, a moment row would follow whatever index landed in its slot (measured: a loss
     jump after the refresh, README "Moments at a refresh")."""
-    energy = dct_energy(G, side, method)
+    energy = dct_energy(G, side, method, norm)
     if row_reduce is not None:
         energy = row_reduce(energy)
     return torch.topk(energy, r, sorted=True).indices
@@ -142,20 +149,24 @@ class DCTProjector(Projector):
         method: how all d alignments are computed: "matmul" (dense product with the shared
             DCT matrix), "fft" (one real FFT per row), or "auto" (FFT from
             ``FFT_MIN_DIM[device]`` up).
+        norm: "l2" (rank vectors by the energy of G's coefficients, the default) or "l1"
+            (by their L1 norm, as the authors' ``DCTAdamW`` with ``ell_norm=1``).
     """
 
     name = "dct"
     supports_row_sharding = True       # the energy of a right basis is a sum over rows
 
-    def __init__(self, rank: int, side: str = "auto", method: str = "auto") -> None:
+    def __init__(self, rank: int, side: str = "auto", method: str = "auto",
+                 norm: str = "l2") -> None:
         super().__init__(rank, side)
         self.method = check_one_of("method", method, METHODS)
+        self.norm = check_one_of("norm", norm, NORMS)
         self.indices: Tensor | None = None
         self.dtype = torch.float32
 
     def _fit(self, G: Tensor, side: str, dim: int, r: int,
              row_reduce: Callable[[Tensor], Tensor] | None = None) -> None:
-        self.indices = select_dct_indices(G, side, r, self.method, row_reduce)
+        self.indices = select_dct_indices(G, side, r, self.method, row_reduce, self.norm)
         self.dtype = G.dtype
 
     def basis(self) -> Tensor:

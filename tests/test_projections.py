@@ -14,6 +14,7 @@ from memopt.projections import (DCTProjector, PolarProjector, Projector, SVDProj
                                 make_projector, orthogonalize)
 from memopt.projections.base import orthonormality_error
 from memopt.projections.dct import dct_energy, dct_matrix
+from memopt.optim.dct import dct_select
 
 CONFIGS = {
     "svd-exact": lambda r, **kw: SVDProjector(r, **kw),
@@ -152,6 +153,42 @@ def test_dct_fft_energies_equal_the_dense_product(side, shape):
     G = gradient(shape, dtype=torch.float64)
     a, b = dct_energy(G, side, "fft"), dct_energy(G, side, "matmul")
     assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["fft", "matmul"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (16, 1100)])
+def test_dct_l1_ranking_equals_a_float64_reference(shape, side, method):
+    """norm="l1" ranks DCT vectors by the L1 norm of G's coefficients on them (the authors'
+    ell_norm=1): the float32 projector picks the float64 reference's r best, strongest first."""
+    G = gradient(shape, seed=11)
+    d = shape[1] if side == "right" else shape[0]
+    table = torch.from_numpy(scipy.fft.dct(np.eye(d), norm="ortho", axis=0))   # row k = d_k
+    C = G.double() @ table.T if side == "right" else (table @ G.double()).T      # col k: coefs
+    reference = C.abs().sum(dim=0)
+    r = 6
+    proj = DCTProjector(r, side=side, method=method, norm="l1").update(G)
+    chosen = proj.indices.tolist()
+    assert chosen == torch.topk(reference, r).indices.tolist()
+    P, idx = dct_select(G.double(), side, r, norm="l1")                  # the reference math
+    assert idx.tolist() == chosen
+    assert torch.allclose(P, table[chosen].T, atol=1e-12)
+
+
+def test_dct_l1_and_l2_rankings_differ_where_they_should():
+    """G's coefficients on d_0 are one entry of 6 (squared L2 norm 36, L1 norm 6), on d_1
+    sixteen entries of 1.25 (squared L2 25, L1 20): "l2" picks d_0, "l1" picks d_1."""
+    d = 8
+    table = torch.from_numpy(scipy.fft.dct(np.eye(d), norm="ortho", axis=0))
+    C = torch.zeros(16, d, dtype=torch.float64)     # coefficients: rows of G, columns d_k
+    C[0, 0] = 6.0                                   # d_0: L2^2 36, L1 6
+    C[:, 1] = 1.25                                  # d_1: L2^2 25, L1 20
+    G = C @ table                                   # G d_k = C[:, k] (table orthonormal)
+    l2 = DCTProjector(1, side="right", norm="l2").update(G.float()).indices.tolist()
+    l1 = DCTProjector(1, side="right", norm="l1").update(G.float()).indices.tolist()
+    assert (l2, l1) == ([0], [1])
+    with pytest.raises(ValueError, match="norm"):
+        DCTProjector(1, norm="l3")
 
 
 def test_dct_projector_stores_only_indices():
