@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from memopt import optim as mo
+from memopt.optim.galore import carry_moments
 from memopt.projections.dct import dct_matrix
 
 
@@ -268,6 +269,30 @@ def test_rotation_carries_moments_into_the_new_basis(projector):
     R = p.grad @ B_new
     carried = (opt.state[p]["exp_avg"] - 0.1 * R) / 0.9
     assert torch.allclose(carried, m_old @ (B_new.T @ B_old).T, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_rotation_into_the_same_subspace_keeps_what_a_fixed_basis_keeps(side):
+    """A refresh that returns the same subspace with its vectors reordered and sign-flipped
+    (as a new SVD may): "rotate" carries m and v so that each direction keeps its moments,
+    as if the basis had not changed (P_new m_new = P_old m_old; v follows its direction);
+    "keep" would pair them with the wrong directions. Any rotation keeps v >= 0."""
+    gen = torch.Generator().manual_seed(3)
+    d, r, n = 30, 5, 12
+    P_old = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64)).Q
+    signs = torch.tensor([1.0, -1, -1, 1, 1], dtype=torch.float64)
+    P_new = P_old[:, [3, 0, 4, 1, 2]] * signs
+    shape = (r, n) if side == "left" else (n, r)
+    m = torch.randn(shape, generator=gen, dtype=torch.float64)
+    v = torch.rand(shape, generator=gen, dtype=torch.float64)
+    m2, v2 = carry_moments(m.clone(), v.clone(), "rotate", P_new, P_old, side)
+    lift = (lambda X, P: P @ X) if side == "left" else (lambda X, P: X @ P.mT)
+    assert torch.allclose(lift(m2, P_new), lift(m, P_old), atol=1e-12)
+    assert torch.allclose(lift(v2, P_new.abs()), lift(v, P_old.abs()), atol=1e-12)
+    kept, _ = carry_moments(m.clone(), v.clone(), "keep", P_new, P_old, side)
+    assert not torch.allclose(lift(kept, P_new), lift(m, P_old), atol=1e-3)
+    Q = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64)).Q
+    assert (carry_moments(m.clone(), v.clone(), "rotate", Q, P_old, side)[1] >= 0).all()
 
 
 def test_reset_zeros_moments_and_restarts_bias_correction():
