@@ -9,7 +9,8 @@ head stay on AdamW; Jordan et al., 2024).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -37,6 +38,13 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (choose one of {choices})")
 
 
+def check_above(name: str, value: Any, low: float, inclusive: bool = False) -> None:
+    """A number > ``low`` (or >= with ``inclusive``), else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not (value >= low if inclusive else value > low):
+        raise ValueError(f"Invalid {name}: {value!r} (must be {'>=' if inclusive else '>'} {low})")
+
+
 def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
@@ -44,6 +52,19 @@ def check_positive_int(name: str, value: Any) -> None:
 
 #: Last name component of modules treated as the output head.
 HEAD_NAMES = ("lm_head", "head", "classifier", "score", "output", "embed_out", "fc_out")
+
+
+def warn_if_unprojected(name: str, groups: list[dict[str, Any]],
+                        is_projected: Callable[[dict[str, Any], Any], bool]) -> None:
+    """Warn for each low-rank group whose matrices are all left unprojected (its rank is not
+    below any one's smaller side): it trains as plain AdamW, which a user should hear."""
+    for i, group in enumerate(groups):
+        projected = [is_projected(group, p) for p in group["params"] if p.ndim >= 2]
+        if projected and not any(projected) and group["rank"] is not None \
+                and not group["adamw"]:
+            warnings.warn(f"{name}: no matrix of param group {i} is projected (rank "
+                          f"{group['rank']} >= each one's smaller side), so it trains as "
+                          "plain AdamW; lower the rank", stacklevel=4)
 
 
 def _transformers_module(model: nn.Module, getter: str) -> nn.Module | None:

@@ -9,7 +9,6 @@ executor (``executors_lowrank.py``).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -24,10 +23,12 @@ from . import executors_lowrank as fast
 from .compat import lowrank_group
 from .distributed import all_reduce_sum, is_sharded, local, update_from_shards
 from .engine import PREPARE_BYTES, MemoptOptimizer, Prepared, arguments, eight_bit
+from .error_feedback import ERROR_FEEDBACK, check_error_feedback, corrected_gradients
 from .executors import (CHUNK_BYTES, PROJECTION_PRECISIONS, as_matrix, bases, basis_dim,
                         buckets, precision, projected_shape)
 from .galore import carry_moments
-from .groups import check_betas, check_choice, check_nonnegative, check_positive_int
+from .groups import (check_above, check_betas, check_choice, check_nonnegative,
+                     check_positive_int, warn_if_unprojected)
 from .states import PROJ_PREFIX, MomentStore, StateSpec, lowrank_specs
 
 ProjectorSpec = Union[str, Callable[[int], Projector]]
@@ -86,6 +87,8 @@ class LowRankAdamW(MemoptOptimizer):
         residual: "none" (GaLore) or "fira" (add Fira's scaled, norm-limited residual).
         limiter_gamma: Fira's norm-growth limit :math:`\gamma` (default 1.01).
         moments_on_refresh: "keep", "reset" or "rotate" (see ``REFRESH_MODES``).
+        error_feedback: "none" (default), "fp32" or "8bit": carry what the projection discards
+            into the next gradient, in a buffer of the matrix's size (``error_feedback.py``).
         projection_precision: "auto" (TF32 on CUDA, full fp32 elsewhere), "highest", "high"
             (TF32) or "medium" (bf16 factors, fp32 sums and results) for the step's
             projections and lifts; bases are always built and kept in full fp32.
@@ -104,8 +107,8 @@ class LowRankAdamW(MemoptOptimizer):
                  projector_options: dict[str, Any] | None = None, state_bits: int = 32,
                  residual: str = "none", limiter_gamma: float = 1.01,
                  moments_on_refresh: str = "keep", projection_precision: str = "auto",
-                 adamw: bool = False, check_finite: bool = True, impl: str = "fast",
-                 cuda_graph: bool = False) -> None:
+                 error_feedback: str = "none", adamw: bool = False, check_finite: bool = True,
+                 impl: str = "fast", cuda_graph: bool = False) -> None:
         defaults = {**arguments(locals()),
                     "betas": tuple(betas) if isinstance(betas, list) else betas}
         self._projectors: dict[Tensor, Projector] = {}
@@ -116,13 +119,7 @@ class LowRankAdamW(MemoptOptimizer):
             params = list(params)
             self._ranks_named = any(isinstance(g, dict) and "rank" in g for g in params)
         super().__init__(params, defaults)
-        for i, group in enumerate(self.param_groups):
-            projected = [self.is_projected(group, p) for p in group["params"] if p.ndim >= 2]
-            if projected and not any(projected) and group["rank"] is not None \
-                    and not group["adamw"]:
-                warnings.warn(f"{type(self).__name__}: no matrix of param group {i} is "
-                              f"projected (rank {group['rank']} >= each one's smaller side), "
-                              "so it trains as plain AdamW; lower the rank", stacklevel=2)
+        warn_if_unprojected(type(self).__name__, self.param_groups, self.is_projected)
 
     # ------------------------------------------------------------ configuration
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -138,11 +135,8 @@ class LowRankAdamW(MemoptOptimizer):
         if group["rank"] is not None:
             check_positive_int("rank", group["rank"])
         check_positive_int("update_proj_gap", group["update_proj_gap"])
-        scale, gamma = group["scale"], group["limiter_gamma"]
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ValueError(f"Invalid scale: {scale!r} (must be > 0)")
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 1:
-            raise ValueError(f"Invalid limiter_gamma: {gamma!r} (must be >= 1)")
+        check_above("scale", group["scale"], 0)
+        check_above("limiter_gamma", group["limiter_gamma"], 1, inclusive=True)
         spec, options = group["projector"], group["projector_options"]
         if not callable(spec):
             check_choice("projector", spec, PROJECTORS)
@@ -152,12 +146,13 @@ class LowRankAdamW(MemoptOptimizer):
                              ("moments_on_refresh", REFRESH_MODES), ("adamw", (True, False)),
                              ("projection_precision", PROJECTION_PRECISIONS)):
             check_choice(key, group[key], choices)
+        check_error_feedback(group)
         if group.get("cuda_graph", False) is not False:
             raise ValueError(f"Invalid cuda_graph: {group['cuda_graph']!r}: recorded CUDA-graph "
                              "steps were removed (slower than the eager step); use False")
         if group["rank"] is not None and not callable(spec):
             make_projector(spec, group["rank"], **(options or {}))   # options are valid
-        self._store(group["state_bits"])                              # bitsandbytes present
+        self._store(8 if group["error_feedback"] == "8bit" else group["state_bits"])
 
     @staticmethod
     def is_projected(group: dict[str, Any], p: Tensor) -> bool:
@@ -189,8 +184,9 @@ class LowRankAdamW(MemoptOptimizer):
         projected shape, Fira's residual norm, and the projector's tensors (basis or
         indices), each with the keys it has in ``state``."""
         proj, shape, side, d, r, dtype = self._geometry(group, p)
+        bits = ERROR_FEEDBACK[group["error_feedback"]]
         return lowrank_specs(projected_shape(shape, side, r), dtype, group["residual"] == "fira",
-                             proj.state_shapes(d, r, dtype))
+                             proj.state_shapes(d, r, dtype), bits and (shape, bits))
 
     def estimated_shared_table(self, group: dict[str, Any], p: Tensor,
                                device: torch.device) -> tuple[Any, int] | None:
@@ -254,7 +250,8 @@ class LowRankAdamW(MemoptOptimizer):
         their basis this step, so that the check reads the projections instead of the
         gradients (a non-finite entry of G makes its whole column of P^T G non-finite).
         Only on the fast path and when they fit in ``PREPARE_BYTES``."""
-        if not group["check_finite"] or group["impl"] != "fast":
+        if not group["check_finite"] or group["impl"] != "fast" or \
+                group["error_feedback"] != "none":          # the step projects G + E, not G
             return Prepared()
         plan = self._plan(group, params)
         if plan.batches is None or plan.work_bytes > PREPARE_BYTES:
@@ -304,7 +301,8 @@ class LowRankAdamW(MemoptOptimizer):
         ready = prepared.data or _Ready()
         done = {id(p) for params_, _ in ready.batches for p in params_}
         rest = [p for p in plan.projected if id(p) not in done]
-        with precision(group["projection_precision"], plan.projected[0].device):
+        with precision(group["projection_precision"], plan.projected[0].device), \
+                corrected_gradients(self, group, plan.projected, store):
             for p in rest:
                 self._refresh_if_due(group, p, store)
             if group["impl"] == "reference":       # FSDP2 shards always run fast

@@ -75,7 +75,7 @@ def dequantize(q: Tensor, absmax: Tensor, signed: bool) -> Tensor:
 
 #: The quantizable state of every method: first moments and momentum may be negative (the
 #: signed dynamic map), second moments may not.
-SIGNED = {"exp_avg": True, "exp_avg_sq": False, "momentum_buffer": True}
+SIGNED = {"exp_avg": True, "exp_avg_sq": False, "momentum_buffer": True, "error_buffer": True}
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,14 @@ class StateSpec:
     """One tensor of a parameter's state: its key, shape and dtype when kept unquantized;
     ``quantizable``: kept in 8 bits (codes + absmax) with ``state_bits=8`` when it has at
     least ``MIN_8BIT_NUMEL`` elements (of the whole tensor, for an FSDP2 shard); ``fill``:
-    its first value (quantizable ones start at zero)."""
+    its first value (quantizable ones start at zero); ``bits``: a width of its own (8 or
+    32) instead of the optimizer's ``state_bits``."""
     key: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     quantizable: bool = False
     fill: float = 0.0
+    bits: int | None = None
 
 
 def adam_specs(shape: tuple[int, ...], dtype: torch.dtype) -> list[StateSpec]:
@@ -102,14 +104,19 @@ PROJ_PREFIX = "proj_"
 
 
 def lowrank_specs(shape: tuple[int, int], dtype: torch.dtype, fira: bool,
-                  projector: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
-                  ) -> list[StateSpec]:
+                  projector: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+                  error_feedback: tuple[tuple[int, int], int] | None = None) -> list[StateSpec]:
     """A projected matrix's state: Adam's moments of its coordinates (``shape``), Fira's
-    residual norm (inf before the first step: no limit yet), the projector's tensors
-    (``Projector.state_shapes``: a basis, or DCT indices) under ``PROJ_PREFIX``."""
+    residual norm (inf before the first step: no limit yet), the error-feedback buffer
+    (``(matrix shape, bits)``: what the projection discarded, ``error_feedback.py``), the
+    projector's tensors (``Projector.state_shapes``: a basis, or DCT indices) under
+    ``PROJ_PREFIX``."""
     specs = adam_specs(shape, dtype)
     if fira:
         specs.append(StateSpec("residual_norm", (), dtype, fill=math.inf))
+    if error_feedback is not None:
+        specs.append(StateSpec("error_buffer", error_feedback[0], dtype, True,
+                               bits=error_feedback[1]))
     return specs + [StateSpec(PROJ_PREFIX + key, size, dt)
                     for key, (size, dt) in (projector or {}).items()]
 
@@ -124,7 +131,7 @@ def spec_bytes(specs: list[StateSpec], bits: int) -> int:
     total = 0
     for spec in specs:
         numel = math.prod(spec.shape)
-        if spec.quantizable and bits == 8 and numel >= MIN_8BIT_NUMEL:
+        if spec.quantizable and (spec.bits or bits) == 8 and numel >= MIN_8BIT_NUMEL:
             total += numel + 4 * -(-numel // BLOCKSIZE)          # uint8 codes + fp32 absmax
         else:
             total += numel * torch.empty((), dtype=spec.dtype, device="meta").element_size()
@@ -154,22 +161,23 @@ class MomentStore:
         for spec in specs:
             if spec.quantizable:
                 self.init(state, spec.key, spec.shape, device, spec.dtype,
-                          full_numel=math.prod(spec.shape) * rows[0] // max(1, rows[1]))
+                          full_numel=math.prod(spec.shape) * rows[0] // max(1, rows[1]),
+                          bits=spec.bits)
             else:
                 state[spec.key] = torch.full(spec.shape, spec.fill, dtype=spec.dtype,
                                              device=device)
 
-    def quantized(self, numel: int) -> bool:
-        return self.bits == 8 and numel >= MIN_8BIT_NUMEL
+    def quantized(self, numel: int, bits: int | None = None) -> bool:
+        return (bits or self.bits) == 8 and numel >= MIN_8BIT_NUMEL
 
     def init(self, state: dict, key: str, shape: torch.Size | tuple[int, ...],
              device: torch.device, dtype: torch.dtype = torch.float32,
-             full_numel: int | None = None) -> None:
+             full_numel: int | None = None, bits: int | None = None) -> None:
         """Zero moment of ``shape`` (``dtype`` when kept unquantized). ``full_numel``: the
         size of the whole moment when this is one shard of it (FSDP2), so that every shard
-        is stored as the unsharded moment would be."""
+        is stored as the unsharded moment would be. ``bits``: instead of the store's."""
         zeros = torch.zeros(shape, dtype=dtype, device=device)
-        if self.quantized(zeros.numel() if full_numel is None else full_numel):
+        if self.quantized(zeros.numel() if full_numel is None else full_numel, bits):
             self._quantize_into(state, key, zeros)
         else:
             state[key] = zeros

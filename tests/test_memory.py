@@ -52,6 +52,8 @@ def test_estimate_matches_state_after_one_step(name, dtype):
     ("galore", {"rank": 4, "projector": "polar"}),
     ("galore", {"rank": 4, "projector_options": {"side": "right"}}),
     ("dct8bit", {"rank": 4}),
+    ("dct", {"rank": 4, "error_feedback": "fp32"}),
+    ("galore", {"rank": 4, "error_feedback": "8bit"}),
     ("fira", {"rank": 4}),
     ("muon8bit", {}),
 ])
