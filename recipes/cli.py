@@ -59,6 +59,25 @@ def _run_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None
     mode.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard (torchrun)")
 
 
+def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    from .sweep import lr_spec
+    group = parser.add_argument_group(
+        "sweep", "With --seeds > 1, --lrs or --jobs > 1, each (optimizer, lr, seed) trains in "
+                 "its own `memopt train` process, in OUT/runs/NAME/lr-LR/seed-S; the table "
+                 "has one row per (optimizer, lr) with the mean and half the range over the "
+                 "seeds, and marks each optimizer's best lr.")
+    group.add_argument("--seeds", type=positive_int, default=1, metavar="N",
+                       help="train seeds S..S+N-1, S from --seed (default: 1 seed); the seed "
+                            "sets the initialisation and the batch order")
+    group.add_argument("--lrs", type=lr_spec, action="append", default=[], metavar="SPEC",
+                       help="learning rates: V1,V2,... for every optimizer or NAME=V1,V2,... "
+                            "for one (wins over the general list); V is a rate (0.01, 3e-4) "
+                            "or a factor of the preset's rate (x0.5, x1, x2); repeatable; "
+                            "not with --lr")
+    group.add_argument("--jobs", type=positive_int, default=None, metavar="N",
+                       help="runs at once (default: 1 on the CPU, min(12, runs) on CUDA)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import estimate
     from .compare import DEFAULT_OPTIMIZERS, DEFAULT_PRESET
@@ -86,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated (default: {','.join(DEFAULT_OPTIMIZERS)})")
     _run_arguments(p, DEFAULT_PRESET)
     p.add_argument("--out", default=None, help="output folder (default: runs/compare-PRESET)")
+    _sweep_arguments(p)
 
     p = sub.add_parser("estimate", help=estimate.HELP, description=estimate.DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,6 +196,33 @@ def check_run_arguments(args: argparse.Namespace, optimizers: list[str]) -> Any:
     return corpus
 
 
+def is_sweep(args: argparse.Namespace) -> bool:
+    """Whether compare runs a sweep of processes; else one run per optimizer in this process,
+    as without the sweep flags. Refuses sweep flags that cannot work together."""
+    if args.seeds == 1 and not args.lrs and (args.jobs or 1) == 1:
+        return False
+    if args.lrs and args.lr is not None:
+        raise UsageError("argument --lrs: not allowed with argument --lr (give the rates in "
+                         "--lrs, as numbers or factors like x0.5)")
+    stray = [s.optimizer for s in args.lrs if s.optimizer not in (None, *args.optimizers)]
+    if stray:
+        raise UsageError(f"argument --lrs: {stray[0]} is not among --optimizers "
+                         f"({','.join(args.optimizers)})")
+    if args.ddp or args.fsdp:
+        raise UsageError(f"argument {'--ddp' if args.ddp else '--fsdp'}: a sweep (--seeds, "
+                         "--lrs, --jobs) trains single-process runs")
+    return True
+
+
+def plan_sweep(args: argparse.Namespace) -> tuple[list[Any], int]:
+    """The runs of a sweep and how many at once."""
+    from .sweep import default_jobs, learning_rates, plan_runs
+    preset = get_preset(args.preset, steps=args.steps)
+    rates = learning_rates(args.optimizers, args.lrs, preset, args.lr)
+    runs = plan_runs(rates, range(args.seed, args.seed + args.seeds))
+    return runs, args.jobs or default_jobs(args.device, len(runs))
+
+
 # ------------------------------------------------------------------ commands
 def _train(args: argparse.Namespace) -> int:
     from .timing import use_available_cores
@@ -196,20 +243,29 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import compare, describe_setting, format_duration, results_table
+    from .compare import compare, describe_setting, format_duration
+    from .sweep import run_sweep
     from .timing import describe_environment, use_available_cores
     use_available_cores()
+    sweep = is_sweep(args)
     corpus = check_run_arguments(args, args.optimizers)
     out = args.out or f"runs/compare-{args.preset}"
+    base = _run_config(args, args.optimizers[0], None)
     print(describe_setting(get_preset(args.preset, steps=args.steps)), flush=True)
     try:
-        result = compare(args.optimizers, _run_config(args, args.optimizers[0], None), out,
-                         corpus)
+        if sweep:
+            runs, jobs = plan_sweep(args)
+            result = run_sweep(runs, base, out, jobs, corpus)
+        else:
+            result = compare(args.optimizers, base, out, corpus)
     except KeyboardInterrupt:
         return 130
     print(f"\n{result['corpus']}\n{result['setting']}\n"
           f"{describe_environment(result['environment'])}\n")
-    print(results_table(result["runs"]))
+    print(result["table"])
+    if sweep:
+        print(f"\n{result['sweep']['note']}\n\nbest lr of each optimizer\n"
+              f"{result['best_table']}")
     print(f"\ntotal wall time {format_duration(result['wall_s'])} for "
           f"{len(result['runs'])} runs; wrote {out}/results.json and {out}/loss_curves.png")
     return 0

@@ -5,12 +5,25 @@ the same schedule; the table shows what each gains and loses (final losses in bi
 time per step, optimizer-state memory, and peak GPU memory on a GPU). ``results.json`` and
 ``loss_curves.png`` in ``--out`` are rewritten as soon as each run finishes, so an
 interrupted comparison (Ctrl-C) keeps every finished run.
+
+With ``--seeds N``, ``--lrs SPEC`` or ``--jobs N`` (> 1) the comparison becomes a sweep
+(:mod:`.sweep`): each (optimizer, learning rate, seed) trains in its own ``memopt train``
+process, ``--jobs`` of them at once, and the table gives one row per (optimizer, lr) with
+the mean and spread over the seeds and a mark on each optimizer's best rate.
+
+- ``--seeds N``: seeds S .. S+N-1, S from ``--seed`` (default 0); the seed sets the model's
+  initialisation and the order of the training batches.
+- ``--lrs V1,V2,...`` (every optimizer) or ``--lrs NAME=V1,V2,...`` (one optimizer; wins over
+  the general list), repeatable; V is a rate (``0.01``, ``3e-4``) or a factor of the
+  optimizer's rate in the preset (``x0.5``, ``x1``, ``x2``). Not with ``--lr``.
+- ``--jobs N``: runs at once (default 1 on the CPU, min(12, runs) on CUDA).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,12 +56,8 @@ def compare(optimizers: list[str], base: RunConfig, out: str | Path,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = corpus if corpus is not None else load_corpus(base.data)
-    preset = get_preset(base.preset, steps=base.steps)
     start = time.perf_counter()
-    result: dict[str, Any] = {
-        "environment": environment(resolve_device(base.device)), "corpus": corpus.describe(),
-        "preset": preset.name, "setting": describe_setting(preset),
-        "optimizers": list(optimizers), "complete": False, "wall_s": 0.0, "runs": []}
+    result = result_header(optimizers, base, corpus)
     runs: list[dict[str, Any]] = result["runs"]
     name = ""
     try:
@@ -65,9 +74,7 @@ def compare(optimizers: list[str], base: RunConfig, out: str | Path,
             elapsed = time.perf_counter() - start
             _write(out, result, elapsed, complete=i + 1 == len(optimizers))
             left = elapsed / (i + 1) * (len(optimizers) - i - 1)
-            print(_run_line(label, summary) + f"  [{format_duration(elapsed)} elapsed"
-                  + (f", about {format_duration(left)} left]" if left else "]"),
-                  flush=True)
+            print(f"{run_line(label, summary)}  {progress_note(elapsed, left)}", flush=True)
     except KeyboardInterrupt:
         result["interrupted_during"] = name
         _write(out, result, time.perf_counter() - start, complete=False)
@@ -76,6 +83,15 @@ def compare(optimizers: list[str], base: RunConfig, out: str | Path,
               f"({done}) are in {out / RESULTS}", file=sys.stderr, flush=True)
         raise
     return result
+
+
+def result_header(optimizers: list[str], base: RunConfig, corpus: ByteCorpus) -> dict[str, Any]:
+    """The start of results.json: what was measured where, and no runs yet."""
+    preset = get_preset(base.preset, steps=base.steps)
+    return {"environment": environment(resolve_device(base.device)),
+            "corpus": corpus.describe(), "preset": preset.name,
+            "setting": describe_setting(preset), "optimizers": list(optimizers),
+            "complete": False, "wall_s": 0.0, "runs": []}
 
 
 def describe_setting(preset: Any) -> str:
@@ -93,6 +109,12 @@ def format_duration(seconds: float) -> str:
     return f"{minutes} min {secs} s"
 
 
+def progress_note(elapsed: float, left: float) -> str:
+    """"[1 min 2 s elapsed, about 2 min 4 s left]"; "[1 min 2 s elapsed]" when none is left."""
+    return (f"[{format_duration(elapsed)} elapsed"
+            + (f", about {format_duration(left)} left]" if left else "]"))
+
+
 def results_table(runs: list[dict[str, Any]]) -> str:
     """The markdown table of finished runs; the GPU column only where a run measured it."""
     columns = [c for c in COLUMNS if c != "peak_gpu_mb"
@@ -107,7 +129,93 @@ def results_table(runs: list[dict[str, Any]]) -> str:
                           formats=FORMATS)
 
 
-def _run_line(label: str, summary: dict[str, Any]) -> str:
+# ------------------------------------------------------------------ sweep tables
+#: Headers of a sweep's table (:mod:`.sweep`): one row per (optimizer, lr), over the seeds.
+SWEEP_HEADERS = {**COLUMNS, "best": "best lr",
+                 "val_bits_per_byte": "val bits/byte (mean ± half range)",
+                 "val_by_seed": "val bits/byte by seed",
+                 "train_bits_per_byte": "train bits/byte (mean)",
+                 "ms_per_step": "ms/step (median)"}
+
+
+def lr_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (optimizer, lr) of run records, optimizers in the order first seen and
+    rates rising, with ``best`` set on each optimizer's best rate (:func:`mark_best`)."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["optimizer"], run["lr"]), []).append(run)
+    order = list(dict.fromkeys(name for name, _ in groups))
+    keys = sorted(groups, key=lambda key: (order.index(key[0]), key[1]))
+    rows = [lr_row(name, lr, groups[name, lr]) for name, lr in keys]
+    mark_best(rows)
+    return rows
+
+
+def lr_row(optimizer: str, lr: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregate the seeds of one (optimizer, lr): means over the finished runs, the median
+    of their ms/step, the largest state and peak memory; per seed its value or status."""
+    runs = sorted(runs, key=lambda r: r["seed"])
+    ok = [r for r in runs if r["status"] == "ok"]
+    vals = [r["val_bits_per_byte"] for r in ok]
+    gpu = [r["peak_gpu_mb"] for r in ok if r.get("peak_gpu_mb") is not None]
+    return {"optimizer": optimizer, "lr": lr, "seeds": [r["seed"] for r in runs],
+            "by_seed": [r["val_bits_per_byte"] if r["status"] == "ok" else r["status"]
+                        for r in runs],
+            "finished": len(ok), "failed": len(runs) - len(ok),
+            "val_mean": statistics.fmean(vals) if ok else None,
+            "val_half_range": (max(vals) - min(vals)) / 2 if ok else None,
+            "train_mean": statistics.fmean(r["train_bits_per_byte"] for r in ok) if ok else None,
+            "ms_per_step": statistics.median(r["ms_per_step"] for r in ok) if ok else None,
+            "optimizer_state_mb": max((r["optimizer_state_mb"] for r in ok), default=None),
+            "peak_gpu_mb": max(gpu, default=None), "best": False}
+
+
+def mark_best(rows: list[dict[str, Any]]) -> None:
+    """Per optimizer, the row with the fewest failed seeds and, among those, the lowest mean
+    validation loss gets ``best``; rows without a finished run never do."""
+    for name in dict.fromkeys(r["optimizer"] for r in rows):
+        candidates = [r for r in rows if r["optimizer"] == name and r["finished"]]
+        if candidates:
+            min(candidates, key=lambda r: (r["failed"], r["val_mean"]))["best"] = True
+
+
+def sweep_tables(rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """The markdown table of every row (the best rates marked) and the one of the best."""
+    return (rows_table(rows, mark=True),
+            rows_table([r for r in rows if r["best"]], mark=False))
+
+
+def rows_table(rows: list[dict[str, Any]], mark: bool) -> str:
+    columns = ["optimizer", "lr", "best", "val_bits_per_byte"] if mark else \
+        ["optimizer", "lr", "val_bits_per_byte"]
+    if any(len(r["seeds"]) > 1 for r in rows):
+        columns.append("val_by_seed")
+    columns += ["train_bits_per_byte", "ms_per_step", "optimizer_state_mb"]
+    if any(r["peak_gpu_mb"] is not None for r in rows):
+        columns.append("peak_gpu_mb")
+    return markdown_table([table_cells(r) for r in rows], columns,
+                          headers=[SWEEP_HEADERS[c] for c in columns],
+                          formats={**FORMATS, "lr": ".4g"})
+
+
+def table_cells(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's cells: the validation loss as "1.262 ± 0.007" (one finished seed: "1.262"), its
+    seeds as "1.262 / 1.260 / diverged"."""
+    by_seed = [f"{v:.3f}" if isinstance(v, float) else v for v in row["by_seed"]]
+    if not row["finished"]:
+        val = " / ".join(dict.fromkeys(by_seed))
+    elif row["finished"] == 1:
+        val = f"{row['val_mean']:.3f}"
+    else:
+        val = f"{row['val_mean']:.3f} ± {row['val_half_range']:.3f}"
+    return {"optimizer": row["optimizer"], "lr": row["lr"],
+            "best": "best" if row["best"] else "", "val_bits_per_byte": val,
+            "val_by_seed": " / ".join(by_seed), "train_bits_per_byte": row["train_mean"],
+            "ms_per_step": row["ms_per_step"], "optimizer_state_mb": row["optimizer_state_mb"],
+            "peak_gpu_mb": row["peak_gpu_mb"]}
+
+
+def run_line(label: str, summary: dict[str, Any]) -> str:
     if summary.get("diverged"):
         return f"{label}: {summary['diverged']}"
     return (f"{label}: train {summary['train_bits_per_byte']:.3f}  "
@@ -122,10 +230,16 @@ def _write(out: Path, result: dict[str, Any], elapsed: float, complete: bool) ->
     result["wall_s"] = elapsed
     result["complete"] = complete
     result["table"] = results_table(result["runs"])
-    tmp = out / (RESULTS + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out / RESULTS)
+    save_json(out / RESULTS, result)
     plot_curves(result["runs"], out / PLOT, title=result.get("setting"))
+
+
+def save_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write through a temporary file, so that a Ctrl-C during the write leaves the
+    previous file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
 
 
 def smoothed(values: list[float], span: int) -> list[float]:
