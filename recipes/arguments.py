@@ -9,7 +9,7 @@ import ast
 import math
 from typing import NoReturn
 
-from memopt.optim import OPTIMIZER_NAMES
+from .peers import recipe_optimizers
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -61,9 +61,9 @@ def option(text: str) -> tuple[str, object]:
 
 
 def optimizer_name(name: str) -> str:
-    if name.lower() not in OPTIMIZER_NAMES:
+    if name.lower() not in recipe_optimizers():
         raise argparse.ArgumentTypeError(
-            f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+            f"unknown optimizer {name!r}; choose one of {', '.join(recipe_optimizers())}")
     return name.lower()
 
 

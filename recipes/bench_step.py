@@ -37,6 +37,7 @@ import torch
 
 from memopt import optim as mo
 
+from .peers import peer_state_bytes
 from .timing import (environment, markdown_table, median, resolve_device, synchronize,
                      time_ms, warm_up, write_json)
 
@@ -76,28 +77,6 @@ def stepper(opt: torch.optim.Optimizer, params: list[torch.Tensor],
             p.grad = g
         opt.step()
     return step
-
-
-def peer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors in an optimizer's state, each counted once, looking inside the
-    objects peers keep there (galore-torch's projector and its basis)."""
-    seen: set[int] = set()
-
-    def walk(value: Any) -> int:
-        if isinstance(value, torch.Tensor):
-            if id(value) in seen:
-                return 0
-            seen.add(id(value))
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(walk(v) for v in value.values())
-        if isinstance(value, (list, tuple)):
-            return sum(walk(v) for v in value)
-        if hasattr(value, "__dict__"):
-            return walk(vars(value))
-        return 0
-
-    return sum(walk(s) for s in opt.state.values())
 
 
 def entries(rank: int) -> list[Entry]:

@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from .bench_step import peer_state_bytes
+from .peers import peer_state_bytes
 from .timing import environment, markdown_table, resolve_device, synchronize, warm_up, write_json
 
 #: Learning rates: sane for a few dozen steps of this model; the time does not depend on them.

@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from memopt.optim import OPTIMIZER_NAMES
-
 from .arguments import (ArgumentParser, UsageError, non_negative_int, option, optimizer_list,
                         optimizer_name, positive_float, positive_int)
+from .peers import recipe_optimizers
 from .presets import PRESETS, get_preset
 
 LOW_RANK = ("galore", "dct", "fira")
@@ -86,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="pretrain a byte-level LLaMA with one optimizer")
     p.add_argument("--optimizer", type=optimizer_name, required=True,
-                   help=f"one of {', '.join(OPTIMIZER_NAMES)}")
+                   help=f"one of {', '.join(recipe_optimizers())}")
     _run_arguments(p, "tiny")
     p.add_argument("--out", default=None, help="folder for log.jsonl, checkpoint.pt, summary.json")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
@@ -140,7 +139,7 @@ def check_optimizer(name: str, args: argparse.Namespace) -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    from memopt.optim import create_optimizer
+    from .peers import build_optimizer
     preset = get_preset(args.preset, steps=args.steps)
     with torch.device("meta"):
         model = LlamaForCausalLM(preset.llama_config())
@@ -151,7 +150,7 @@ def check_optimizer(name: str, args: argparse.Namespace) -> None:
             kwargs[key] = value
             flag = f"--set {key}"
         try:
-            create_optimizer(name, model, **kwargs)
+            build_optimizer(name, model, **kwargs)
         except TypeError as exc:
             if key is not None and repr(key) in str(exc):
                 raise UsageError(f"argument {flag}: {name} has no argument {key!r} "

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .peers import PEERS
+
 #: Learning rates per optimizer family; "lowrank" covers galore, dct and fira.
 FAMILIES = {"adamw": "adamw", "galore": "lowrank", "dct": "lowrank", "fira": "lowrank",
             "muon": "muon", "polargrad": "polargrad"}
@@ -40,6 +42,8 @@ class Preset:
     eval_batches: int = 8
 
     def family(self, optimizer: str) -> str:
+        if optimizer in PEERS:
+            return PEERS[optimizer][2]
         base = optimizer.lower().removesuffix("8bit")
         if base not in FAMILIES:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of "

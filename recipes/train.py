@@ -19,9 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from memopt.optim import create_optimizer, state_bytes, step_in_backward
+from memopt.optim import step_in_backward
 
 from .data import ByteCorpus, batch_at, eval_batches, load_corpus
+from .peers import build_optimizer, is_peer, optimizer_state_bytes
 from .presets import Preset, get_preset
 from .timing import resolve_device
 
@@ -121,7 +122,13 @@ class Run:
                                  f"{self.world} ranks")
         kwargs = {**self.preset.optimizer_kwargs(config.optimizer, config.lr, config.rank),
                   **config.optimizer_options}
-        self.optimizer = create_optimizer(config.optimizer, self.model, **kwargs)
+        if is_peer(config.optimizer) and (config.per_layer or config.distributed == "fsdp"):
+            raise ValueError(f"{config.optimizer} runs without --per-layer and --fsdp "
+                             "(memopt's optimizers support both)")
+        if config.resume and config.optimizer in ("peer-galore-torch", "peer-fira"):
+            raise ValueError(f"--resume: {config.optimizer}'s state holds projector objects, "
+                             "which torch.load(weights_only=True) refuses")
+        self.optimizer = build_optimizer(config.optimizer, self.model, **kwargs)
         total, warmup = self.preset.steps, max(1, int(self.preset.warmup * self.preset.steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, total, warmup))
@@ -242,7 +249,7 @@ class Run:
                "train_loss": sum(losses) / max(1, len(losses)),
                "val_loss": vals[-1]["val_loss"] if vals else math.nan,
                "ms_per_step": times[len(times) // 2],
-               "optimizer_state_mb": state_bytes(self.optimizer) / 2**20,
+               "optimizer_state_mb": optimizer_state_bytes(self.optimizer) / 2**20,
                "lr": self.preset.optimizer_kwargs(self.config.optimizer, self.config.lr,
                                                   self.config.rank)["lr"],
                "config": asdict(self.config), "corpus": self.corpus.describe(),

@@ -38,7 +38,7 @@ def test_compare_end_to_end(tmp_path, capsys, micro):
     assert state["galore"] < state["adamw"] and state["dct"] < state["galore"]
 
 
-@pytest.mark.parametrize("optimizer", ["galore", "dct8bit", "muon"])
+@pytest.mark.parametrize("optimizer", ["galore", "dct8bit", "muon", "peer-torch-muon"])
 def test_resume_equals_an_uninterrupted_run(tmp_path, optimizer, micro):
     common = dict(optimizer=optimizer, preset="micro", steps=12, device="cpu", progress=False)
     whole = Run(RunConfig(**common, out=str(tmp_path / "whole")))
