@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from .peers import peer_state_bytes
+from .peers import build_peer, peer_state_bytes
 from .timing import environment, markdown_table, resolve_device, synchronize, warm_up, write_json
 
 #: Learning rates: sane for a few dozen steps of this model; the time does not depend on them.
@@ -84,11 +84,6 @@ class Row:
     lowrank: bool = False            # has a basis refresh
 
 
-def _tensors(group: dict[str, Any]) -> list[torch.Tensor]:
-    """The tensors of a ``param_groups`` group (whose params are (name, tensor) pairs)."""
-    return [p[1] if isinstance(p, tuple) else p for p in group["params"]]
-
-
 def _torch_adamw(model: torch.nn.Module, opts: dict[str, Any]) -> list[torch.optim.Optimizer]:
     return [torch.optim.AdamW(model.parameters(), lr=ADAMW_LR, fused=True)]
 
@@ -98,32 +93,17 @@ def _bnb_adamw8bit(model: torch.nn.Module, opts: dict[str, Any]) -> list[torch.o
     return [bnb.optim.AdamW8bit(model.parameters(), lr=ADAMW_LR)]
 
 
-def galore_torch_groups(model: torch.nn.Module, rank: int, gap: int) -> list[dict[str, Any]]:
-    """galore-torch's groups as its README / torchrun_main.py build them for LLaMA: the
-    weights of the nn.Linear modules whose name contains "attn" or "mlp" get the projection,
-    every other parameter is a plain AdamW group."""
-    galore = [m.weight for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and any(k in name for k in ("attn", "mlp"))]
-    ids = {id(p) for p in galore}
-    regular = [p for p in model.parameters() if id(p) not in ids]
-    return [{"params": regular},
-            {"params": galore, "rank": rank, "update_proj_gap": gap, "scale": SCALE,
-             "proj_type": "std"}]
-
-
 def _galore_torch(model: torch.nn.Module, opts: dict[str, Any]) -> list[torch.optim.Optimizer]:
-    import galore_torch
-    return [galore_torch.GaLoreAdamW(galore_torch_groups(model, opts["rank"], opts["gap"]),
-                                     lr=LOWRANK_LR, no_deprecation_warning=True)]
+    """galore-torch with its README's groups (``peers.projected_groups``)."""
+    return [build_peer("peer-galore-torch", model, lr=LOWRANK_LR, rank=opts["rank"],
+                       update_proj_gap=opts["gap"], scale=SCALE)]
 
 
 def _torch_muon(model: torch.nn.Module, opts: dict[str, Any]) -> list[torch.optim.Optimizer]:
     """torch.optim.Muon (2-D parameters only) on the hidden matrices, fused AdamW on the rest;
-    the split is memopt's ``param_groups``, as for memopt's Muon row."""
-    from memopt.optim import param_groups
-    hidden, rest = param_groups(model)
-    return [torch.optim.Muon(_tensors(hidden), lr=MUON_LR, weight_decay=0.0),
-            torch.optim.AdamW(_tensors(rest), lr=MUON_ADAMW_LR, betas=(0.9, 0.95), fused=True)]
+    the split is memopt's ``param_groups``, as for memopt's Muon row (``peers.Together``)."""
+    return [build_peer("peer-torch-muon", model, lr=MUON_LR, adamw_lr=MUON_ADAMW_LR,
+                       weight_decay=0.0)]
 
 
 def _memopt_lowrank(cls_name: str) -> Callable[..., list[torch.optim.Optimizer]]:

@@ -173,6 +173,24 @@ def test_environment_is_readable_lines():
     assert 0 <= busy_cores(0.05) <= (os.cpu_count() or 1)
 
 
+@pytest.mark.parametrize("quota,cores", [("max 100000", 4), ("150000 100000", 2),
+                                          ("50000 100000", 1), ("800000 100000", 4)])
+def test_available_cores_is_the_affinity_mask_cut_by_a_cgroup_quota(monkeypatch, quota, cores):
+    from pathlib import Path
+
+    from memopt.recipes import timing
+    monkeypatch.setattr(timing.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    real = Path.read_text
+
+    def read_text(path, *args, **kwargs):
+        if str(path) == "/sys/fs/cgroup/cpu.max":
+            return quota + "\n"
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    assert timing.available_cores() == cores
+
+
 def test_bench_projectors_prints_each_row_as_it_is_measured(capsys):
     from memopt.recipes import bench_projectors
     assert bench_projectors.main(["--device", "cpu", "--sizes", "48x32", "--rank", "8",
