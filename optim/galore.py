@@ -47,16 +47,27 @@ def galore_adam(G: Tensor, P: Tensor, side: str, m: Tensor, v: Tensor, t: int, *
 
 
 def carry_moments(m: Tensor, v: Tensor, mode: str, P_new: Tensor, P_old: Tensor | None,
-                  side: str) -> tuple[Tensor, Tensor]:
+                  side: str, R: Tensor | None = None, bias2: float = 1.0) -> tuple[Tensor, Tensor]:
     """The subspace moments after a basis refresh ("keep": as they are, as galore-torch).
 
-        reset:   m, v <- 0 (and Adam's bias correction restarts: t <- 0)
-        rotate:  C = P_new^T P_old (r x r);  m <- C m,  v <- (C o C) v   (left; m C^T right)
+        reset:        m, v <- 0 (and Adam's bias correction restarts: t <- 0)
+        rotate:       C = P_new^T P_old (r x r);  m <- C m,  v <- (C o C) v   (left; m C^T right)
+        rotate_fill:  rotate, then v <- v + (1 - rowsum(C o C)) bias2 R^2,  R = project(G, P_new)
+
+    "rotate" is the DCT authors' ``rotate_subspace`` (Modoranu et al., 2025): a direction new
+    to the subspace starts with v = 0, so Adam's first steps along it are about
+    (1 - b1) / sqrt(1 - b2) = 3.2 times its usual size. "rotate_fill" (ours) gives the part of
+    each new direction outside the old subspace the current gradient's square as its second
+    moment instead, scaled by ``bias2`` = 1 - b2^t so that Adam's bias correction sees R^2.
     """
     if mode == "reset":
         return m.zero_(), v.zero_()
-    if mode == "rotate":
+    if mode in ("rotate", "rotate_fill"):
         C = P_new.mT @ P_old.to(P_new.dtype)
         mix = (lambda X, K: K @ X) if side == "left" else (lambda X, K: X @ K.mT)
-        return mix(m, C), mix(v, C.square())
+        m, v = mix(m, C), mix(v, C.square())
+        if mode == "rotate_fill":
+            outside = (1 - C.square().sum(dim=1)).clamp_(min=0)
+            outside = outside[:, None] if side == "left" else outside[None, :]
+            v = v.addcmul_(R.square(), outside, value=bias2)
     return m, v

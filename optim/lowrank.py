@@ -26,7 +26,7 @@ from .engine import PREPARE_BYTES, MemoptOptimizer, Prepared, arguments, eight_b
 from .error_feedback import ERROR_FEEDBACK, check_error_feedback, corrected_gradients
 from .executors import (CHUNK_BYTES, PROJECTION_PRECISIONS, as_matrix, bases, basis_dim,
                         buckets, precision, projected_shape)
-from .galore import carry_moments
+from .galore import carry_moments, project
 from .groups import (check_above, check_betas, check_choice, check_nonnegative,
                      check_positive_int, warn_if_unprojected)
 from .states import PROJ_PREFIX, MomentStore, StateSpec, lowrank_specs
@@ -34,7 +34,7 @@ from .states import PROJ_PREFIX, MomentStore, StateSpec, lowrank_specs
 ProjectorSpec = Union[str, Callable[[int], Projector]]
 
 #: What happens to the subspace moments at a refresh (``galore.carry_moments``).
-REFRESH_MODES = ("keep", "reset", "rotate")
+REFRESH_MODES = ("keep", "reset", "rotate", "rotate_fill")
 RESIDUALS = ("none", "fira")
 
 
@@ -86,7 +86,7 @@ class LowRankAdamW(MemoptOptimizer):
         state_bits: 32 (fp32 moments) or 8 (bitsandbytes blockwise 8-bit moments).
         residual: "none" (GaLore) or "fira" (add Fira's scaled, norm-limited residual).
         limiter_gamma: Fira's norm-growth limit :math:`\gamma` (default 1.01).
-        moments_on_refresh: "keep", "reset" or "rotate" (see ``REFRESH_MODES``).
+        moments_on_refresh: "keep", "reset", "rotate" or "rotate_fill" (``galore.carry_moments``).
         error_feedback: "none" (default), "fp32" or "8bit": carry what the projection discards
             into the next gradient, in a buffer of the matrix's size (``error_feedback.py``).
         projection_precision: "auto" (TF32 on CUDA, full fp32 elsewhere), "highest", "high"
@@ -348,7 +348,7 @@ class LowRankAdamW(MemoptOptimizer):
         if state.setdefault("step", 0) % group["update_proj_gap"]:
             return
         proj, mode = self.projector(p, group), group["moments_on_refresh"]
-        old = proj.basis() if "exp_avg" in state and mode == "rotate" else None
+        old = proj.basis() if "exp_avg" in state and mode.startswith("rotate") else None
         G = as_matrix(local(p.grad))
         if is_sharded(p):
             update_from_shards(proj, G, p)
@@ -363,7 +363,9 @@ class LowRankAdamW(MemoptOptimizer):
                        G.device, (p.shape[0], local(p).shape[0]))
         elif mode != "keep":
             m, v = store.read(state, "exp_avg"), store.read(state, "exp_avg_sq")
-            m, v = carry_moments(m, v, mode, proj.basis(), old, proj.side)
+            P, bias2 = proj.basis(), 1 - group["betas"][1] ** state["step"]
+            R = project(G.to(P.dtype), P, proj.side) if mode == "rotate_fill" else None
+            m, v = carry_moments(m, v, mode, P, old, proj.side, R, bias2)
             store.write(state, "exp_avg", m)
             store.write(state, "exp_avg_sq", v)
             if mode == "reset":

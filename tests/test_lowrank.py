@@ -295,6 +295,64 @@ def test_rotation_into_the_same_subspace_keeps_what_a_fixed_basis_keeps(side):
     assert (carry_moments(m.clone(), v.clone(), "rotate", Q, P_old, side)[1] >= 0).all()
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_rotate_fill_gives_new_directions_the_gradients_square(side):
+    """A DCT-like refresh (a selection of orthonormal vectors) keeps two old directions and
+    brings one new: "rotate" and "rotate_fill" carry the kept ones alike; the new one gets
+    v = 0 under "rotate" and bias2 R^2 under "rotate_fill" (m = 0 under both). A direction
+    half inside the old subspace gets half of each."""
+    eye = torch.eye(6, dtype=torch.float64)
+    P_old, P_new = eye[:, [0, 1, 2]], eye[:, [2, 0, 5]]
+    n = 4
+    shape = (3, n) if side == "left" else (n, 3)
+    gen = torch.Generator().manual_seed(0)
+    m, v = torch.randn(shape, generator=gen, dtype=torch.float64), \
+        torch.rand(shape, generator=gen, dtype=torch.float64)
+    G = torch.randn((6, n) if side == "left" else (n, 6), generator=gen, dtype=torch.float64)
+    R = P_new.T @ G if side == "left" else G @ P_new
+    col = (lambda X, i: X[i]) if side == "left" else (lambda X, i: X[:, i])
+    m1, v1 = carry_moments(m.clone(), v.clone(), "rotate", P_new, P_old, side)
+    m2, v2 = carry_moments(m.clone(), v.clone(), "rotate_fill", P_new, P_old, side, R, 0.25)
+    assert torch.equal(m1, m2)
+    for new, old in ((0, 2), (1, 0)):
+        assert torch.equal(col(v2, new), col(v, old)) and torch.equal(col(m2, new), col(m, old))
+    assert (col(v1, 2) == 0).all() and (col(m2, 2) == 0).all()
+    assert torch.allclose(col(v2, 2), 0.25 * col(R, 2) ** 2, atol=1e-15)
+    half = P_new.clone()
+    half[:, 2] = (eye[:, 1] + eye[:, 5]) / 2 ** 0.5
+    R = half.T @ G if side == "left" else G @ half
+    _, v3 = carry_moments(m.clone(), v.clone(), "rotate_fill", half, P_old, side, R, 1.0)
+    assert torch.allclose(col(v3, 2), 0.5 * col(v, 1) + 0.5 * col(R, 2) ** 2, atol=1e-12)
+
+
+def test_rotate_fill_first_step_after_refresh_is_not_oversized():
+    """In the optimizer: gradients along DCT vectors 0-3 for three steps, then along 8-11 at
+    the refresh (a disjoint subspace), step t = 4. Along the new vectors "rotate" moves by
+    m_hat / sqrt(v_hat) with m = (1 - b1) R, v = (1 - b2) R^2 (3.2 lr once t is large),
+    "rotate_fill" by m_hat / |R|: Adam's step with a known second moment (0.1 lr, t large)."""
+    from memopt.projections.dct import dct_matrix
+    D = dct_matrix(16, dtype=torch.float64).to(torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    coefficients = torch.randn(4, 24, generator=gen)
+    sizes = {}
+    for mode in ("rotate", "rotate_fill"):
+        p = torch.nn.Parameter(torch.zeros(16, 24))
+        opt = mo.DCTAdamW([p], lr=1.0, rank=4, update_proj_gap=3, scale=1.0,
+                          moments_on_refresh=mode)
+        for step in range(4):
+            rows = [0, 1, 2, 3] if step < 3 else [8, 9, 10, 11]
+            basis = D[rows].T                     # dct_matrix: one DCT vector per row
+            p.grad = basis @ coefficients
+            before = p.detach().clone()
+            opt.step()
+        step_along_new = basis.T @ (p.detach() - before)
+        sizes[mode] = step_along_new.abs().max().item()
+    b1, b2, t = 0.9, 0.999, 4
+    m_hat = (1 - b1) / (1 - b1**t)
+    assert sizes["rotate"] == pytest.approx(m_hat / ((1 - b2) / (1 - b2**t)) ** 0.5, rel=1e-4)
+    assert sizes["rotate_fill"] == pytest.approx(m_hat, rel=1e-4)
+
+
 def test_reset_zeros_moments_and_restarts_bias_correction():
     shape = (48, 32)
     p = matrix_param(shape)
