@@ -75,6 +75,9 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
                             "not with --lr")
     group.add_argument("--jobs", type=positive_int, default=None, metavar="N",
                        help="runs at once (default: 1 on the CPU, min(12, runs) on CUDA)")
+    group.add_argument("--resume", action="store_true", dest="resume_sweep",
+                       help="keep each finished run in OUT/runs whose arguments match (its "
+                            "command.json and summary.json) and train only the others")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +202,8 @@ def is_sweep(args: argparse.Namespace) -> bool:
     """Whether compare runs a sweep of processes; else one run per optimizer in this process,
     as without the sweep flags. Refuses sweep flags that cannot work together."""
     if args.seeds == 1 and not args.lrs and (args.jobs or 1) == 1:
+        if args.resume_sweep:
+            raise UsageError("argument --resume: resumes a sweep (--seeds, --lrs or --jobs)")
         return False
     if args.lrs and args.lr is not None:
         raise UsageError("argument --lrs: not allowed with argument --lr (give the rates in "
@@ -254,7 +259,7 @@ def _compare(args: argparse.Namespace) -> int:
     try:
         if sweep:
             runs, jobs = plan_sweep(args)
-            result = run_sweep(runs, base, out, jobs, corpus)
+            result = run_sweep(runs, base, out, jobs, corpus, resume=args.resume_sweep)
         else:
             result = compare(args.optimizers, base, out, corpus)
     except KeyboardInterrupt:

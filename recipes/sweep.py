@@ -40,7 +40,7 @@ from .train import RunConfig
 #: How a run is started; the tests put a launcher that knows their preset in its place.
 TRAIN_COMMAND = [sys.executable, "-m", "memopt", "train"]
 MAX_GPU_JOBS = 12
-STDOUT, STDERR, SUMMARY = "stdout.txt", "stderr.txt", "summary.json"
+STDOUT, STDERR, SUMMARY, COMMAND = "stdout.txt", "stderr.txt", "summary.json", "command.json"
 TAIL_LINES = 20
 POLL_S = 0.2
 LRS_GRAMMAR = ("write V1,V2,... or NAME=V1,V2,..., each V a rate such as 3e-4 or a factor "
@@ -187,10 +187,27 @@ def outcome_line(label: str, record: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------ running
+def run_arguments(base: RunConfig, run: SweepRun) -> list[str]:
+    """What makes a run what it is: its ``memopt train`` arguments but the output folder
+    (kept in its folder's command.json; ``--resume`` compares them)."""
+    command = train_command(base, run, Path("."))
+    return command[len(TRAIN_COMMAND):command.index("--out")]
+
+
+def finished_run(base: RunConfig, run: SweepRun, folder: Path) -> bool:
+    """Whether ``folder`` holds a finished run of ``run`` with the same arguments."""
+    try:
+        same = json.loads((folder / COMMAND).read_text()) == run_arguments(base, run)
+    except (OSError, ValueError):
+        return False
+    return same and (folder / SUMMARY).exists()
+
+
 def run_sweep(runs: list[SweepRun], base: RunConfig, out: str | Path, jobs: int,
-              corpus: ByteCorpus) -> dict[str, Any]:
-    """Train ``runs``, ``jobs`` at a time; return results.json's content. On Ctrl-C the
-    running processes are stopped, the files keep the finished runs and
+              corpus: ByteCorpus, resume: bool = False) -> dict[str, Any]:
+    """Train ``runs``, ``jobs`` at a time; return results.json's content. With ``resume``
+    the finished runs already in ``out`` (same arguments) are read, not trained again. On
+    Ctrl-C the running processes are stopped, the files keep the finished runs and
     KeyboardInterrupt propagates."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +221,10 @@ def run_sweep(runs: list[SweepRun], base: RunConfig, out: str | Path, jobs: int,
                 f"{'GPU' if resolve_device(base.device).type == 'cuda' else 'CPU'}"}
     print(f"sweep: {len(runs)} runs, {jobs} at a time, {plural(threads, 'thread')} each; "
           f"their folders are under {out / 'runs'}", flush=True)
-    return Sweep(runs, base, out, jobs, result).run()
+    sweep = Sweep(runs, base, out, jobs, result)
+    if resume:
+        sweep.reuse_finished()
+    return sweep.run()
 
 
 class Sweep:
@@ -219,6 +239,19 @@ class Sweep:
         self.running: dict[subprocess.Popen, tuple[SweepRun, float]] = {}
         self.histories: dict[SweepRun, list[dict[str, float]]] = {}
         self.start = time.perf_counter()
+
+    def reuse_finished(self) -> None:
+        """Record the runs already finished in ``out`` instead of training them again."""
+        done = [r for r in self.pending if finished_run(self.base, r, self.out / r.folder)]
+        for run in done:
+            self.pending.remove(run)
+            record, history = read_outcome(run, 0, self.out / run.folder)
+            self.result["runs"].append({**record, "reused": True})
+            self.histories[run] = history
+        if done:
+            self.write(complete=not self.pending)
+        print(f"--resume: {plural(len(done), 'finished run')} kept, "
+              f"{plural(len(self.pending), 'run')} to train", flush=True)
 
     def run(self) -> dict[str, Any]:
         try:
@@ -238,6 +271,7 @@ class Sweep:
         folder = self.out / run.folder
         shutil.rmtree(folder, ignore_errors=True)       # no summary left from an earlier sweep
         folder.mkdir(parents=True)
+        (folder / COMMAND).write_text(json.dumps(run_arguments(self.base, run)))
         with open(folder / STDOUT, "w") as stdout, open(folder / STDERR, "w") as stderr:
             proc = subprocess.Popen(train_command(self.base, run, folder), env=self.env,
                                     stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
@@ -259,7 +293,8 @@ class Sweep:
 
     def report(self, run: SweepRun, record: dict[str, Any]) -> None:
         done, now = len(self.result["runs"]), time.perf_counter()
-        left = time_left([r["run_wall_s"] for r in self.result["runs"]], len(self.pending),
+        left = time_left([r["run_wall_s"] for r in self.result["runs"] if "run_wall_s" in r],
+                         len(self.pending),
                          [now - started for _, started in self.running.values()], self.jobs)
         note = progress_note(now - self.start, left)
         print(f"[{done}/{self.total}] {outcome_line(run.label, record)}  "

@@ -280,3 +280,43 @@ def test_sweep_interrupted_stops_its_processes_and_keeps_what_finished(
     assert len(result["interrupted_during"]) == 1 and len(started) == 2
     assert all(proc.poll() is not None for proc in started)     # none left running
     assert "interrupted with 1 run going" in err and "Traceback" not in err
+
+
+def test_resume_keeps_finished_runs_with_the_same_arguments(
+        micro_runs, capsys, tmp_path, monkeypatch):
+    """A second sweep with --resume trains only what the first did not finish: a new seed, or
+    a run whose arguments changed (another --set); the table covers every run."""
+    out = tmp_path / "sweep"
+    common = ["compare", "--preset", "micro", "--steps", "3", "--optimizers", "adamw",
+              "--jobs", "2", "--device", "cpu", "--out", str(out)]
+    code, _, err = run_main([*common, "--seeds", "2"], capsys)
+    assert code == 0, err
+    first = json.loads((out / sweep.SweepRun("adamw", 1e-3, 0).folder / "summary.json")
+                       .read_text())
+    launched = []
+    real_launch = sweep.Sweep.launch
+    monkeypatch.setattr(sweep.Sweep, "launch",
+                        lambda self, run: (launched.append(run), real_launch(self, run)))
+    code, printed, err = run_main([*common, "--seeds", "3", "--resume"], capsys)
+    assert code == 0, err
+    assert launched == [sweep.SweepRun("adamw", 1e-3, 2)]
+    assert "2 finished runs kept, 1 run to train" in printed
+    result = json.loads((out / "results.json").read_text())
+    assert sorted(r["seed"] for r in result["runs"]) == [0, 1, 2]
+    assert sum(bool(r.get("reused")) for r in result["runs"]) == 2
+    kept = next(r for r in result["runs"] if r["seed"] == 0)
+    assert kept["val_loss"] == first["val_loss"]
+    assert "0.001 | best | " in result["table"] and " / " in result["table"]
+    launched.clear()                                 # other arguments: trained again
+    code, printed, err = run_main([*common, "--seeds", "1", "--resume", "--set",
+                                   "weight_decay=0.1"], capsys)
+    assert code == 0, err
+    assert launched == [sweep.SweepRun("adamw", 1e-3, 0)]
+    assert "0 finished runs kept" in printed
+
+
+def test_resume_is_for_a_sweep(micro, capsys, tmp_path):
+    code, printed, err = run_main(["compare", "--preset", "micro", "--optimizers", "adamw",
+                                   "--device", "cpu", "--resume", "--out",
+                                   str(tmp_path / "x")], capsys)
+    assert code == 2 and err.strip().startswith("memopt compare: error: argument --resume")
