@@ -3,7 +3,8 @@
 Muon (Jordan et al., 2024): buf <- mu buf + (1 - mu) G; u = (1 - mu) G + mu buf (Nesterov) or
 buf; W <- W (1 - lr wd) - lr adj(shape) polar(u). PolarGrad (Lau, Long, Su, 2025) scales the
 polar factor by the nuclear norm of the matrix it came from, ||M||_* = <M, polar(M)>, so its
-step grows with the gradient where Muon's does not. The reference math is on this screen;
+step grows with the gradient where Muon's does not; "relative_nuclear_norm" (ours) scales it
+by ||M||_* over its running average instead. The reference math is on this screen;
 the fast executor (``executors_polar.py``) orthogonalizes same-shape matrices in one batch.
 """
 
@@ -26,13 +27,17 @@ from .distributed import all_reduce_sum, is_sharded, local, sharded_polar
 from .engine import PREPARE_BYTES, MemoptOptimizer, Prepared, arguments, eight_bit, moment_dtype
 from .executors import MAX_BATCH_BYTES, add_to_matrix_, as_matrix, buckets
 from .groups import check_betas, check_choice, check_nonnegative, check_positive_int
-from .states import MomentStore, StateSpec, momentum_specs
+from .states import NUCLEAR_AVERAGE, MomentStore, StateSpec, momentum_specs
 
 ORTHOGONALIZERS = ("newton_schulz", "polar_express", "svd")
 ADJUST_LR = ("original", "match_rms_adamw", "none")
-SCALINGS = ("none", "nuclear_norm")
+SCALINGS = ("none", "nuclear_norm", "relative_nuclear_norm")
+RELATIVE = "relative_nuclear_norm"
 VARIANTS = ("momentum_first", "polar_first")
 NS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+#: beta of the running average of each matrix's nuclear norm ("relative_nuclear_norm"): about
+#: the last 1 / (1 - beta) = 1000 steps, the horizon of Adam's usual beta2 (ours, not tuned).
+NUCLEAR_AVERAGE_BETA = 0.999
 
 
 def lr_adjustment(shape: tuple[int, int], adjust_lr: str) -> float:
@@ -58,24 +63,49 @@ def nuclear_norm(M: Tensor, U: Tensor) -> Tensor:
     return torch.sum(M.to(dtype) * U.to(dtype))
 
 
+def relative_nuclear_factor(nu: Tensor, average: Tensor, weight: float) -> Tensor:
+    """nu_t / abar_t, advancing ``average`` (abar, fp32) in place. a_t = beta a_{t-1} +
+    (1 - beta) nu_t, abar_t = a_t / (1 - beta^t) is kept as abar_t = lerp(abar_{t-1}, nu_t,
+    weight = (1 - beta) / (1 - beta^t)): abar_1 = nu_1, the first factor is exactly 1; the
+    factor is 0 where abar is 0 (zero gradients so far)."""
+    nu = nu.to(average.dtype)
+    average.lerp_(nu, weight)
+    return torch.where(average > 0, nu / average, 0.0)
+
+
 def orthogonalized_direction(G: Tensor, buf: Tensor, polar: Callable[[Tensor], Tensor], *,
                              mu: float, nesterov: bool, variant: str, scaling: str,
-                             total: Callable[[Tensor], Tensor] = lambda x: x) -> Tensor:
+                             total: Callable[[Tensor], Tensor] = lambda x: x,
+                             average: Tensor | None = None, weight: float = 1.0) -> Tensor:
     """The direction D of one matrix (buf advanced in place); W <- W (1 - lr wd) - lr adj D.
 
         momentum-first (Muon, PolarGrad):  u = momentum(G);  U = polar(u);  D = U
         polar-first (PolarGrad):           U = polar(G);     D = momentum(U)
-        scaling "nuclear_norm":            D <- <x, U> D, x the matrix U came from
+        scaling "nuclear_norm":            D <- nu D, nu = <x, U>, x the matrix U came from
+        "relative_nuclear_norm" (ours):    D <- (nu / abar) D, abar its running average
 
-    ``total`` sums the inner product over the row shards of a sharded matrix.
-    """
+    ``total`` sums nu over the row shards of a sharded matrix; ``average`` and ``weight``:
+    see :func:`relative_nuclear_factor`."""
     if variant == "momentum_first":
         source = momentum_direction(G.to(buf.dtype), buf, mu, nesterov)
         U = D = polar(source)
     else:
         source, U = G, polar(G)
         D = momentum_direction(U.to(buf.dtype), buf, mu, nesterov)
+    if scaling == RELATIVE:
+        average = G.new_zeros((), dtype=torch.float32) if average is None else average
+        return D * relative_nuclear_factor(total(nuclear_norm(source, U)), average, weight)
     return D * total(nuclear_norm(source, U)) if scaling == "nuclear_norm" else D
+
+
+def _nuclear_average(state: dict[str, Any], device: torch.device) -> tuple[Tensor, float]:
+    """A matrix's average nuclear norm and this step's weight in it (1: a state made under
+    another scaling gets one, which starts at this step's norm)."""
+    if NUCLEAR_AVERAGE in state:
+        beta = NUCLEAR_AVERAGE_BETA
+        return state[NUCLEAR_AVERAGE], (1 - beta) / (1 - beta ** state["step"])
+    state[NUCLEAR_AVERAGE] = torch.zeros((), dtype=torch.float32, device=device)
+    return state[NUCLEAR_AVERAGE], 1.0
 
 
 @dataclass
@@ -110,7 +140,9 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         ns_steps: iterations of the orthogonalizer (ignored by "svd").
         orthogonalizer: "newton_schulz", "polar_express" or "svd".
         adjust_lr: "original", "match_rms_adamw" or "none" (see :func:`lr_adjustment`).
-        scaling: "none" (Muon) or "nuclear_norm" (PolarGrad).
+        scaling: "none" (Muon), "nuclear_norm" (PolarGrad: D = ||x||_* U) or
+            "relative_nuclear_norm" (ours, not in the paper: D = (nu_t / abar_t) U, abar_t the
+            bias-corrected average of nu, beta ``NUCLEAR_AVERAGE_BETA``; factor 1 at step 1).
         variant: "momentum_first" (orthogonalize the momentum) or "polar_first"
             (orthogonalize the gradient, then average the polar factors).
         adamw_lr, adamw_betas, adamw_eps: AdamW for the other parameters. They follow the
@@ -174,8 +206,10 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
 
     @staticmethod
     def state_specs(group: dict[str, Any], p: Tensor) -> list[StateSpec]:
-        """The state of an orthogonalized matrix: its momentum buffer (matrix shape)."""
-        return momentum_specs(tuple(as_matrix(p).shape), moment_dtype(p))
+        """The state of an orthogonalized matrix: its momentum buffer (matrix shape), and the
+        fp32 average of its nuclear norm with ``scaling="relative_nuclear_norm"``."""
+        return momentum_specs(tuple(as_matrix(p).shape), moment_dtype(p),
+                              group["scaling"] == RELATIVE)
 
     # ---------------------------------------------------------------------- step
     def _plan(self, group: dict[str, Any], params: list[Tensor]) -> _Plan:
@@ -276,7 +310,10 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         if group["scaling"] == "none" and not polar_first:
             fast.write(weights, filled, n, step_size=step_size, decay=1 - lr * group["weight_decay"])
         else:
-            nuclear = fast.nuclear_norms(filled) if group["scaling"] == "nuclear_norm" else None
+            nuclear = None if group["scaling"] == "none" else fast.nuclear_norms(filled)
+            if group["scaling"] == RELATIVE:
+                nuclear = fast.relative_factors(nuclear, *zip(*(
+                    _nuclear_average(s, nuclear.device) for s in states)))
             if group["weight_decay"] != 0:
                 torch._foreach_mul_(weights, 1 - lr * group["weight_decay"])
             for i, (W, U) in enumerate(zip(weights, filled.X[..., :n])):
@@ -295,16 +332,18 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
             state = self.state[p]
             if not state:
                 store.make(state, momentum_specs(tuple(as_matrix(local(p)).shape),
-                                                 moment_dtype(p)), p.device,
-                           (p.shape[0], local(p).shape[0]))
+                                                 moment_dtype(p), group["scaling"] == RELATIVE),
+                           p.device, (p.shape[0], local(p).shape[0]))
                 state["step"] = 0
             state["step"] += 1
+            average, weight = _nuclear_average(state, p.device) \
+                if group["scaling"] == RELATIVE else (None, 1.0)
             buf = store.read(state, "momentum_buffer")
             D = orthogonalized_direction(
                 as_matrix(local(p.grad)), buf, self._polar_of(group, p, i), mu=mu,
                 nesterov=group["nesterov"], variant=group["variant"], scaling=group["scaling"],
                 total=(lambda x, p=p: all_reduce_sum(x, p, "nuclear_norm"))
-                if is_sharded(p) else (lambda x: x))
+                if is_sharded(p) else (lambda x: x), average=average, weight=weight)
             store.write(state, "momentum_buffer", buf)
             W = local(p)
             W.mul_(1 - lr * wd)
@@ -348,7 +387,10 @@ class PolarGrad(OrthogonalizedOptimizer):
     <M, polar(M)>, exact with ``orthogonalizer="svd"`` and close with Polar Express (the
     default here, as the authors use it). The step grows with ||M||_*, so the learning rate
     depends on the gradients' scale: 0.1 was best of {0.01, 0.03, 0.1, 0.3} on our tiny
-    LLaMA recipe; tune it for yours. See :class:`OrthogonalizedOptimizer`.
+    LLaMA recipe; tune it for yours. ``scaling="relative_nuclear_norm"`` (ours, not the
+    paper's): D = (||M||_* / its running average) polar(M), Muon's step times the gradient's
+    relative size, so Muon's rates apply (the default lr is tuned for "nuclear_norm", not for
+    it). See :class:`OrthogonalizedOptimizer`.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 0.1,
@@ -363,5 +405,6 @@ class PolarGrad(OrthogonalizedOptimizer):
 
 Muon8bit, PolarGrad8bit = map(eight_bit, (Muon, PolarGrad))
 
-__all__ = ["Muon", "Muon8bit", "OrthogonalizedOptimizer", "PolarGrad", "PolarGrad8bit",
-           "lr_adjustment", "momentum_direction", "nuclear_norm", "orthogonalized_direction"]
+__all__ = ["NUCLEAR_AVERAGE_BETA", "Muon", "Muon8bit", "OrthogonalizedOptimizer", "PolarGrad",
+           "PolarGrad8bit", "lr_adjustment", "momentum_direction", "nuclear_norm",
+           "orthogonalized_direction", "relative_nuclear_factor"]

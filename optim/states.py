@@ -121,9 +121,19 @@ def lowrank_specs(shape: tuple[int, int], dtype: torch.dtype, fira: bool,
                     for key, (size, dt) in (projector or {}).items()]
 
 
-def momentum_specs(shape: tuple[int, ...], dtype: torch.dtype) -> list[StateSpec]:
-    """Muon's / PolarGrad's momentum buffer of a matrix of ``shape``."""
-    return [StateSpec("momentum_buffer", tuple(shape), dtype, True)]
+#: PolarGrad's "relative_nuclear_norm" scaling: the bias-corrected running average of a
+#: matrix's nuclear norm, one fp32 scalar (never quantized).
+NUCLEAR_AVERAGE = "nuclear_norm_average"
+
+
+def momentum_specs(shape: tuple[int, ...], dtype: torch.dtype,
+                   nuclear_average: bool = False) -> list[StateSpec]:
+    """Muon's / PolarGrad's momentum buffer of a matrix of ``shape``; with
+    ``nuclear_average`` also the fp32 scalar :data:`NUCLEAR_AVERAGE`."""
+    specs = [StateSpec("momentum_buffer", tuple(shape), dtype, True)]
+    if nuclear_average:
+        specs.append(StateSpec(NUCLEAR_AVERAGE, (), torch.float32))
+    return specs
 
 
 def spec_bytes(specs: list[StateSpec], bits: int) -> int:
