@@ -81,6 +81,10 @@ class Preset:
 #: adamw {1e-3, 3e-3, 1e-2}, galore {3e-3, 1e-2, 3e-2}, muon {0.01, 0.02, 0.05},
 #: polargrad {0.01, 0.03, 0.1, 0.3}. dct and fira share galore's rate.
 _TINY_LR = {"adamw": 1e-3, "lowrank": 3e-2, "muon": 0.02, "polargrad": 0.1}
+#: Best of seed-0 sweeps on the small preset (2000 steps, H100, 2026-12-06; recipes/BENCHMARKS.md):
+#: adamw {5e-4, 1e-3, 2e-3}, galore {5e-3, 1e-2, 2e-2} (1e-2 and 2e-2 tie; dct is 0.32 bits
+#: worse at 2e-2), muon with weight decay 0.1 {0.01, 0.02, 0.04}, polargrad {0.1, 0.3, 1}.
+_SMALL_LR = {"adamw": 2e-3, "lowrank": 1e-2, "muon": 0.02, "polargrad": 0.3}
 _PAPER_LR = {"adamw": 1e-3, "lowrank": 1e-2, "muon": 0.02, "polargrad": 0.1}
 
 PRESETS: dict[str, Preset] = {
@@ -94,7 +98,7 @@ PRESETS: dict[str, Preset] = {
                     batch_size=8, steps=300, rank=32, update_proj_gap=50, lr=_TINY_LR,
                     eval_every=30, eval_batches=8),
     "small": Preset("small", hidden=384, intermediate=1024, heads=6, layers=6, seq_len=256,
-                    batch_size=32, steps=2000, rank=96, update_proj_gap=200, lr=_TINY_LR,
+                    batch_size=32, steps=2000, rank=96, update_proj_gap=200, lr=_SMALL_LR,
                     eval_every=200, eval_batches=16),
     "60m": Preset("60m", 512, 1376, 8, 8, 256, 64, 10_000, 128, 200, _PAPER_LR, eval_every=500),
     "130m": Preset("130m", 768, 2048, 12, 12, 256, 64, 20_000, 256, 200, _PAPER_LR,
