@@ -249,6 +249,8 @@ class Sweep:
             self.result["runs"].append({**record, "reused": True})
             self.histories[run] = history
         if done:
+            self.result["sweep"]["note"] += (f"; {plural(len(done), 'run')} kept by --resume "
+                                             "show the ms/step of the sweep that trained them")
             self.write(complete=not self.pending)
         print(f"--resume: {plural(len(done), 'finished run')} kept, "
               f"{plural(len(self.pending), 'run')} to train", flush=True)

@@ -40,11 +40,11 @@ def compare_args(*argv):
 # ------------------------------------------------------------------ --lrs, --seeds, --jobs
 def test_lrs_take_rates_factors_and_per_optimizer_overrides(micro):
     args = compare_args("--optimizers", "adamw,galore,polargrad", "--lrs", "x0.5,x2",
-                        "--lrs", "galore=0.01,3e-4", "--lrs", "polargrad=x3,0.3,x1")
+                        "--lrs", "galore=0.01,3e-4", "--lrs", "polargrad=x15,0.3,x1")
     rates = sweep.learning_rates(args.optimizers, args.lrs, micro)
     assert rates == {"adamw": [5e-4, 2e-3],              # factors of the preset's 1e-3
                      "galore": [0.01, 3e-4],             # its own list wins
-                     "polargrad": [0.3, 0.1]}            # 3 x 0.1 is 0.3, listed once
+                     "polargrad": [0.3, 0.02]}           # 15 x 0.02 is 0.3, listed once
     runs = sweep.plan_runs(rates, range(2, 4))
     assert len(runs) == 12 and [r.seed for r in runs[:6]] == [2] * 6
     assert runs[0] == sweep.SweepRun("adamw", 5e-4, 2)

@@ -78,8 +78,8 @@ def test_doubling_the_gradient_doubles_polargrad_step_not_muons(variant):
         for factor in (1.0, 2.0):
             p = matrices([shape])[0]
             W0 = p.detach().clone()
-            kw = {"variant": variant} if cls is mo.PolarGrad else {}
-            opt = cls([p], lr=0.01, orthogonalizer="svd", **kw)
+            kw = {"variant": variant, "scaling": "nuclear_norm"} if cls is mo.PolarGrad else {}
+            opt = cls([p], lr=0.01, orthogonalizer="svd", weight_decay=0.0, **kw)
             p.grad = G * factor
             opt.step()
             steps[cls.__name__, factor] = (W0 - p.detach()).norm()
@@ -92,7 +92,8 @@ def test_polargrad_step_is_nuclear_norm_times_polar_factor():
     p = matrices([shape])[0]
     W0 = p.detach().double().clone()
     G = grads([shape], 0)[0]
-    opt = mo.PolarGrad([p], lr=1e-3, momentum=0.9, orthogonalizer="svd")
+    opt = mo.PolarGrad([p], lr=1e-3, momentum=0.9, orthogonalizer="svd",
+                       scaling="nuclear_norm", weight_decay=0.0)
     p.grad = G
     opt.step()
     M = 0.1 * G.double()                              # EMA momentum after one step
@@ -105,7 +106,8 @@ def test_polar_first_averages_polar_factors_scaled_by_the_gradients_nuclear_norm
     shape = (40, 24)
     p = matrices([shape])[0]
     W = p.detach().double().clone()
-    opt = mo.PolarGrad([p], lr=1e-3, momentum=0.9, orthogonalizer="svd", variant="polar_first")
+    opt = mo.PolarGrad([p], lr=1e-3, momentum=0.9, orthogonalizer="svd", variant="polar_first",
+                       scaling="nuclear_norm", weight_decay=0.0)
     M = torch.zeros(shape, dtype=torch.float64)
     for t in range(3):
         G = grads([shape], t)[0]

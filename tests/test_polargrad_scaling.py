@@ -51,7 +51,7 @@ def test_step_is_muons_times_nuclear_norm_over_its_bias_corrected_average(varian
     p = matrices([shape])[0]
     W = p.detach().double().clone()
     opt = mo.PolarGrad([p], lr=lr, momentum=mu, orthogonalizer="svd", variant=variant,
-                       scaling=RELATIVE)
+                       scaling=RELATIVE, weight_decay=0.0)
     buf, a, beta = torch.zeros(shape, dtype=torch.float64), 0.0, NUCLEAR_AVERAGE_BETA
     for t in range(1, 6):
         G = grads([shape], t - 1)[0]
@@ -128,8 +128,8 @@ def test_fast_matches_reference_when_step_counts_differ_within_a_batch():
 def test_switching_to_relative_scaling_starts_at_factor_one(impl):
     shapes = [(16, 24), (16, 24)]
     params, muon_params = matrices(shapes), matrices(shapes)
-    opt, muon = (mo.PolarGrad(ps, lr=0.02, orthogonalizer="svd", impl=impl)
-                 for ps in (params, muon_params))
+    opt, muon = (mo.PolarGrad(ps, lr=0.02, orthogonalizer="svd", impl=impl,
+                              scaling="nuclear_norm") for ps in (params, muon_params))
     run(opt, params, 2)
     run(muon, muon_params, 2)
     opt.param_groups[0]["scaling"], muon.param_groups[0]["scaling"] = RELATIVE, "none"
@@ -198,7 +198,8 @@ def test_zero_gradient_gives_zero_update(variant, impl):
     shapes = [(16, 24), (16, 24)]
     params = matrices(shapes)
     start = [p.detach().clone() for p in params]
-    opt = mo.PolarGrad(params, lr=0.02, variant=variant, scaling=RELATIVE, impl=impl)
+    opt = mo.PolarGrad(params, lr=0.02, variant=variant, scaling=RELATIVE, impl=impl,
+                       weight_decay=0.0)
     for p in params:
         p.grad = torch.zeros_like(p)
     opt.step()
