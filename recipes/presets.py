@@ -94,8 +94,8 @@ PRESETS: dict[str, Preset] = {
                    batch_size=16, steps=300, rank=32, update_proj_gap=50, lr=_TINY_LR,
                    eval_every=50, eval_batches=8),
     # memopt compare's default: the tiny model on half the batch (8 x 128 bytes, 300 steps),
-    # six optimizers in about 2.5 minutes on a quiet 2-core CPU. The ranking of the six is
-    # the same for seeds 0 and 1 and the gaps exceed the seed-to-seed spread (README).
+    # six optimizers in 2.5 to 3.5 minutes on a 2-core CPU; one seed, so it tells the methods
+    # apart but ranks close ones (muon and polargrad) by chance (README).
     "quick": Preset("quick", hidden=128, intermediate=352, heads=4, layers=4, seq_len=128,
                     batch_size=8, steps=300, rank=32, update_proj_gap=50, lr=_TINY_LR,
                     eval_every=30, eval_batches=8),
