@@ -28,15 +28,18 @@ BATCH_SIZE = 32
 
 #: Settings for this tiny model (hidden 64, so rank 16 projects every hidden matrix), tuned
 #: on this task. Low-rank methods use GaLore's lr 0.01 (with its scale 0.25 on the projected
-#: update). PolarGrad's step grows with the gradient's nuclear norm, which Trainer's gradient
-#: clipping (max_grad_norm=1) keeps small, hence its large lr.
+#: update). PolarGrad's default relative scale wants a smaller rate than Muon's here: seeds
+#: 0 and 1 reached eval loss 0.130 / 0.137 at lr 0.005, 0.153 / 0.131 at 0.01, 0.279 / 0.321
+#: at 0.02 (Muon at its 0.02: 0.146 / 0.076; the paper's nuclear-norm scale at 0.3: 0.134 /
+#: 0.172): in this task's first 60 steps the gradients grow above their running average
+#: (the scale exceeds 1 on most matrices), under Trainer's clipping (max_grad_norm=1).
 RECIPE_SETTINGS: dict[str, dict[str, Any]] = {
     "adamw": {"lr": 3e-3},
     "galore": {"lr": 1e-2, "rank": 16, "update_proj_gap": 50},
     "dct": {"lr": 1e-2, "rank": 16, "update_proj_gap": 50},
     "fira": {"lr": 1e-2, "rank": 16, "update_proj_gap": 50},
     "muon": {"adamw_lr": 1e-3},
-    "polargrad": {"lr": 0.3, "adamw_lr": 1e-3},
+    "polargrad": {"lr": 5e-3, "adamw_lr": 1e-3},
 }
 
 
