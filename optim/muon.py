@@ -391,7 +391,9 @@ class PolarGrad(OrthogonalizedOptimizer):
     ``scaling="relative_nuclear_norm"``: s = ||M||_* / (its bias-corrected running average,
     beta 0.999), Muon's step times the gradient's size relative to its own history, so it
     keeps the paper's scale-following within a run while Muon's rates and weight decay apply
-    (lr 0.02, weight decay 0.1: measured on the small recipe, recipes/BENCHMARKS.md).
+    (lr 0.02, weight decay 0.1: measured on the small recipe, recipes/BENCHMARKS.md; where
+    the gradients grow above their average early on, as in recipes/finetune_hf.py, a
+    quarter of that rate was best: sweep it).
     ``variant="momentum_first"`` (default) orthogonalizes the momentum M; "polar_first"
     orthogonalizes G and averages the polar factors, scaled by s(G). Polar Express is the
     default orthogonalizer, as the authors use it. See :class:`OrthogonalizedOptimizer`.
