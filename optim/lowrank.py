@@ -350,10 +350,7 @@ class LowRankAdamW(MemoptOptimizer):
         proj, mode = self.projector(p, group), group["moments_on_refresh"]
         old = proj.basis() if "exp_avg" in state and mode.startswith("rotate") else None
         G = as_matrix(local(p.grad))
-        if is_sharded(p):
-            update_from_shards(proj, G, p)
-        else:
-            proj.update(G)
+        update_from_shards(proj, G, p) if is_sharded(p) else proj.update(G)
         for key, value in proj.state_dict().items():
             state[PROJ_PREFIX + key] = value
         if "exp_avg" not in state:
@@ -366,8 +363,8 @@ class LowRankAdamW(MemoptOptimizer):
             P, bias2 = proj.basis(), 1 - group["betas"][1] ** state["step"]
             R = project(G.to(P.dtype), P, proj.side) if mode == "rotate_fill" else None
             m, v = carry_moments(m, v, mode, P, old, proj.side, R, bias2)
-            store.write(state, "exp_avg", m)
-            store.write(state, "exp_avg_sq", v)
+            for key, value in (("exp_avg", m), ("exp_avg_sq", v)):
+                store.write(state, key, value)
             if mode == "reset":
                 state["step"] = 0
 
@@ -378,15 +375,12 @@ class GaLoreAdamW(LowRankAdamW):
 
 
 class DCTAdamW(GaLoreAdamW):
-    """SVD-free GaLore (Modoranu et al., 2025): the basis is the r DCT-II vectors best aligned
-    with G (``dct.dct_select``); only their indices are state. ``projector="dct"``. Its
-    refresh is cheap, so it refreshes every 50 steps and carries the moments into the new
-    basis with "rotate_fill" (measured on the small recipe: 0.04 bits/byte better than gap
-    200 with "keep", GaLore's defaults; recipes/BENCHMARKS.md)."""
+    """SVD-free GaLore (Modoranu et al., 2025): the r DCT-II vectors best aligned with G
+    (``dct.dct_select``), only their indices kept. Its refresh is cheap: every 50 steps, moments
+    carried by "rotate_fill" (0.04 bits/byte better than GaLore's 200 and "keep", BENCHMARKS.md)."""
 
-    def __init__(self, params: Any, *args: Any, projector: Any = "dct",
-                 update_proj_gap: int = 50, moments_on_refresh: str = "rotate_fill",
-                 **kwargs: Any) -> None:
+    def __init__(self, params: Any, *args: Any, projector: Any = "dct", update_proj_gap: int = 50,
+                 moments_on_refresh: str = "rotate_fill", **kwargs: Any) -> None:
         super().__init__(params, *args, projector=projector, update_proj_gap=update_proj_gap,
                          moments_on_refresh=moments_on_refresh, **kwargs)
 

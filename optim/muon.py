@@ -27,7 +27,7 @@ from .distributed import all_reduce_sum, is_sharded, local, sharded_polar
 from .engine import PREPARE_BYTES, MemoptOptimizer, Prepared, arguments, eight_bit, moment_dtype
 from .executors import MAX_BATCH_BYTES, add_to_matrix_, as_matrix, buckets
 from .groups import check_betas, check_choice, check_nonnegative, check_positive_int
-from .states import NUCLEAR_AVERAGE, MomentStore, StateSpec, momentum_specs
+from .states import MomentStore, StateSpec, momentum_specs, nuclear_average
 
 ORTHOGONALIZERS = ("newton_schulz", "polar_express", "svd")
 ADJUST_LR = ("original", "match_rms_adamw", "none")
@@ -35,8 +35,7 @@ SCALINGS = ("none", "nuclear_norm", "relative_nuclear_norm")
 RELATIVE = "relative_nuclear_norm"
 VARIANTS = ("momentum_first", "polar_first")
 NS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
-#: beta of the running average of each matrix's nuclear norm ("relative_nuclear_norm"): about
-#: the last 1 / (1 - beta) = 1000 steps, the horizon of Adam's usual beta2 (ours, not tuned).
+#: "relative_nuclear_norm": its average spans ~1000 steps, Adam's usual beta2 (ours, untuned).
 NUCLEAR_AVERAGE_BETA = 0.999
 
 
@@ -98,16 +97,6 @@ def orthogonalized_direction(G: Tensor, buf: Tensor, polar: Callable[[Tensor], T
     return D * total(nuclear_norm(source, U)) if scaling == "nuclear_norm" else D
 
 
-def _nuclear_average(state: dict[str, Any], device: torch.device) -> tuple[Tensor, float]:
-    """A matrix's average nuclear norm and this step's weight in it (1: a state made under
-    another scaling gets one, which starts at this step's norm)."""
-    if NUCLEAR_AVERAGE in state:
-        beta = NUCLEAR_AVERAGE_BETA
-        return state[NUCLEAR_AVERAGE], (1 - beta) / (1 - beta ** state["step"])
-    state[NUCLEAR_AVERAGE] = torch.zeros((), dtype=torch.float32, device=device)
-    return state[NUCLEAR_AVERAGE], 1.0
-
-
 @dataclass
 class _Plan:
     """A group's parameters with gradients: AdamW ones, same-shape batches of local
@@ -140,9 +129,8 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         ns_steps: iterations of the orthogonalizer (ignored by "svd").
         orthogonalizer: "newton_schulz", "polar_express" or "svd".
         adjust_lr: "original", "match_rms_adamw" or "none" (see :func:`lr_adjustment`).
-        scaling: "none" (Muon), "nuclear_norm" (PolarGrad: D = ||x||_* U) or
-            "relative_nuclear_norm" (ours, not in the paper: D = (nu_t / abar_t) U, abar_t the
-            bias-corrected average of nu, beta ``NUCLEAR_AVERAGE_BETA``; factor 1 at step 1).
+        scaling: "none" (Muon), "nuclear_norm" (PolarGrad: D = ||x||_* U) or "relative_nuclear_norm"
+            (ours: D = (nu_t / abar_t) U, abar_t nu's bias-corrected average; 1 at step 1).
         variant: "momentum_first" (orthogonalize the momentum) or "polar_first"
             (orthogonalize the gradient, then average the polar factors).
         adamw_lr, adamw_betas, adamw_eps: AdamW for the other parameters. They follow the
@@ -306,17 +294,16 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         filled = self._orthogonalize(group, params, filled)
         lr, n = group["lr"], grads[0].shape[1]
         step_size = lr * lr_adjustment(tuple(grads[0].shape), group["adjust_lr"])
-        weights = params
         if group["scaling"] == "none" and not polar_first:
-            fast.write(weights, filled, n, step_size=step_size, decay=1 - lr * group["weight_decay"])
+            fast.write(params, filled, n, step_size=step_size, decay=1 - lr * group["weight_decay"])
         else:
             nuclear = None if group["scaling"] == "none" else fast.nuclear_norms(filled)
             if group["scaling"] == RELATIVE:
                 nuclear = fast.relative_factors(nuclear, *zip(*(
-                    _nuclear_average(s, nuclear.device) for s in states)))
+                    nuclear_average(s, nuclear.device, NUCLEAR_AVERAGE_BETA) for s in states)))
             if group["weight_decay"] != 0:
-                torch._foreach_mul_(weights, 1 - lr * group["weight_decay"])
-            for i, (W, U) in enumerate(zip(weights, filled.X[..., :n])):
+                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            for i, (W, U) in enumerate(zip(params, filled.X[..., :n])):
                 D = momentum_direction(U.to(momenta[i].dtype), momenta[i], group["momentum"],
                                        group["nesterov"]) if polar_first else U
                 add_to_matrix_(W, D, -step_size, None if nuclear is None else nuclear[i].to(W.dtype))
@@ -336,7 +323,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
                            p.device, (p.shape[0], local(p).shape[0]))
                 state["step"] = 0
             state["step"] += 1
-            average, weight = _nuclear_average(state, p.device) \
+            average, weight = nuclear_average(state, p.device, NUCLEAR_AVERAGE_BETA) \
                 if group["scaling"] == RELATIVE else (None, 1.0)
             buf = store.read(state, "momentum_buffer")
             D = orthogonalized_direction(
@@ -384,18 +371,14 @@ class Muon(OrthogonalizedOptimizer):
 class PolarGrad(OrthogonalizedOptimizer):
     """PolarGrad (Lau, Long, Su, 2025): W <- (1 - lr wd) W - lr s(M) polar(M).
 
-    The paper's step scale is the nuclear norm, s = ||M||_* = <M, polar(M)>
-    (``scaling="nuclear_norm"``): the step follows the gradient's absolute size, so the best
-    rate moves with the model and the data (0.3 on our small LLaMA recipe, 0.1 on the tiny
-    one) and, at its best rate, it trailed Muon by 0.15 bits/byte. The default here is ours,
-    ``scaling="relative_nuclear_norm"``: s = ||M||_* / (its bias-corrected running average,
-    beta 0.999), Muon's step times the gradient's size relative to its own history, so it
-    keeps the paper's scale-following within a run while Muon's rates and weight decay apply
-    (lr 0.02, weight decay 0.1: measured on the small recipe, recipes/BENCHMARKS.md; where
-    the gradients grow above their average early on, as in recipes/finetune_hf.py, a
-    quarter of that rate was best: sweep it).
-    ``variant="momentum_first"`` (default) orthogonalizes the momentum M; "polar_first"
-    orthogonalizes G and averages the polar factors, scaled by s(G). Polar Express is the
+    The paper's scale s = ||M||_* = <M, polar(M)> (``scaling="nuclear_norm"``) follows the
+    gradient's absolute size, so its best rate moves with model and data (0.3 on our small
+    LLaMA recipe, 0.1 on the tiny one; at best 0.15 bits/byte behind Muon). The default is
+    ours, "relative_nuclear_norm": s = ||M||_* / its bias-corrected running average, Muon's
+    step times the gradient's relative size, with Muon's lr 0.02 and weight decay 0.1
+    (recipes/BENCHMARKS.md; where gradients grow early, as in recipes/finetune_hf.py, a
+    quarter of that rate was best: sweep it). ``variant``: "momentum_first" (default) or
+    "polar_first" (average the polar factors of G, scaled by s(G)). Polar Express is the
     default orthogonalizer, as the authors use it. See :class:`OrthogonalizedOptimizer`.
     """
 

@@ -295,3 +295,16 @@ def tensor_bytes(value: Any) -> int:
         local = value.to_local() if hasattr(value, "to_local") else value
         return local.numel() * local.element_size()
     return 0
+
+
+def nuclear_average(state: dict[str, Any], device: torch.device,
+                    beta: float) -> tuple[Tensor, float]:
+    """A matrix's running average of its nuclear norm (``NUCLEAR_AVERAGE``, made on first
+    use) and this step's weight in it, (1 - beta) / (1 - beta^t): the bias-corrected average
+    kept directly. A state made under another scaling gets weight 1, so the average starts
+    at this step's norm."""
+    if NUCLEAR_AVERAGE in state:
+        return state[NUCLEAR_AVERAGE], (1 - beta) / (1 - beta ** state["step"])
+    state[NUCLEAR_AVERAGE] = torch.zeros((), dtype=torch.float32, device=device)
+    return state[NUCLEAR_AVERAGE], 1.0
+
