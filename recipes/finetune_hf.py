@@ -28,11 +28,11 @@ BATCH_SIZE = 32
 
 #: Settings for this tiny model (hidden 64, so rank 16 projects every hidden matrix), tuned
 #: on this task. Low-rank methods use GaLore's lr 0.01 (with its scale 0.25 on the projected
-#: update). PolarGrad's default relative scale wants a smaller rate than Muon's here: seeds
-#: 0 and 1 reached eval loss 0.130 / 0.137 at lr 0.005, 0.153 / 0.131 at 0.01, 0.279 / 0.321
-#: at 0.02 (Muon at its 0.02: 0.146 / 0.076; the paper's nuclear-norm scale at 0.3: 0.134 /
-#: 0.172): in this task's first 60 steps the gradients grow above their running average
-#: (the scale exceeds 1 on most matrices), under Trainer's clipping (max_grad_norm=1).
+#: update). PolarGrad's default relative scale wants a smaller rate than Muon's here:
+#: `python -m memopt.recipes.finetune_hf --optimizer polargrad --lr LR --seed S` (CPU,
+#: 2026-12-06) gave eval loss 0.130 / 0.137 (seeds 0 / 1) at lr 0.005, 0.153 / 0.131 at 0.01,
+#: 0.279 / 0.321 at 0.02 (Muon at its 0.02: 0.146 / 0.076): in this task's first 60 steps the
+#: gradients grow above their running average under Trainer's clipping (max_grad_norm=1).
 RECIPE_SETTINGS: dict[str, dict[str, Any]] = {
     "adamw": {"lr": 3e-3},
     "galore": {"lr": 1e-2, "rank": 16, "update_proj_gap": 50},
@@ -95,8 +95,9 @@ def resolve_device(device: str) -> str:
 
 
 def run(optimizer: str = "galore", steps: int = 200, out: str | Path = "runs/finetune_hf",
-        device: str = "auto", seed: int = 0) -> dict[str, Any]:
-    """Train for ``steps`` steps, evaluate, write ``out/results.json`` and return its content."""
+        device: str = "auto", seed: int = 0, lr: float | None = None) -> dict[str, Any]:
+    """Train for ``steps`` steps, evaluate, write ``out/results.json`` and return its content.
+    ``lr`` replaces the recipe's rate for the optimizer (``RECIPE_SETTINGS``)."""
     import transformers
     if optimizer.lower() not in OPTIMIZER_NAMES:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of "
@@ -107,8 +108,9 @@ def run(optimizer: str = "galore", steps: int = 200, out: str | Path = "runs/fin
 
     model = tiny_classifier(seed).to(device)
     family = optimizer.lower().removesuffix("8bit")
+    settings = {**RECIPE_SETTINGS[family], **({} if lr is None else {"lr": lr})}
     opt, sched = create_trainer_optimizer_and_scheduler(
-        model, optimizer, steps, warmup_steps=steps // 10, **RECIPE_SETTINGS[family])
+        model, optimizer, steps, warmup_steps=steps // 10, **settings)
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH_SIZE,
         per_device_eval_batch_size=256, logging_first_step=True,
@@ -126,7 +128,8 @@ def run(optimizer: str = "galore", steps: int = 200, out: str | Path = "runs/fin
     prediction = trainer.predict(eval_set)
     accuracy = float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())
     results = {
-        "optimizer": optimizer, "steps": steps, "device": device, "seed": seed,
+        "optimizer": optimizer, "lr": opt.defaults["lr"], "steps": steps, "device": device,
+        "seed": seed,
         "train_loss_start": losses[0][1], "train_loss_start_step": losses[0][0],
         "train_loss_end": losses[-1][1], "train_loss_end_step": losses[-1][0],
         "eval_loss": float(prediction.metrics["test_loss"]), "eval_accuracy": accuracy,
@@ -144,11 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/finetune_hf", help="folder for results.json")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate (default: the recipe's for the optimizer)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: more only slow a model this small)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a number > 0, got {args.lr}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     try:
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     torch.set_num_threads(args.threads)
-    results = run(args.optimizer, args.steps, args.out, device, args.seed)
+    results = run(args.optimizer, args.steps, args.out, device, args.seed, args.lr)
     print(f"{results['optimizer']}: train loss {results['train_loss_start']:.4f} "
           f"(step {results['train_loss_start_step']}) -> {results['train_loss_end']:.4f} "
           f"(step {results['train_loss_end_step']}); eval loss {results['eval_loss']:.4f}, "

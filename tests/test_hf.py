@@ -216,6 +216,17 @@ def test_recipe_main_writes_results_json(tmp_path, capsys):
     assert math.isfinite(results["train_loss_start"]) and math.isfinite(results["eval_loss"])
     assert 0.0 <= results["eval_accuracy"] <= 1.0
     assert "eval accuracy" in capsys.readouterr().out
+    assert results["lr"] == mo.Muon([torch.nn.Parameter(torch.zeros(2))]).defaults["lr"]
+
+
+@needs_accelerate
+def test_recipe_lr_replaces_the_recipes_rate(tmp_path, capsys):
+    assert finetune_hf.main(["--optimizer", "polargrad", "--steps", "2", "--lr", "0.0123",
+                             "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["lr"] == 0.0123
+    with pytest.raises(SystemExit):
+        finetune_hf.main(["--lr", "-1", "--out", str(tmp_path / "bad")])
+    assert "--lr must be a number > 0" in capsys.readouterr().err
 
 
 @needs_accelerate
