@@ -19,6 +19,7 @@ from .groups import param_groups
 from .lowrank import (DCTAdamW, DCTAdamW8bit, FiraAdamW, FiraAdamW8bit, GaLoreAdamW,
                       GaLoreAdamW8bit)
 from .muon import Muon, Muon8bit, PolarGrad, PolarGrad8bit
+from .states import import_bitsandbytes
 
 
 def _torch_adamw(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
@@ -30,7 +31,7 @@ def _torch_adamw(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
 
 
 def _bnb_adamw8bit(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes("adamw8bit")
     return bnb.optim.AdamW8bit(params, **kwargs)
 
 

@@ -39,26 +39,33 @@ class _QuietFourBitKernel(logging.Filter):
         return "gemm_4bit_forward" not in record.getMessage()
 
 
-def _bitsandbytes() -> Any:
-    """The bitsandbytes package, imported on first use of 8-bit state."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_QuietFourBitKernel())
+_QUIET = _QuietFourBitKernel()
+
+
+def import_bitsandbytes(needed_for: str = "state_bits=8") -> Any:
+    """The bitsandbytes package, imported without its CPU 4-bit-kernel notice; every place
+    in memopt that imports bitsandbytes (8-bit state, the adamw8bit baseline, the peers and
+    benchmarks) goes through here. ``needed_for`` names what asked, for the ImportError."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _QUIET not in logger.filters:
+        logger.addFilter(_QUIET)
     try:
         import bitsandbytes
         import bitsandbytes.functional  # noqa: F401  (registers torch.ops.bitsandbytes)
     except ImportError as exc:
-        raise ImportError("state_bits=8 needs bitsandbytes (>= 0.45), an optional dependency: "
+        raise ImportError(f"{needed_for} needs bitsandbytes (>= 0.45), an optional dependency: "
                           "pip install 'memopt[8bit]' (or pip install bitsandbytes)") from exc
     return bitsandbytes
 
 
 @functools.lru_cache(maxsize=None)
 def _dynamic_map(signed: bool, device: str) -> Tensor:
-    return _bitsandbytes().functional.create_dynamic_map(signed=signed).to(device)
+    return import_bitsandbytes().functional.create_dynamic_map(signed=signed).to(device)
 
 
 def quantize(value: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     """Blockwise 8-bit codes (uint8, value's shape) and fp32 absmax (one per 256 values)."""
-    _bitsandbytes()
+    import_bitsandbytes()
     code = _dynamic_map(signed, str(value.device))
     q, absmax = torch.ops.bitsandbytes.quantize_blockwise(value.float().contiguous(), code,
                                                           BLOCKSIZE)
@@ -67,7 +74,7 @@ def quantize(value: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
 
 def dequantize(q: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     """fp32 values of blockwise 8-bit codes."""
-    _bitsandbytes()
+    import_bitsandbytes()
     code = _dynamic_map(signed, str(q.device))
     out = torch.ops.bitsandbytes.dequantize_blockwise(q, absmax, code, BLOCKSIZE, torch.float32)
     return out.view(q.shape)
@@ -160,7 +167,7 @@ class MomentStore:
         if bits not in (8, 32):
             raise ValueError(f"state_bits must be 8 or 32, got {bits!r}")
         if bits == 8:
-            _bitsandbytes()
+            import_bitsandbytes()
         self.bits = bits
         self.signed = dict(SIGNED if signed is None else signed)
 
