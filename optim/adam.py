@@ -30,6 +30,13 @@ def fused_available(t: Tensor) -> bool:
             and hasattr(torch, "_fused_adamw_") and not hasattr(t, "to_local"))
 
 
+def eps_at(eps: float, beta2: float, step: int, before_bias_correction: bool) -> float:
+    """The eps added to sqrt(v_hat) at ``step``. With ``before_bias_correction`` it is the
+    eps of galore-torch's and transformers' AdamW (Kingma & Ba's "efficient" form), added
+    to sqrt(v) before the bias correction: m_hat / (sqrt(v_hat) + eps / sqrt(1 - b2^t))."""
+    return eps / math.sqrt(1 - beta2**step) if before_bias_correction else eps
+
+
 def _reference_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, beta1: float,
                       beta2: float, eps: float, step: int) -> Tensor:
     exp_avg.lerp_(grad, 1 - beta1)

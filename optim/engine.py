@@ -20,6 +20,7 @@ finiteness check with one device sync, then ``_step_group``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from abc import ABC, abstractmethod
@@ -32,10 +33,12 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .adam import eps_at
 from .distributed import (all_reduce_sum, as_sharded_state, from_sharded_state, is_sharded, local,
                           trim_absmax)
-from .groups import check_choice, param_groups
-from .states import MIN_8BIT_NUMEL, MomentStore, adam_specs, eight_bit_unused, tensor_bytes
+from .groups import check_choice, check_known_keys, param_groups, unknown_key_message
+from .states import (ABSMAX_SUFFIX, MIN_8BIT_NUMEL, MomentStore, StateSpec, adam_specs,
+                     eight_bit_unused, tensor_bytes)
 
 #: How a group's step runs: "fast" (the executors: batched, fused; the default) or
 #: "reference" (the methods' reference functions, one parameter at a time).
@@ -51,6 +54,24 @@ def moment_dtype(param: Tensor) -> torch.dtype:
 #: (projections, momentum directions), so that the check reads them instead of the
 #: gradients; above it the gradients are checked and the step streams in bounded pieces.
 PREPARE_BYTES = 1024 * 2**20
+
+
+#: Group keys that torch.optim and its LR schedulers add to a group (kept, never refused).
+ADDED_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr"})
+
+
+def _option_names(cls: type) -> set[str]:
+    """The keyword arguments of ``cls.__init__`` (an optimizer's options)."""
+    return {name for name, arg in inspect.signature(cls.__init__).parameters.items()
+            if arg.kind is arg.KEYWORD_ONLY or arg.kind is arg.POSITIONAL_OR_KEYWORD} \
+        - {"self", "params"}
+
+
+#: Options of torch.optim's own optimizers: a saved group holding one not among an
+#: optimizer's own options came from another optimizer.
+_TORCH_OPTIONS = set().union(*(_option_names(c) for c in (
+    torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD) + ((torch.optim.Muon,)
+                                                               if hasattr(torch.optim, "Muon") else ())))
 
 
 @dataclass
@@ -75,7 +96,30 @@ class _Check:
 
 
 class MemoptOptimizer(Optimizer, ABC):
-    """Base of memopt optimizers (a torch.optim.Optimizer; see the module docstring)."""
+    """Base of memopt optimizers (a torch.optim.Optimizer; see the module docstring).
+
+    ``load_state_dict`` follows torch.optim: the loaded param groups replace the current
+    ones, so hyperparameters that are safe to change on resume (lr, betas, eps, weight
+    decay, gaps, ...) take their saved values; set them after loading to change them. It
+    refuses, before changing anything, a state from another optimizer, one saved with
+    other values of the options in :attr:`STRUCTURE` (method, projector, rank, bit width:
+    what the state's tensors mean), and state tensors whose keys, shapes or dtypes are not
+    the ones this optimizer keeps for its parameters.
+    """
+
+    #: Options that decide the method and the layout of the state: a loaded state must have
+    #: been saved with the same values (subclasses).
+    STRUCTURE: tuple[str, ...] = ("state_bits", "adamw")
+    #: Keys of state this optimizer may lack until first use (subclasses).
+    OPTIONAL_STATE: frozenset[str] = frozenset()
+    #: Group keys an optimizer sets itself, beyond its options (subclasses).
+    INTERNAL_GROUP_KEYS: frozenset[str] = frozenset()
+    #: The options of every memopt optimizer class, filled as classes are defined.
+    _ALL_OPTIONS: set[str] = set()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        MemoptOptimizer._ALL_OPTIONS |= _option_names(cls) - {"args", "kwargs", "unknown"}
 
     #: pinned host memory and an event for the check's flag, made on first use on CUDA
     _flag_host: Tensor | None = None
@@ -95,6 +139,9 @@ class MemoptOptimizer(Optimizer, ABC):
         return self._stores[bits]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict):
+            check_known_keys(type(self).__name__, param_group,
+                             set(self.defaults) | ADDED_GROUP_KEYS | self.INTERNAL_GROUP_KEYS)
         super().add_param_group(param_group)
         try:
             group = self.param_groups[-1]
@@ -122,7 +169,8 @@ class MemoptOptimizer(Optimizer, ABC):
         if plan.dense:
             lr, betas, eps = self.adamw_settings(group)
             self._adamw(plan.dense, store, lr=lr, betas=betas, eps=eps,
-                        weight_decay=group["weight_decay"])
+                        weight_decay=group["weight_decay"],
+                        eps_before_bias_correction=group.get("eps_before_bias_correction", False))
         self._step_matrices(group, plan, prepared, store)
 
     @abstractmethod
@@ -282,9 +330,11 @@ class MemoptOptimizer(Optimizer, ABC):
         return f"{where} of shape {tuple(p.shape)}"
 
     def _adamw(self, params: list[Tensor], store: MomentStore, *, lr: float,
-               betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+               betas: tuple[float, float], eps: float, weight_decay: float,
+               eps_before_bias_correction: bool = False) -> None:
         """Plain AdamW for the parameters a method does not project or orthogonalize
-        (on the local shard of an FSDP2 parameter: AdamW is elementwise)."""
+        (on the local shard of an FSDP2 parameter: AdamW is elementwise); ``eps`` as
+        :func:`adam.eps_at` places it."""
         buckets: dict[tuple[int, torch.device], list[Tensor]] = {}
         for p in params:
             state = self.state[p]
@@ -296,7 +346,8 @@ class MemoptOptimizer(Optimizer, ABC):
         for (step, _), bucket in buckets.items():
             store.adamw_steps([self.state[p] for p in bucket], [local(p) for p in bucket],
                               [local(p.grad) for p in bucket], lr=lr, beta1=betas[0],
-                              beta2=betas[1], eps=eps, weight_decay=weight_decay, step=step)
+                              beta2=betas[1], weight_decay=weight_decay, step=step,
+                              eps=eps_at(eps, betas[1], step, eps_before_bias_correction))
 
     # ---------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
@@ -318,24 +369,131 @@ class MemoptOptimizer(Optimizer, ABC):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state; tensors keep their saved dtype and move to their parameter's device."""
+        """Load a state (see the class docstring for what is refused); tensors keep their
+        saved dtype and move to their parameter's device."""
+        self._check_loadable(state_dict)
         saved_state = state_dict["state"]
         callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
+        defaults = dict(self.defaults)
         super().load_state_dict({**state_dict, "state": {}})
+        self.defaults = defaults      # torch's load adds 'differentiable', which memopt has not
         for group, kept in zip(self.param_groups, callables):
             group.update(kept)   # a callable cannot be saved; the live one stays
-            for key, value in self.defaults.items():
+            if "differentiable" not in defaults:
+                group.pop("differentiable", None)
+            for key, value in defaults.items():
                 group.setdefault(key, value)     # options newer than the saved state
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         id_map = dict(zip(saved_ids, params))
         for key, values in saved_state.items():
-            if key not in id_map:
-                continue
             param = id_map[key]
             self.state[param] = {k: self._load_value(param, k, v) for k, v in values.items()}
             trim_absmax(self.state[param])
         self._after_load()
+
+    # --------------------------------------------------------- what a state may be
+    def expected_state(self, group: dict[str, Any], p: Tensor) -> list[StateSpec]:
+        """The state tensors this optimizer keeps for ``p`` under ``group`` (subclasses add
+        their method's; here: AdamW's moments)."""
+        return adam_specs(tuple(local(p).shape), moment_dtype(p))
+
+    def is_plain_state(self, key: str) -> bool:
+        """Whether state ``key`` may hold a plain number or string (subclasses)."""
+        return False
+
+    def _check_loadable(self, state_dict: Any) -> None:
+        """Raise ValueError, naming what differs, unless ``state_dict`` is a state of this
+        optimizer's method and layout for these parameters."""
+        owner = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) \
+                or not isinstance(state_dict.get("param_groups"), list):
+            raise ValueError(f"{owner}: expected an optimizer state_dict, a dict with 'state' "
+                             f"(a dict) and 'param_groups' (a list), got "
+                             f"{sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{owner}: the state has {len(saved_groups)} param groups, this "
+                             f"optimizer {len(self.param_groups)}")
+        foreign = (self._ALL_OPTIONS | _TORCH_OPTIONS) - set(self.defaults) - ADDED_GROUP_KEYS \
+            - self.INTERNAL_GROUP_KEYS - {"differentiable"}
+        differences = []
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+                raise ValueError(f"{owner}: param group {i} of the state is not a dict with "
+                                 "a 'params' list")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{owner}: param group {i} of the state has "
+                                 f"{len(saved['params'])} parameters, this optimizer's "
+                                 f"{len(group['params'])}")
+            alien = sorted(set(saved) & foreign)
+            if alien:
+                raise ValueError(f"{owner}: the state is another optimizer's: its param group "
+                                 f"{i} has options {', '.join(alien)}, which "
+                                 f"{type(self).__name__} does not take")
+            for key in self.STRUCTURE:
+                if key in saved and _normalized(key, saved[key]) != _normalized(key, group[key]) \
+                        and not callable(group[key]):
+                    differences.append(f"{key}={saved[key]!r} in param group {i} (this "
+                                       f"optimizer: {group[key]!r})")
+        if differences:
+            raise ValueError(f"{owner}: the state was saved with {'; '.join(differences)}; "
+                             "these decide what the state holds, so build the optimizer with "
+                             "the saved values to continue that run")
+        where = {}
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            for pi, (index, p) in enumerate(zip(saved["params"], group["params"])):
+                where[index] = (gi, pi, group, p)
+        for index, values in state_dict["state"].items():
+            if index not in where:
+                raise ValueError(f"{owner}: the state has an entry for parameter index "
+                                 f"{index!r}, which no param group of the state lists")
+            gi, pi, group, p = where[index]
+            self._check_param_state(owner, gi, pi, group, p, values)
+
+    def _check_param_state(self, owner: str, gi: int, pi: int, group: dict[str, Any],
+                           p: Tensor, values: Any) -> None:
+        """One parameter's saved state against :meth:`expected_state`: known keys, the
+        step, each tensor's shape and dtype (8-bit codes: uint8 of the shape, with absmax)."""
+        name = self._label(gi, pi)
+        if not isinstance(values, dict):
+            raise ValueError(f"{owner}: the state of parameter {name} is not a dict")
+        if not values:
+            return
+        if is_sharded(p):        # FSDP2: DTensor state, laid out by distributed.py
+            return
+        specs = {s.key: s for s in self.expected_state(group, p)}
+        for key, value in values.items():
+            base = key.removesuffix(ABSMAX_SUFFIX)
+            if key == "step":
+                if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+                    raise ValueError(f"{owner}: the step of parameter {name} is {value!r}")
+            elif key not in specs and not (key != base and base in specs) and \
+                    not (self.is_plain_state(key) and not isinstance(value, Tensor)):
+                raise ValueError(
+                    f"{owner}: the state of parameter {name} holds {key!r}, which "
+                    f"{type(self).__name__} does not keep for it (it keeps "
+                    f"{', '.join(sorted(specs))}): a state of another method or model")
+        missing = sorted(set(specs) - set(values) - self.OPTIONAL_STATE)
+        if missing:
+            raise ValueError(f"{owner}: the state of parameter {name} lacks "
+                             f"{', '.join(missing)} (truncated, or another method's)")
+        for key, spec in specs.items():
+            if key not in values:
+                continue
+            value = values[key]
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{owner}: {key!r} of parameter {name} is not a tensor")
+            coded = value.dtype == torch.uint8 and spec.quantizable
+            if tuple(value.shape) != tuple(spec.shape) or \
+                    (value.dtype != spec.dtype and not coded):
+                raise ValueError(
+                    f"{owner}: {key!r} of parameter {name} is {tuple(value.shape)} "
+                    f"{value.dtype}, expected {tuple(spec.shape)} {spec.dtype}: saved for "
+                    "another model, rank or precision")
+            if coded and not isinstance(values.get(key + ABSMAX_SUFFIX), Tensor):
+                raise ValueError(f"{owner}: the 8-bit {key!r} of parameter {name} has no "
+                                 f"{key + ABSMAX_SUFFIX!r}")
 
     @staticmethod
     def _load_value(param: Tensor, key: str, value: Any) -> Any:
@@ -357,12 +515,30 @@ class MemoptOptimizer(Optimizer, ABC):
         return 0
 
 
+def _normalized(key: str, value: Any) -> Any:
+    """A structural option's value for comparison: projector options without the default
+    side; sequences as tuples."""
+    if key == "projector_options":
+        options = dict(value or {})
+        if options.get("side") == "auto":
+            del options["side"]
+        return options
+    return tuple(value) if isinstance(value, list) else value
+
+
+def refuse_unknown_arguments(owner: str, unknown: dict[str, Any], known: Any) -> None:
+    """TypeError naming the class the user called and the closest known argument."""
+    if unknown:
+        key = next(iter(unknown))
+        raise TypeError(unknown_key_message(owner, key, known, "keyword argument"))
+
+
 def arguments(names: dict[str, Any]) -> dict[str, Any]:
     """A constructor's arguments from its ``locals()`` (``kwargs`` spread out), without
     ``self`` and ``params``: the defaults of its param groups, or a base constructor's."""
     extra = names.get("kwargs", {})
     return {**{k: v for k, v in names.items()
-               if k not in ("self", "params", "kwargs", "__class__")}, **extra}
+               if k not in ("self", "params", "kwargs", "unknown", "__class__")}, **extra}
 
 
 def eight_bit(cls: type) -> type:

@@ -22,6 +22,7 @@ from torch import Tensor
 from .executors import (add_to_matrix_, addmm_into_, aligned_width, as_matrix,
                         lift_factors, norm_dim, padded, product, projected_shape,
                         projection_factors, slices)
+from .adam import eps_at
 from .fira import FIRA_EPS, fira_residual
 from .galore import galore_adam, project_back
 from .states import MomentStore
@@ -29,7 +30,7 @@ from .states import MomentStore
 def reference(weights: list[Tensor], grads: list[Tensor], bases: list[Tensor],
               sides: list[str], states: list[dict], store: MomentStore, *, lr: float,
               betas: tuple[float, float], eps: float, scale: float, weight_decay: float,
-              fira_gamma: float | None) -> None:
+              fira_gamma: float | None, eps_before_bias_correction: bool = False) -> None:
     """The reference step, matrix by matrix (torch's ``_single_tensor_`` path): the
     direction of ``galore.galore_adam`` plus ``fira.fira_residual`` with ``fira_gamma``;
     W <- W (1 - lr wd) - lr D. Moments go through ``store`` (8 bits: dequantize, update,
@@ -39,7 +40,8 @@ def reference(weights: list[Tensor], grads: list[Tensor], bases: list[Tensor],
         m, v = store.read(state, "exp_avg"), store.read(state, "exp_avg_sq")
         state["step"] += 1
         R, N, D = galore_adam(G, P, side, m, v, state["step"], beta1=betas[0], beta2=betas[1],
-                              eps=eps, scale=scale)
+                              eps=eps_at(eps, betas[1], state["step"],
+                                         eps_before_bias_correction), scale=scale)
         store.write(state, "exp_avg", m)
         store.write(state, "exp_avg_sq", v)
         if fira_gamma is not None:
@@ -147,7 +149,8 @@ def _project_each(batch: Batch, fira: bool) -> None:
 
 
 def adam(batches: list[Batch], states: list[dict], store: MomentStore, *, beta1: float,
-         beta2: float, eps: float, fira: bool) -> list[Tensor]:
+         beta2: float, eps: float, fira: bool,
+         eps_before_bias_correction: bool = False) -> list[Tensor]:
     """Adam's direction u = -m_hat / (sqrt(v_hat) + eps) for the coordinates of every batch,
     one fused call per step count; GaLore overwrites R with u, Fira keeps R (its phi needs
     it). ``states`` follow the batches' matrices in order; their step counts are advanced."""
@@ -160,7 +163,8 @@ def adam(batches: list[Batch], states: list[dict], store: MomentStore, *, beta1:
         by_step.setdefault(state["step"], []).append(i)
     for step, idx in by_step.items():
         store.adam_updates([states[i] for i in idx], [Rs[i] for i in idx], beta1=beta1,
-                           beta2=beta2, eps=eps, step=step, in_place=not fira,
+                           beta2=beta2, eps=eps_at(eps, beta2, step, eps_before_bias_correction),
+                           step=step, in_place=not fira,
                            out=[outs[i] for i in idx] if fira else None)
     return Us
 

@@ -8,19 +8,54 @@ head stay on AdamW; Jordan et al., 2024).
 
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def check_nonnegative(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
             or not math.isfinite(value):
         raise ValueError(f"Invalid {name}: {value!r} (must be a finite number >= 0)")
+
+
+def check_learning_rate(value: Any) -> None:
+    """A finite number >= 0, or (as torch.optim allows) a one-element real tensor holding one."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or not value.is_floating_point():
+            raise ValueError(f"Invalid learning rate: a tensor lr must hold one real "
+                             f"floating-point value, got shape {tuple(value.shape)} {value.dtype}")
+        value = float(value)
+    check_nonnegative("learning rate", value)
+
+
+def learning_rate(group: dict[str, Any]) -> float:
+    """The group's lr as a float (torch.optim allows a one-element tensor, which LR schedulers
+    then update in place)."""
+    lr = group["lr"]
+    return float(lr) if isinstance(lr, Tensor) else lr
+
+
+def unknown_key_message(owner: str, key: str, known: Iterable[str], what: str) -> str:
+    """"OWNER: unknown WHAT 'key' (did you mean 'closest'?); known: ..." for an error."""
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{owner}: unknown {what} {key!r}{hint}; known: {', '.join(known)}"
+
+
+def check_known_keys(owner: str, keys: Iterable[str], known: Iterable[str]) -> None:
+    """Raise ValueError for the first param-group key not in ``known`` (a typo'd key would
+    otherwise be kept and ignored: torch.optim stores any key)."""
+    known = set(known)
+    for key in keys:
+        if key not in known:
+            raise ValueError(unknown_key_message(owner, key, known, "param group key"))
 
 
 def check_betas(name: str, betas: Any) -> None:
@@ -54,17 +89,22 @@ def check_positive_int(name: str, value: Any) -> None:
 HEAD_NAMES = ("lm_head", "head", "classifier", "score", "output", "embed_out", "fc_out")
 
 
-def warn_if_unprojected(name: str, groups: list[dict[str, Any]],
-                        is_projected: Callable[[dict[str, Any], Any], bool]) -> None:
-    """Warn for each low-rank group whose matrices are all left unprojected (its rank is not
-    below any one's smaller side): it trains as plain AdamW, which a user should hear."""
-    for i, group in enumerate(groups):
-        projected = [is_projected(group, p) for p in group["params"] if p.ndim >= 2]
-        if projected and not any(projected) and group["rank"] is not None \
-                and not group["adamw"]:
-            warnings.warn(f"{name}: no matrix of param group {i} is projected (rank "
-                          f"{group['rank']} >= each one's smaller side), so it trains as "
-                          "plain AdamW; lower the rank", stacklevel=4)
+def warn_if_no_matrix_used(owner: str, groups: list[dict[str, Any]],
+                           used: Callable[[dict[str, Any], Any], bool],
+                           why_not: Callable[[dict[str, Any], Any], str], method: str) -> bool:
+    """Warn (once, at construction) when the optimizer applies its method to none of the
+    parameters it was given: every matrix went to AdamW, or no matrix was given. ``used``
+    says whether a parameter gets the method; ``why_not`` says why a matrix does not."""
+    matrices = [(g, p) for g in groups for p in g["params"] if p.ndim >= 2]
+    if any(used(g, p) for g, p in matrices):
+        return False
+    if not matrices:
+        reason = "none of its parameters is a matrix (ndim >= 2)"
+    else:
+        reasons = sorted({why_not(g, p) for g, p in matrices})
+        reason = f"no matrix is {method} ({len(matrices)} given): " + "; ".join(reasons)
+    warnings.warn(f"{owner}: {reason}; every parameter gets plain AdamW", stacklevel=4)
+    return True
 
 
 def _transformers_module(model: nn.Module, getter: str) -> nn.Module | None:

@@ -9,6 +9,7 @@ executor (``executors_lowrank.py``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -20,15 +21,17 @@ from memopt.projections import PROJECTORS, Projector, make_projector
 from memopt.projections.base import compute_dtype, resolve_side
 
 from . import executors_lowrank as fast
-from .compat import lowrank_group
+from .compat import bitsandbytes_arguments, lowrank_group, names_a_rank
 from .distributed import all_reduce_sum, is_sharded, local, update_from_shards
-from .engine import PREPARE_BYTES, MemoptOptimizer, Prepared, arguments, eight_bit
+from .engine import (PREPARE_BYTES, MemoptOptimizer, Prepared, arguments, eight_bit,
+                     refuse_unknown_arguments)
 from .error_feedback import ERROR_FEEDBACK, check_error_feedback, corrected_gradients
 from .executors import (CHUNK_BYTES, PROJECTION_PRECISIONS, as_matrix, bases, basis_dim,
                         buckets, precision, projected_shape)
 from .galore import carry_moments, project
-from .groups import (check_above, check_betas, check_choice, check_nonnegative,
-                     check_positive_int, warn_if_unprojected)
+from .groups import (check_above, check_betas, check_choice, check_learning_rate,
+                     check_nonnegative, check_positive_int, learning_rate,
+                     warn_if_no_matrix_used)
 from .states import PROJ_PREFIX, MomentStore, StateSpec, lowrank_specs
 
 ProjectorSpec = Union[str, Callable[[int], Projector]]
@@ -74,8 +77,10 @@ class LowRankAdamW(MemoptOptimizer):
     Args:
         params: a model (split by :func:`~memopt.optim.param_groups`), or parameters or
             param groups (named allowed; every matrix in them is projected). When a group
-            names a ``rank``, groups that name none are AdamW (galore-torch's convention).
+            names an integer ``rank``, groups that name none are AdamW (galore-torch's
+            convention); ``rank=None`` opts its own group out. Unknown group keys raise.
         lr, betas, eps, weight_decay: AdamW's (defaults 1e-3, (0.9, 0.999), 1e-8, 0).
+        lr: a float, or a one-element tensor as torch.optim allows.
         rank: subspace rank r; ``None`` turns projection off for the group (default 128).
             A parameter is projected when it has ndim >= 2 and its smaller side exceeds r.
         update_proj_gap: steps between basis refreshes T (default 200).
@@ -89,12 +94,18 @@ class LowRankAdamW(MemoptOptimizer):
         moments_on_refresh: "keep", "reset", "rotate" or "rotate_fill" (``galore.carry_moments``).
         error_feedback: "none" (default), "fp32" or "8bit": carry what the projection discards
             into the next gradient, in a buffer of the matrix's size (``error_feedback.py``).
+        eps_before_bias_correction: False (torch's Adam: eps added to sqrt(v_hat)) or True
+            (galore-torch's AdamW: eps added to sqrt(v) before the bias correction, i.e.
+            eps / sqrt(1 - b2^t) on sqrt(v_hat); with its eps=1e-6 it reproduces its steps).
         projection_precision: "auto" (TF32 on CUDA, full fp32 elsewhere), "highest", "high"
             (TF32) or "medium" (bf16 factors, fp32 sums and results) for the step's
             projections and lifts; bases are always built and kept in full fp32.
         adamw: True makes the whole group plain AdamW (default False).
         check_finite: raise FloatingPointError on a non-finite gradient before changing
-            anything (default True; one device sync per step).
+            anything (default True; one device sync per step). With False nothing is
+            checked: a non-finite gradient goes into the weights and state, as in
+            torch.optim, on every step (a basis refresh then builds its basis from G with
+            its non-finite entries zeroed).
         impl: "fast" (batched executors, the default) or "reference" (the reference
             functions, one matrix at a time; FSDP2 shards always run fast).
         cuda_graph: must be False (recorded steps were removed; kept for saved states).
@@ -107,8 +118,12 @@ class LowRankAdamW(MemoptOptimizer):
                  projector_options: dict[str, Any] | None = None, state_bits: int = 32,
                  residual: str = "none", limiter_gamma: float = 1.01,
                  moments_on_refresh: str = "keep", projection_precision: str = "auto",
-                 error_feedback: str = "none", adamw: bool = False, check_finite: bool = True,
-                 impl: str = "fast", cuda_graph: bool = False) -> None:
+                 error_feedback: str = "none", eps_before_bias_correction: bool = False,
+                 adamw: bool = False, check_finite: bool = True,
+                 impl: str = "fast", cuda_graph: bool = False, **unknown: Any) -> None:
+        unknown = bitsandbytes_arguments(unknown)              # optim_bits -> state_bits
+        state_bits = unknown.pop("state_bits", state_bits)
+        refuse_unknown_arguments(type(self).__name__, unknown, arguments(locals()))
         defaults = {**arguments(locals()),
                     "betas": tuple(betas) if isinstance(betas, list) else betas}
         self._projectors: dict[Tensor, Projector] = {}
@@ -117,9 +132,11 @@ class LowRankAdamW(MemoptOptimizer):
         self._ranks_named = False
         if not isinstance(params, (torch.nn.Module, Tensor)):   # torch refuses a Tensor
             params = list(params)
-            self._ranks_named = any(isinstance(g, dict) and "rank" in g for g in params)
+            self._ranks_named = any(map(names_a_rank, params))
         super().__init__(params, defaults)
-        warn_if_unprojected(type(self).__name__, self.param_groups, self.is_projected)
+        if not warn_if_no_matrix_used(type(self).__name__, self.param_groups, self.is_projected,
+                                      self._why_not_projected, "projected"):
+            self._warn_small_matrices()
 
     # ------------------------------------------------------------ configuration
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -128,7 +145,7 @@ class LowRankAdamW(MemoptOptimizer):
         super().add_param_group(lowrank_group(param_group, self._ranks_named))
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative("learning rate", group["lr"])
+        check_learning_rate(group["lr"])
         check_betas("betas", group["betas"])
         check_nonnegative("epsilon value", group["eps"])
         check_nonnegative("weight_decay value", group["weight_decay"])
@@ -144,6 +161,7 @@ class LowRankAdamW(MemoptOptimizer):
             raise ValueError(f"Invalid projector_options: {options!r} (must be a dict or None)")
         for key, choices in (("state_bits", (8, 32)), ("residual", RESIDUALS),
                              ("moments_on_refresh", REFRESH_MODES), ("adamw", (True, False)),
+                             ("eps_before_bias_correction", (True, False)),
                              ("projection_precision", PROJECTION_PRECISIONS)):
             check_choice(key, group[key], choices)
         check_error_feedback(group)
@@ -153,6 +171,30 @@ class LowRankAdamW(MemoptOptimizer):
         if group["rank"] is not None and not callable(spec):
             make_projector(spec, group["rank"], **(options or {}))   # options are valid
         self._store(8 if group["error_feedback"] == "8bit" else group["state_bits"])
+
+    def _warn_small_matrices(self) -> None:
+        """Warn once when matrices of groups with a rank stay on AdamW because their smaller
+        side is not above it: galore-torch would project them (onto a full basis) and scale
+        their update by ``scale``; memopt gives them AdamW at the group's lr."""
+        small = [(i, tuple(p.shape)) for i, g in enumerate(self.param_groups)
+                 if g["rank"] is not None and not g["adamw"]
+                 for p in g["params"] if p.ndim >= 2 and not self.is_projected(g, p)]
+        if small:
+            shown = ", ".join(f"{shape} in group {i}" for i, shape in small[:4])
+            more = f" and {len(small) - 4} more" if len(small) > 4 else ""
+            are = "matrix is" if len(small) == 1 else "matrices are"
+            warnings.warn(f"{type(self).__name__}: {len(small)} {are} not larger than "
+                          f"their group's rank and get plain AdamW at the group's lr, unscaled "
+                          f"({shown}{more}); galore-torch would project them and scale their "
+                          "update by `scale`", stacklevel=3)
+
+    @staticmethod
+    def _why_not_projected(group: dict[str, Any], p: Tensor) -> str:
+        if group["adamw"]:
+            return "a group has adamw=True"
+        if group["rank"] is None:
+            return "a group has rank=None"
+        return f"rank {group['rank']} is not below the smaller side of a {tuple(p.shape)} matrix"
 
     @staticmethod
     def is_projected(group: dict[str, Any], p: Tensor) -> bool:
@@ -172,12 +214,37 @@ class LowRankAdamW(MemoptOptimizer):
             if is_sharded(p):
                 options.setdefault("side", "right")
             proj = spec(rank) if callable(spec) else make_projector(spec, rank, **options)
-            saved = {k[len(PROJ_PREFIX):]: v for k, v in self.state[p].items()
+            saved = {k[len(PROJ_PREFIX):]: v for k, v in self.state.get(p, {}).items()
                      if k.startswith(PROJ_PREFIX)}
             if saved:
                 proj.load_state_dict(saved)
             self._projectors[p] = proj
         return proj
+
+    #: What a loaded state must agree on (``MemoptOptimizer.load_state_dict``).
+    STRUCTURE = ("rank", "projector", "projector_options", "residual", "error_feedback",
+                 "state_bits", "adamw")
+    OPTIONAL_STATE = frozenset({"error_buffer"})     # made on first use
+
+    def expected_state(self, group: dict[str, Any], p: Tensor) -> list[StateSpec]:
+        """A projected matrix's :meth:`state_specs`, else AdamW's moments."""
+        if self.is_projected(group, p):
+            return self.state_specs(group, p)
+        return super().expected_state(group, p)
+
+    def is_plain_state(self, key: str) -> bool:
+        return key.startswith(PROJ_PREFIX)       # the projector's side, shape, counters
+
+    def _check_param_state(self, owner: str, gi: int, pi: int, group: dict[str, Any],
+                           p: Tensor, values: Any) -> None:
+        """Also: the projector's saved matrix shape is p's."""
+        super()._check_param_state(owner, gi, pi, group, p, values)
+        saved = tuple(values.get(PROJ_PREFIX + k) for k in ("rows", "cols"))
+        if None not in saved and not is_sharded(p) and \
+                tuple(map(int, saved)) != tuple(as_matrix(p).shape):
+            raise ValueError(f"{owner}: the basis of parameter {self._label(gi, pi)} was "
+                             f"fitted to a {tuple(map(int, saved))} matrix, not "
+                             f"{tuple(as_matrix(p).shape)}: a state of another model")
 
     def state_specs(self, group: dict[str, Any], p: Tensor) -> list[StateSpec]:
         """The state of projected matrix ``p`` (its global shape): Adam's moments on the
@@ -292,7 +359,7 @@ class LowRankAdamW(MemoptOptimizer):
                             == "medium", group["residual"] == "fira")
 
     def adamw_settings(self, group: dict[str, Any]) -> tuple[float, tuple[float, float], float]:
-        return group["lr"], group["betas"], group["eps"]
+        return learning_rate(group), group["betas"], group["eps"]
 
     def _step_matrices(self, group: dict[str, Any], plan: _Plan, prepared: Prepared,
                        store: MomentStore) -> None:
@@ -322,10 +389,11 @@ class LowRankAdamW(MemoptOptimizer):
         beta1, beta2 = group["betas"]
         fira = group["residual"] == "fira"
         updates = fast.adam([b for _, b in batches], [s for ss in states for s in ss], store,
-                            beta1=beta1, beta2=beta2, eps=group["eps"], fira=fira)
+                            beta1=beta1, beta2=beta2, eps=group["eps"], fira=fira,
+                            eps_before_bias_correction=group["eps_before_bias_correction"])
         for (params, batch), U, ss in zip(batches, updates, states):
             first = params[0]
-            fast.apply(batch, U, ss, lr=group["lr"], scale=group["scale"],
+            fast.apply(batch, U, ss, lr=learning_rate(group), scale=group["scale"],
                        weight_decay=group["weight_decay"],
                        fira_gamma=group["limiter_gamma"] if fira else None,
                        sum_over_shards=(lambda t, p=first: all_reduce_sum(t, p, "fira_limiter"))
@@ -336,10 +404,11 @@ class LowRankAdamW(MemoptOptimizer):
         projectors = [self.projector(p, group) for p in params]
         fast.reference([local(p) for p in params], [local(p.grad) for p in params],
                        [q.basis() for q in projectors], [q.side for q in projectors],
-                       [self.state[p] for p in params], store, lr=group["lr"],
+                       [self.state[p] for p in params], store, lr=learning_rate(group),
                        betas=group["betas"], eps=group["eps"], scale=group["scale"],
                        weight_decay=group["weight_decay"],
-                       fira_gamma=group["limiter_gamma"] if group["residual"] == "fira" else None)
+                       fira_gamma=group["limiter_gamma"] if group["residual"] == "fira" else None,
+                       eps_before_bias_correction=group["eps_before_bias_correction"])
 
     def _refresh_if_due(self, group: dict[str, Any], p: Tensor, store: MomentStore) -> None:
         """A new basis from G every ``update_proj_gap`` steps (the first step included);
@@ -350,7 +419,13 @@ class LowRankAdamW(MemoptOptimizer):
         proj, mode = self.projector(p, group), group["moments_on_refresh"]
         old = proj.basis() if "exp_avg" in state and mode.startswith("rotate") else None
         G = as_matrix(local(p.grad))
-        update_from_shards(proj, G, p) if is_sharded(p) else proj.update(G)
+        try:
+            update_from_shards(proj, G, p) if is_sharded(p) else proj.update(G)
+        except FloatingPointError:
+            if group["check_finite"]:
+                raise
+            G = G.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)     # see check_finite
+            update_from_shards(proj, G, p) if is_sharded(p) else proj.update(G)
         for key, value in proj.state_dict().items():
             state[PROJ_PREFIX + key] = value
         if "exp_avg" not in state:

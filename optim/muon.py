@@ -24,10 +24,12 @@ from memopt.projections.polar import work_dtype
 from . import executors_polar as fast
 from .compat import muon_arguments
 from .distributed import all_reduce_sum, is_sharded, local, sharded_polar
-from .engine import PREPARE_BYTES, MemoptOptimizer, Prepared, arguments, eight_bit, moment_dtype
+from .engine import (PREPARE_BYTES, MemoptOptimizer, Prepared, arguments, eight_bit, moment_dtype,
+                     refuse_unknown_arguments)
 from .executors import MAX_BATCH_BYTES, add_to_matrix_, as_matrix, buckets
-from .groups import check_betas, check_choice, check_nonnegative, check_positive_int
-from .states import MomentStore, StateSpec, momentum_specs, nuclear_average
+from .groups import (check_betas, check_choice, check_learning_rate, check_nonnegative,
+                     check_positive_int, learning_rate, warn_if_no_matrix_used)
+from .states import NUCLEAR_AVERAGE, MomentStore, StateSpec, momentum_specs, nuclear_average
 
 ORTHOGONALIZERS = ("newton_schulz", "polar_express", "svd")
 ADJUST_LR = ("original", "match_rms_adamw", "none")
@@ -150,13 +152,27 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
                  scaling: str, variant: str, adamw_lr: float,
                  adamw_betas: tuple[float, float], adamw_eps: float, state_bits: int,
                  ns_dtype: str = "auto", redundant: bool = False, adamw: bool = False,
-                 check_finite: bool = True, impl: str = "fast") -> None:
+                 check_finite: bool = True, impl: str = "fast", **unknown: Any) -> None:
+        refuse_unknown_arguments(type(self).__name__, unknown, arguments(locals()))
         defaults = {**arguments(locals()), "adamw_betas": tuple(adamw_betas)}
         self._plans: dict[int, _Plan] = {}
         super().__init__(params, defaults)
+        warn_if_no_matrix_used(type(self).__name__, self.param_groups, self.is_orthogonalized,
+                               lambda group, p: "a group has adamw=True", "orthogonalized")
+
+    #: What a loaded state must agree on (``MemoptOptimizer.load_state_dict``).
+    STRUCTURE = ("scaling", "variant", "state_bits", "adamw")
+    INTERNAL_GROUP_KEYS = frozenset({"lr_at_start"})
+    OPTIONAL_STATE = frozenset({NUCLEAR_AVERAGE})      # made on first use
+
+    def expected_state(self, group: dict[str, Any], p: Tensor) -> list[StateSpec]:
+        """An orthogonalized matrix's :meth:`state_specs`, else AdamW's moments."""
+        if self.is_orthogonalized(group, p):
+            return self.state_specs(group, p)
+        return super().expected_state(group, p)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative("learning rate", group["lr"])
+        check_learning_rate(group["lr"])
         mu = group["momentum"]
         if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < 1:
             raise ValueError(f"Invalid momentum value: {mu!r} (must be in [0, 1))")
@@ -170,7 +186,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
                              ("state_bits", (8, 32)), ("nesterov", (True, False)),
                              ("adamw", (True, False)), ("redundant", (True, False))):
             check_choice(key, group[key], choices)
-        group.setdefault("lr_at_start", group["lr"])
+        group.setdefault("lr_at_start", learning_rate(group))
         self._store(group["state_bits"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -183,9 +199,10 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         scheduler, a manual change; lr 0 freezes the whole group). A group added at lr 0
         keeps ``adamw_lr`` once its lr is raised."""
         start = group.get("lr_at_start", group.get("initial_lr"))
+        start = float(start) if isinstance(start, Tensor) else start
         if not start:
-            return 0.0 if group["lr"] == 0 else group["adamw_lr"]
-        return group["adamw_lr"] * group["lr"] / start
+            return 0.0 if learning_rate(group) == 0 else group["adamw_lr"]
+        return group["adamw_lr"] * learning_rate(group) / start
 
     @staticmethod
     def is_orthogonalized(group: dict[str, Any], p: Tensor) -> bool:
@@ -292,7 +309,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         if not polar_first:
             fast.advance_momenta(momenta, grads, group["momentum"])
         filled = self._orthogonalize(group, params, filled)
-        lr, n = group["lr"], grads[0].shape[1]
+        lr, n = learning_rate(group), grads[0].shape[1]
         step_size = lr * lr_adjustment(tuple(grads[0].shape), group["adjust_lr"])
         if group["scaling"] == "none" and not polar_first:
             fast.write(params, filled, n, step_size=step_size, decay=1 - lr * group["weight_decay"])
@@ -314,7 +331,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         """:func:`orthogonalized_direction` matrix by matrix: the reference path, and the
         FSDP2 path (momentum on local rows, the polar factor of each whole matrix gathered
         on an owner rank or everywhere with ``redundant``, nuclear norms summed over ranks)."""
-        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        lr, mu, wd = learning_rate(group), group["momentum"], group["weight_decay"]
         for i, p in enumerate(params):
             state = self.state[p]
             if not state:

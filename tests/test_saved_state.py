@@ -46,9 +46,17 @@ def shapes(name: str, bits: int) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def build(name: str, bits: int, params: dict[str, torch.Tensor]) -> torch.optim.Optimizer:
+#: Options whose 0.1 default has changed and which decide what the state holds: a 0.1 state
+#: loads into an optimizer built with the value it was saved with (a default one refuses it).
+OLD_STRUCTURE = {"polargrad": {"scaling": "nuclear_norm"}}
+
+
+def build(name: str, bits: int, params: dict[str, torch.Tensor],
+          old_defaults: bool = True) -> torch.optim.Optimizer:
     named = list(params.items())
     kw = LOWRANK_KW if name in ("galore", "dct", "fira") else {"lr": 0.02, "weight_decay": 0.1}
+    if old_defaults:
+        kw = {**kw, **OLD_STRUCTURE.get(name, {})}
     return CLASSES[name]([{"params": named}], state_bits=bits, **kw)
 
 
@@ -94,6 +102,17 @@ def test_saved_state_of_v0_1_loads_and_continues_exactly(name, bits):
     for k, p in params.items():
         torch.testing.assert_close(p.detach(), saved["expected"][k], rtol=0, atol=ATOL,
                                    msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_saved_state_of_v0_1_polargrad_is_refused_under_the_new_default_scaling():
+    """0.1's PolarGrad scaled by the nuclear norm; today's default scales relative to its
+    average, whose state the old one lacks: loading names the option to pass."""
+    saved = torch.load(fixture_path("polargrad", 32), weights_only=True)
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in saved["params"].items()}
+    opt = build("polargrad", 32, params, old_defaults=False)
+    with pytest.raises(ValueError, match="scaling='nuclear_norm'"):
+        opt.load_state_dict(saved["optimizer"])
+    assert not opt.state
 
 
 if __name__ == "__main__":
