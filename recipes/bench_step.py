@@ -20,12 +20,13 @@ not timed (warm-up).
 each matrix's projection and lift (``project_onto`` and ``executors_lowrank.lift_into_``,
 TF32 on CUDA, on random orthonormal bases of the rank), one after another, eagerly.
 Peers (bitsandbytes, galore-torch, fira) are measured when installed (``pip install
-memopt[bench]``).
+memopt[bench]``), bitsandbytes imported without its CPU notice (``states.import_bitsandbytes``).
+``--only`` keeps the rows whose names contain one of its filters (any case) and the AdamW
+baseline; a filter that matches no row is refused.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import math
 import traceback
@@ -37,7 +38,10 @@ import torch
 
 from memopt import optim as mo
 
-from .peers import peer_state_bytes
+from memopt.optim.states import import_bitsandbytes
+
+from .arguments import ArgumentParser
+from .peers import import_peer, peer_state_bytes
 from .timing import (environment, markdown_table, median, resolve_device, synchronize,
                      time_ms, warm_up, write_json)
 
@@ -91,12 +95,12 @@ def entries(rank: int) -> list[Entry]:
     out = [Entry("torch AdamW (fused)", lambda m, v: torch.optim.AdamW(
         m + v, lr=1e-3, fused=True))]
     try:
-        import bitsandbytes as bnb
+        bnb = import_bitsandbytes("the bitsandbytes AdamW8bit row")
         out.append(Entry("bitsandbytes AdamW8bit", lambda m, v: bnb.optim.AdamW8bit(m + v, lr=1e-3)))
     except ImportError:
         pass
     try:
-        import galore_torch
+        galore_torch = import_peer("galore_torch")
 
         def galore(cls: type, **kw: Any) -> Callable:
             return lambda m, v: cls([{"params": m, "rank": rank, "update_proj_gap": 200,
@@ -108,7 +112,7 @@ def entries(rank: int) -> list[Entry]:
     except ImportError:
         pass
     try:
-        import fira
+        fira = import_peer("fira")
         out.append(Entry("fira FiraAdamW", lambda m, v: fira.FiraAdamW(
             [{"params": m, "rank": rank, "update_proj_gap": 200, "alpha": 0.25,
               "proj_type": "std"}, {"params": v}], lr=1e-3, no_deprecation_warning=True)))
@@ -250,15 +254,30 @@ def run_entry(entry: Entry, master_matrices: list[torch.Tensor],
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def select(entries_: list[Entry], only: str | None) -> list[Entry]:
+    """The entries whose names contain one of the comma-separated ``only`` filters (any
+    case), and the AdamW baseline; ValueError naming each filter that matches nothing."""
+    if not only:
+        return entries_
+    keys = [k.strip() for k in only.split(",") if k.strip()]
+    unmatched = [k for k in keys if not any(k.lower() in e.name.lower() for e in entries_)]
+    if unmatched or not keys:
+        raise ValueError(f"no row's name contains {', '.join(map(repr, unmatched or [only]))} "
+                         f"(rows: {', '.join(e.name for e in entries_)})")
+    return [e for e in entries_ if any(k.lower() in e.name.lower() for k in keys)
+            or e.name.startswith("torch AdamW")]
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=None, help="2048 on GPU, 512 on CPU")
     parser.add_argument("--intermediate", type=int, default=None, help="5461 on GPU, 1365 on CPU")
     parser.add_argument("--rank", type=int, default=None, help="512 on GPU, 128 on CPU")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per optimizer")
-    parser.add_argument("--only", default=None, help="comma-separated substrings of names")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated parts of row names, any case (each must match)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--profile", default=None, help="append kernel tables to this file")
     parser.add_argument("--products", action="store_true",
@@ -269,15 +288,15 @@ def main(argv: list[str] | None = None) -> int:
     hidden = args.hidden or (2048 if gpu else 512)
     intermediate = args.intermediate or (5461 if gpu else 1365)
     rank = args.rank or (512 if gpu else 128)
+    try:
+        selected = select(entries(rank), args.only)
+    except ValueError as exc:
+        parser.error(f"argument --only: {exc}")
     matrices, vectors = llama_blocks(args.blocks, hidden, intermediate, device)
     grads = [p.grad for p in matrices + vectors]
     for p in matrices + vectors:
         p.grad = None
     n_params = sum(p.numel() for p in matrices + vectors)
-    selected = entries(rank)
-    if args.only:
-        keys = [k.strip() for k in args.only.split(",")]
-        selected = [e for e in selected if any(k in e.name for k in keys) or e.name.startswith("torch AdamW")]
     warm_up(device)
     rows = []
     for entry in selected:

@@ -89,7 +89,8 @@ def _torch_adamw(model: torch.nn.Module, opts: dict[str, Any]) -> list[torch.opt
 
 
 def _bnb_adamw8bit(model: torch.nn.Module, opts: dict[str, Any]) -> list[torch.optim.Optimizer]:
-    import bitsandbytes as bnb
+    from memopt.optim.states import import_bitsandbytes
+    bnb = import_bitsandbytes("the bitsandbytes AdamW8bit row")
     return [bnb.optim.AdamW8bit(model.parameters(), lr=ADAMW_LR)]
 
 

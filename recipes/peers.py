@@ -9,7 +9,9 @@
   rest, stepped as one optimizer (:class:`Together`).
 
 A peer that is not installed is a clear error naming the package. memopt's ``bitsandbytes``
-AdamW8bit and torch AdamW are in memopt's own registry ("adamw8bit", "adamw").
+AdamW8bit and torch AdamW are in memopt's own registry ("adamw8bit", "adamw"). Peers are
+imported through :func:`import_peer`, which imports bitsandbytes (galore-torch imports it)
+through memopt's quiet import first.
 """
 
 from __future__ import annotations
@@ -51,6 +53,16 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     from memopt.optim import state_bytes
     from memopt.optim.engine import MemoptOptimizer
     return state_bytes(opt) if isinstance(opt, MemoptOptimizer) else peer_state_bytes(opt)
+
+
+def import_peer(module: str) -> Any:
+    """Import a peer's package (ImportError when missing). bitsandbytes, which galore-torch
+    imports when it is imported, is imported first through memopt's quiet import
+    (``states.import_bitsandbytes``), so its CPU 4-bit-kernel notice is not printed."""
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        from memopt.optim.states import import_bitsandbytes
+        import_bitsandbytes(module)
+    return importlib.import_module(module)
 
 
 def peer_available(name: str) -> bool:
@@ -141,9 +153,9 @@ def build_peer(name: str, model: torch.nn.Module, lr: float, rank: int | None = 
                          torch.optim.AdamW(rest, lr=adamw_lr, betas=(0.9, 0.95),
                                            fused=all(p.is_cuda for p in rest))])
     if name == "peer-galore-torch":
-        import galore_torch
+        galore_torch = import_peer("galore_torch")
         groups = projected_groups(model, rank=rank, update_proj_gap=update_proj_gap, scale=scale)
         return galore_torch.GaLoreAdamW(groups, lr=lr, no_deprecation_warning=True, **options)
-    import fira
+    fira = import_peer("fira")
     groups = projected_groups(model, rank=rank, update_proj_gap=update_proj_gap, alpha=scale)
     return fira.FiraAdamW(groups, lr=lr, no_deprecation_warning=True, **options)
