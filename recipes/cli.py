@@ -1,10 +1,11 @@
 """The `memopt` command (also `python -m memopt`): train, compare, estimate, bench.
 
 Every mistake on the command line ends in one line, ``memopt COMMAND: error: ...``, that
-names the flag, and exit status 2, before anything is trained: values are checked as they
-are parsed, and each optimizer is built once on a meta-device copy of the model with the
-given options, so a bad ``--set`` is refused before the first run and not minutes into a
-comparison.
+names the flag, and exit status 2, before anything is trained or overwritten: values are
+checked as they are parsed; each optimizer is built once on a meta-device copy of the model
+with the given options, so a bad ``--set`` is refused before the first run and not minutes
+into a comparison; a ``--resume`` is compared with the run recorded in its folder; and
+``--out`` must be a folder this process can write.
 """
 
 from __future__ import annotations
@@ -12,21 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from .arguments import (ArgumentParser, UsageError, non_negative_int, option, optimizer_list,
-                        optimizer_name, positive_float, positive_int)
+from .arguments import (ArgumentParser, UsageError, check_out_file, check_run_arguments,
+                        non_negative_int, option, optimizer_list, optimizer_name,
+                        positive_float, positive_int, run_config)
 from .peers import recipe_optimizers
 from .presets import PRESETS, get_preset
-
-LOW_RANK = ("galore", "dct", "fira")
-
-
-def _is_low_rank(name: str) -> bool:
-    return name.removesuffix("8bit") in LOW_RANK
-
 
 # ------------------------------------------------------------------ parser
 def _run_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None:
@@ -49,10 +45,13 @@ def _run_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None
                         help="update each parameter in the backward pass (frees gradients early)")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute activations in backward instead of keeping them")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", action="append", default=[], metavar="[NAME.]KEY=VALUE",
                         type=option, dest="options",
-                        help="extra optimizer argument, e.g. --set moments_on_refresh=rotate "
-                             "(repeatable; values are Python literals or plain strings)")
+                        help="extra optimizer argument: KEY=VALUE for every optimizer, "
+                             "NAME.KEY=VALUE for optimizer NAME only (wins over KEY=VALUE), "
+                             "e.g. --set dct.moments_on_refresh=reset (repeatable; values are "
+                             "Python literals or plain strings; a key given twice, or also "
+                             "through its own flag --lr or --rank, is refused)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--ddp", action="store_true", help="DistributedDataParallel (torchrun)")
     mode.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard (torchrun)")
@@ -74,10 +73,9 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
                             "or a factor of the preset's rate (x0.5, x1, x2); repeatable; "
                             "not with --lr")
     group.add_argument("--jobs", type=positive_int, default=None, metavar="N",
-                       help="runs at once (default: 1 on the CPU, min(12, runs) on CUDA)")
-    group.add_argument("--resume", action="store_true", dest="resume_sweep",
-                       help="keep each finished run in OUT/runs whose arguments match (its "
-                            "command.json and summary.json) and train only the others")
+                       help="runs at once (default: 1 on the CPU, min(12, runs) on CUDA; "
+                            "each run gets OMP_NUM_THREADS threads where it is set, else the "
+                            "CPU's cores shared out among the jobs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", type=optimizer_name, required=True,
                    help=f"one of {', '.join(recipe_optimizers())}")
     _run_arguments(p, "tiny")
-    p.add_argument("--out", default=None, help="folder for log.jsonl, checkpoint.pt, summary.json")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--out", default=None,
+                   help="folder for log.jsonl, checkpoint.pt, summary.json and config.json "
+                        "(the arguments a --resume must match)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue from --out/checkpoint.pt; refused where the run there "
+                            "had other arguments (optimizer, preset, steps, lr, rank, seed, "
+                            "data, --set, --fsdp)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --out (without it or --resume, a "
+                            "folder holding a run is refused)")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                    help="also checkpoint every N steps (always at the end)")
     p.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
@@ -101,12 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="the same run with several optimizers, side by side",
         description="Train the same model on the same batches once per optimizer. Each "
                     "finished run is written to OUT/results.json and OUT/loss_curves.png at "
-                    "once, so Ctrl-C keeps the finished runs. --lr and --rank apply to every "
-                    "optimizer they concern (--rank: the low-rank ones).")
+                    "once, so Ctrl-C keeps the finished runs, and --resume continues. --lr "
+                    "and --rank apply to every optimizer they concern (--rank: the low-rank "
+                    "ones); --set NAME.KEY=VALUE to one optimizer.")
     p.add_argument("--optimizers", type=optimizer_list, default=list(DEFAULT_OPTIMIZERS),
                    help=f"comma-separated (default: {','.join(DEFAULT_OPTIMIZERS)})")
     _run_arguments(p, DEFAULT_PRESET)
-    p.add_argument("--out", default=None, help="output folder (default: runs/compare-PRESET)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: runs/compare-PRESET); an earlier comparison "
+                        "there is replaced, unless --resume")
+    p.add_argument("--resume", action="store_true", dest="resume_runs",
+                   help="keep each finished run in OUT whose arguments match (OUT/results.json; "
+                        "a sweep: each run's command.json and summary.json in OUT/runs) and "
+                        "train only the others")
     _sweep_arguments(p)
 
     p = sub.add_parser("estimate", help=estimate.HELP, description=estimate.DESCRIPTION,
@@ -117,93 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--projectors", action="store_true",
                    help="time projector refreshes instead (bench_projectors)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--only", default=None, help="comma-separated name filters (bench_step)")
-    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--only", default=None,
+                   help="comma-separated name filters, each a part of a row's name, any case "
+                        "(bench_step; a filter that matches no row is refused)")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the rows as JSON here")
     return parser
 
 
-# ------------------------------------------------------------------ checks
-def _run_config(args: argparse.Namespace, optimizer: str, out: str | None):
-    from .train import RunConfig
-    return RunConfig(optimizer=optimizer, preset=args.preset, lr=args.lr, rank=args.rank,
-                     steps=args.steps, data=args.data, device=args.device, out=out,
-                     seed=args.seed, resume=getattr(args, "resume", False),
-                     checkpoint_every=getattr(args, "checkpoint_every", None),
-                     progress=not args.no_progress, per_layer=args.per_layer,
-                     activation_checkpointing=args.activation_checkpointing,
-                     distributed="ddp" if args.ddp else "fsdp" if args.fsdp else None,
-                     optimizer_options=dict(args.options))
-
-
-def check_optimizer(name: str, args: argparse.Namespace) -> None:
-    """Build ``name`` as the run will, on a meta-device copy of the preset's model: first
-    with the preset's arguments and --lr / --rank, then adding each --set option in turn, so
-    that an error names the option that caused it."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from .peers import build_optimizer
-    preset = get_preset(args.preset, steps=args.steps)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(preset.llama_config())
-    kwargs = preset.optimizer_kwargs(name, args.lr, args.rank)
-    flag = "--lr" if args.lr is not None else "--optimizer"
-    for key, value in [(None, None)] + list(args.options):
-        if key is not None:
-            kwargs[key] = value
-            flag = f"--set {key}"
-        try:
-            build_optimizer(name, model, **kwargs)
-        except TypeError as exc:
-            if key is not None and repr(key) in str(exc):
-                raise UsageError(f"argument {flag}: {name} has no argument {key!r} "
-                                 f"(see help(memopt.optim) for each optimizer's arguments)") from None
-            raise UsageError(f"argument {flag}: {name}: {exc}") from None
-        except ValueError as exc:
-            raise UsageError(f"argument {flag}: {name}: {exc}") from None
-
-
-def check_run_arguments(args: argparse.Namespace, optimizers: list[str]) -> Any:
-    """Everything that can be checked before training; returns the loaded corpus."""
-    import torch
-
-    from .data import load_corpus
-    if args.rank is not None and not any(_is_low_rank(n) for n in optimizers):
-        raise UsageError(f"argument --rank: {', '.join(optimizers)} has no rank (--rank is for "
-                         f"{', '.join(LOW_RANK)} and their 8bit versions)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("argument --device: cuda was asked for, but torch sees no CUDA device")
-    if (args.ddp or args.fsdp) and "RANK" not in os.environ:
-        raise UsageError(f"argument {'--ddp' if args.ddp else '--fsdp'}: needs torchrun "
-                         "(torchrun --nproc_per_node N -m memopt train ...)")
-    if getattr(args, "resume", False):
-        if not args.out:
-            raise UsageError("argument --resume: needs --out, the folder of the checkpoint")
-        from .train import CHECKPOINT
-        if not Path(args.out, CHECKPOINT).exists():
-            raise UsageError(f"argument --resume: no {CHECKPOINT} in {args.out}")
-    for name in optimizers:
-        check_optimizer(name, args)
-    try:
-        corpus = load_corpus(args.data)
-    except (ValueError, OSError) as exc:           # data.py's messages start with "--data"
-        message = str(exc).removeprefix("--data").lstrip(": ")
-        raise UsageError(f"argument --data: {message}") from None
-    preset = get_preset(args.preset, steps=args.steps)
-    for split in ("train", "val"):
-        size = getattr(corpus, split).numel()
-        if size <= preset.seq_len + 1:
-            raise UsageError(f"argument --data: its {split} split has {size} bytes, fewer than "
-                             f"one sequence of the preset ({preset.seq_len + 1})")
-    return corpus
-
-
+# ------------------------------------------------------------------ sweeps
 def is_sweep(args: argparse.Namespace) -> bool:
     """Whether compare runs a sweep of processes; else one run per optimizer in this process,
     as without the sweep flags. Refuses sweep flags that cannot work together."""
     if args.seeds == 1 and not args.lrs and (args.jobs or 1) == 1:
-        if args.resume_sweep:
-            raise UsageError("argument --resume: resumes a sweep (--seeds, --lrs or --jobs)")
         return False
     if args.lrs and args.lr is not None:
         raise UsageError("argument --lrs: not allowed with argument --lr (give the rates in "
@@ -215,6 +154,11 @@ def is_sweep(args: argparse.Namespace) -> bool:
     if args.ddp or args.fsdp:
         raise UsageError(f"argument {'--ddp' if args.ddp else '--fsdp'}: a sweep (--seeds, "
                          "--lrs, --jobs) trains single-process runs")
+    rate = next((key for key, _ in args.options if key.rpartition(".")[2] == "lr"), None)
+    if rate:
+        name = rate.rpartition(".")[0]
+        raise UsageError(f"argument --set {rate}: a sweep gives each run its rate; give it in "
+                         f"--lrs ({name + '=' if name else ''}V1,V2,...)")
     return True
 
 
@@ -230,11 +174,19 @@ def plan_sweep(args: argparse.Namespace) -> tuple[list[Any], int]:
 # ------------------------------------------------------------------ commands
 def _train(args: argparse.Namespace) -> int:
     from .timing import use_available_cores
-    from .train import Diverged, Run
+    from .train import RUN_FILES, CheckpointMismatch, Diverged, Run
     use_available_cores()
-    corpus = check_run_arguments(args, [args.optimizer])
+    corpus = check_run_arguments(args, [args.optimizer], args.out)
+    if args.overwrite and os.environ.get("RANK", "0") == "0":
+        for name in RUN_FILES:
+            Path(args.out, name).unlink(missing_ok=True)
+        shutil.rmtree(Path(args.out, "sharded"), ignore_errors=True)
     try:
-        summary = Run(_run_config(args, args.optimizer, args.out), corpus).train(args.stop_after)
+        run = Run(run_config(args, args.optimizer, args.out), corpus)
+    except CheckpointMismatch as exc:
+        raise UsageError(f"argument --resume: {exc}") from None
+    try:
+        summary = run.train(args.stop_after)
     except Diverged as exc:
         print(f"memopt train: error: {exc}; try a lower --lr", file=sys.stderr)
         return 1
@@ -247,21 +199,24 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import compare, describe_setting, format_duration
+    from .compare import RESULTS, compare, describe_setting, format_duration
     from .sweep import run_sweep
     from .timing import describe_environment, use_available_cores
     use_available_cores()
     sweep = is_sweep(args)
-    corpus = check_run_arguments(args, args.optimizers)
     out = args.out or f"runs/compare-{args.preset}"
-    base = _run_config(args, args.optimizers[0], None)
+    corpus = check_run_arguments(args, args.optimizers, out)
+    base = run_config(args, args.optimizers[0], None)
     print(describe_setting(get_preset(args.preset, steps=args.steps)), flush=True)
+    if Path(out, RESULTS).exists() and not args.resume_runs:
+        print(f"note: replacing the comparison in {out} (--resume keeps its finished runs)",
+              flush=True)
     try:
         if sweep:
             runs, jobs = plan_sweep(args)
-            result = run_sweep(runs, base, out, jobs, corpus, resume=args.resume_sweep)
+            result = run_sweep(runs, base, out, jobs, corpus, resume=args.resume_runs)
         else:
-            result = compare(args.optimizers, base, out, corpus)
+            result = compare(args.optimizers, base, out, corpus, resume=args.resume_runs)
     except KeyboardInterrupt:
         return 130
     print(f"\n{result['corpus']}\n{result['setting']}\n"
@@ -276,13 +231,20 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("argument --device: cuda was asked for, but torch sees no CUDA device")
+    if args.out:
+        check_out_file(args.out)
     forwarded = ["--device", args.device] + (["--out", args.out] if args.out else [])
     if args.projectors:
+        if args.only:
+            raise UsageError("argument --only: filters bench_step's rows, not --projectors")
         from .bench_projectors import main as bench_main
-    else:
-        from .bench_step import main as bench_main
-        forwarded += ["--only", args.only] if args.only else []
-    return bench_main(forwarded)
+        return bench_main(forwarded)
+    from .bench_step import main as bench_main
+    forwarded += ["--only", args.only] if args.only else []
+    return bench_main(forwarded, prog="memopt bench")
 
 
 def main(argv: list[str] | None = None) -> int:

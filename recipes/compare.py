@@ -4,7 +4,8 @@ Every optimizer gets the same model initialisation, the same batches in the same
 the same schedule; the table shows what each gains and loses (final losses in bits per byte,
 time per step, optimizer-state memory, and peak GPU memory on a GPU). ``results.json`` and
 ``loss_curves.png`` in ``--out`` are rewritten as soon as each run finishes, so an
-interrupted comparison (Ctrl-C) keeps every finished run.
+interrupted comparison (Ctrl-C) keeps every finished run, and ``--resume`` keeps those whose
+arguments match (``train.run_identity``) and trains the others.
 
 With ``--seeds N``, ``--lrs SPEC`` or ``--jobs N`` (> 1) the comparison becomes a sweep
 (:mod:`.sweep`): each (optimizer, learning rate, seed) trains in its own ``memopt train``
@@ -32,7 +33,7 @@ from typing import Any
 from .data import ByteCorpus, load_corpus
 from .presets import get_preset
 from .timing import environment, markdown_table, resolve_device
-from .train import LN2, Diverged, RunConfig, train
+from .train import LN2, Diverged, RunConfig, config_from, run_identity, train
 
 DEFAULT_OPTIMIZERS = ("adamw", "galore", "dct", "fira", "muon", "polargrad")
 DEFAULT_PRESET = "quick"
@@ -46,9 +47,11 @@ RESULTS, PLOT = "results.json", "loss_curves.png"
 
 
 def compare(optimizers: list[str], base: RunConfig, out: str | Path,
-            corpus: ByteCorpus | None = None) -> dict[str, Any]:
+            corpus: ByteCorpus | None = None, resume: bool = False) -> dict[str, Any]:
     """Train ``base`` once per optimizer; after each run, rewrite ``out``/results.json (every
-    finished run, the table, the wall time so far) and ``out``/loss_curves.png.
+    finished run, the table, the wall time so far) and ``out``/loss_curves.png. With
+    ``resume``, the finished runs of ``out``/results.json whose arguments match are kept
+    (marked ``"reused"``) and only the others are trained.
 
     A run that diverges is recorded with its step and the comparison goes on. On Ctrl-C the
     files hold the finished runs and ``"interrupted_during"`` names the unfinished one;
@@ -59,30 +62,69 @@ def compare(optimizers: list[str], base: RunConfig, out: str | Path,
     start = time.perf_counter()
     result = result_header(optimizers, base, corpus)
     runs: list[dict[str, Any]] = result["runs"]
+    configs = {name: RunConfig(**{**vars(base), "optimizer": name, "out": str(out / name),
+                                  "resume": False}) for name in optimizers}
+    kept = finished_runs(out, configs) if resume else {}
+    runs += [{**kept[name], "reused": True} for name in optimizers if name in kept]
+    todo = [name for name in optimizers if name not in kept]
+    if resume:
+        print(f"--resume: {plural(len(kept), 'finished run')} kept, "
+              f"{plural(len(todo), 'run')} to train", flush=True)
+    if kept:
+        result["note"] = ("runs kept by --resume show the ms/step of the comparison that "
+                          "trained them")
+        _write(out, result, 0.0, complete=not todo)
     name = ""
     try:
-        for i, name in enumerate(optimizers):
-            cfg = RunConfig(**{**vars(base), "optimizer": name, "out": str(out / name),
-                               "resume": False})
-            label = f"[{i + 1}/{len(optimizers)}] {name}"
+        for done, name in enumerate(todo, 1):
+            label = f"[{optimizers.index(name) + 1}/{len(optimizers)}] {name}"
             try:
-                summary = train(cfg, corpus, label=label)
+                summary = train(configs[name], corpus, label=label)
             except Diverged as exc:
                 summary = {"optimizer": name, "diverged": str(exc), "steps": exc.step,
                            "history": []}
             runs.append(summary)
+            runs.sort(key=lambda r: optimizers.index(r["optimizer"]))
             elapsed = time.perf_counter() - start
-            _write(out, result, elapsed, complete=i + 1 == len(optimizers))
-            left = elapsed / (i + 1) * (len(optimizers) - i - 1)
+            _write(out, result, elapsed, complete=done == len(todo))
+            left = elapsed / done * (len(todo) - done)
             print(f"{run_line(label, summary)}  {progress_note(elapsed, left)}", flush=True)
     except KeyboardInterrupt:
         result["interrupted_during"] = name
         _write(out, result, time.perf_counter() - start, complete=False)
-        done = ", ".join(r["optimizer"] for r in runs) or "none"
+        finished = ", ".join(r["optimizer"] for r in runs) or "none"
         print(f"\nmemopt compare: interrupted during {name}; the {len(runs)} finished run(s) "
-              f"({done}) are in {out / RESULTS}", file=sys.stderr, flush=True)
+              f"({finished}) are in {out / RESULTS}", file=sys.stderr, flush=True)
         raise
     return result
+
+
+def finished_runs(out: Path, configs: dict[str, RunConfig]) -> dict[str, dict[str, Any]]:
+    """The runs of ``out``/results.json (a comparison's, not a sweep's) that finished without
+    diverging under the same arguments as ``configs[name]``, by optimizer name."""
+    try:
+        earlier = json.loads((out / RESULTS).read_text())
+        records = [] if "sweep" in earlier else list(earlier["runs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    kept: dict[str, dict[str, Any]] = {}
+    for record in records:
+        name = record.get("optimizer") if isinstance(record, dict) else None
+        if name not in configs or name in kept or record.get("diverged"):
+            continue
+        config = config_from(record.get("config"))
+        try:
+            same = config is not None and (run_identity(config, measured=True)
+                                           == run_identity(configs[name], measured=True))
+        except ValueError:                          # a preset this version does not know
+            same = False
+        if same:
+            kept[name] = record
+    return kept
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + "s" * (count != 1)
 
 
 def result_header(optimizers: list[str], base: RunConfig, corpus: ByteCorpus) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -71,8 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: no; both: a row for each)")
     p.add_argument("--weights", default="bf16", choices=list(WEIGHT_DTYPES),
                    help="dtype of the weights and gradients (default: bf16)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=option,
-                   dest="options", help="extra optimizer argument (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="[NAME.]KEY=VALUE",
+                   type=option, dest="options",
+                   help="extra optimizer argument: KEY=VALUE for every optimizer, "
+                        "NAME.KEY=VALUE for optimizer NAME only (repeatable; a key given "
+                        "twice, or rank with --rank, is refused)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows here")
 
 
@@ -152,11 +154,13 @@ def estimate_rows(config: Any, optimizers: list[str], per_layer: list[bool],
     import transformers
 
     from memopt.optim import estimate_memory
+
+    from .arguments import settings_for
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     rows = []
     for name in optimizers:
-        kwargs = dict(options)
+        kwargs = settings_for(options, name)
         low_rank = name.removesuffix("8bit") in LOW_RANK
         if low_rank and rank is not None:
             kwargs.setdefault("rank", rank)
@@ -204,11 +208,11 @@ def run(args: argparse.Namespace) -> int:
     import memopt.optim
     import memopt.projections
 
-    from .arguments import UsageError
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from .arguments import UsageError, check_settings
     try:
         config, title, default_rank = model_config(args)
         optimizers = expand_optimizers(args.optimizers, args.bits)
+        check_settings(args, optimizers, "estimate")
         rank = args.rank if args.rank is not None else default_rank
         if args.rank is not None and not any(n.removesuffix("8bit") in LOW_RANK
                                              for n in optimizers):

@@ -3,8 +3,9 @@
 ``--seeds N`` trains seeds S .. S+N-1 (S: ``--seed``); ``--lrs`` gives the learning rates
 (grammar in :func:`lr_spec`); ``--jobs N`` runs N processes at once. Each run is
 ``python -m memopt train --optimizer NAME --lr LR --seed S ... --no-progress
---out OUT/runs/NAME/lr-LR/seed-S`` with the options given to compare, OMP_NUM_THREADS=1 on
-CUDA (on the CPU: the cores shared out among the jobs), and its stdout and stderr in
+--out OUT/runs/NAME/lr-LR/seed-S`` with the options given to compare (``--set``: those that
+reach NAME), OMP_NUM_THREADS as the user set it, else 1 on CUDA and on the CPU the cores
+shared out among the jobs, and its stdout and stderr in
 ``stdout.txt`` and ``stderr.txt`` of its folder. After each run ends, ``OUT/results.json``
 is rewritten: every run's summary (its loss history stays in the run's ``summary.json``),
 or for a run that diverged or failed, its status and the tail of its stderr; the tables
@@ -29,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .arguments import optimizer_name, positive_float
-from .compare import (PLOT, RESULTS, lr_rows, plot_curves, progress_note, result_header,
-                      run_line, save_json, sweep_tables)
+from .arguments import optimizer_name, positive_float, settings_for
+from .compare import (PLOT, RESULTS, lr_rows, plot_curves, plural, progress_note,
+                      result_header, run_line, save_json, sweep_tables)
 from .data import ByteCorpus
 from .presets import Preset, get_preset
 from .timing import available_cores, resolve_device
@@ -130,7 +131,11 @@ def default_jobs(device: str, runs: int) -> int:
 
 
 def threads_per_run(device: str, jobs: int) -> int:
-    """1 on CUDA; on the CPU the cores shared out among the jobs."""
+    """OMP_NUM_THREADS where the user set it (a whole number); else 1 on CUDA and on the CPU
+    the cores shared out among the jobs."""
+    users = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if users.isdigit() and int(users) > 0:
+        return int(users)
     if resolve_device(device).type == "cuda":
         return 1
     return max(1, available_cores() // jobs)
@@ -138,7 +143,8 @@ def threads_per_run(device: str, jobs: int) -> int:
 
 def train_command(base: RunConfig, run: SweepRun, folder: Path) -> list[str]:
     """The ``memopt train`` command line of one run: ``base``'s options with the run's
-    optimizer, rate and seed (``--rank`` only for the low-rank optimizers)."""
+    optimizer, rate and seed (``--rank`` only for the low-rank optimizers; of the ``--set``
+    options those that reach the run's optimizer, as plain KEY=VALUE)."""
     cmd = [*TRAIN_COMMAND, "--optimizer", run.optimizer, "--lr", repr(run.lr),
            "--seed", str(run.seed), "--preset", base.preset, "--device", base.device]
     low_rank = get_preset(base.preset).family(run.optimizer) == "lowrank"
@@ -146,7 +152,7 @@ def train_command(base: RunConfig, run: SweepRun, folder: Path) -> list[str]:
                         ("--rank", base.rank if low_rank else None)):
         if value is not None:
             cmd += [flag, str(value)]
-    for key, value in base.optimizer_options.items():
+    for key, value in settings_for(base.optimizer_options, run.optimizer).items():
         cmd += ["--set", f"{key}={value!r}"]
     for flag, on in (("--per-layer", base.per_layer),
                      ("--activation-checkpointing", base.activation_checkpointing)):
@@ -173,10 +179,6 @@ def read_outcome(run: SweepRun, returncode: int,
         record.update(status="failed", returncode=returncode)
     record["stderr_tail"] = "\n".join(tail)
     return record, []
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + "s" * (count != 1)
 
 
 def outcome_line(label: str, record: dict[str, Any]) -> str:

@@ -4,7 +4,9 @@ A model built from a ``transformers.LlamaConfig`` (no download) learns next-byte
 on a corpus from :mod:`.data`, with linear warm-up and cosine decay to 10% of the learning
 rate. Every run logs JSON lines and can checkpoint model, optimizer and scheduler in files
 that load with ``torch.load(weights_only=True)``; ``--resume`` continues exactly where a
-checkpoint stopped (batches depend only on the seed and the step).
+checkpoint stopped (batches depend only on the seed and the step). What makes a run what it
+is (:func:`run_identity`) is kept beside the checkpoint in ``config.json``, so that a resume
+under other arguments is refused before anything is loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 from memopt.optim import step_in_backward
 
+from .arguments import settings_for
 from .data import ByteCorpus, batch_at, eval_batches, load_corpus
 from .peers import build_optimizer, is_peer, optimizer_state_bytes
 from .presets import Preset, get_preset
@@ -28,7 +31,15 @@ from .timing import resolve_device
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
+SUMMARY = "summary.json"
+CONFIG = "config.json"
+#: What a run leaves in its folder (FSDP2 adds the folder "sharded").
+RUN_FILES = (CHECKPOINT, LOG, SUMMARY, CONFIG)
 LN2 = math.log(2)
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that cannot be loaded into the run asked for (another model or optimizer)."""
 
 
 class Diverged(RuntimeError):
@@ -58,7 +69,79 @@ class RunConfig:
     per_layer: bool = False                 # update each parameter during backward
     activation_checkpointing: bool = False
     distributed: str | None = None          # "ddp" or "fsdp", under torchrun
+    #: extra optimizer arguments: KEY for every optimizer, NAME.KEY for optimizer NAME only
     optimizer_options: dict[str, Any] = field(default_factory=dict)
+
+
+#: run_identity's fields -> the `memopt train` flag that sets each
+IDENTITY_FLAGS = {"optimizer": "--optimizer", "preset": "--preset", "steps": "--steps",
+                  "lr": "--lr", "rank": "--rank", "seed": "--seed", "data": "--data",
+                  "options": "--set", "fsdp": "--fsdp", "device": "--device",
+                  "per_layer": "--per-layer",
+                  "activation_checkpointing": "--activation-checkpointing"}
+
+
+def run_identity(config: RunConfig, measured: bool = False) -> dict[str, Any]:
+    """What makes ``config`` the run it is, with the preset's defaults resolved (a rate left
+    to the preset and the same rate given by --lr are one run): optimizer, preset, steps,
+    lr, rank, seed, data, the optimizer's --set options and FSDP (its checkpoint is sharded).
+    With ``measured``, also what changes the measured times and memory (device, per-layer,
+    activation checkpointing), which a resumed run may change but a kept result may not.
+    JSON values, as read back from ``config.json``."""
+    preset = get_preset(config.preset, steps=config.steps)
+    options = settings_for(config.optimizer_options, config.optimizer)
+    kwargs = {**preset.optimizer_kwargs(config.optimizer, config.lr, config.rank), **options}
+    identity = {"optimizer": config.optimizer, "preset": config.preset, "steps": preset.steps,
+                "lr": kwargs["lr"], "rank": kwargs.get("rank"), "seed": config.seed,
+                "data": config.data or "stdlib",
+                "options": {k: v for k, v in options.items() if k not in ("lr", "rank")},
+                "fsdp": config.distributed == "fsdp"}
+    if measured:
+        identity.update(device=config.device, per_layer=config.per_layer,
+                        activation_checkpointing=config.activation_checkpointing)
+    return json.loads(json.dumps(identity, default=repr))
+
+
+def config_from(record: Any) -> RunConfig | None:
+    """The RunConfig of a ``summary["config"]`` record (unknown fields dropped), or None."""
+    if not isinstance(record, dict):
+        return None
+    known = {k: v for k, v in record.items() if k in RunConfig.__dataclass_fields__}
+    try:
+        return RunConfig(**known)
+    except TypeError:
+        return None
+
+
+def recorded_identity(folder: str | Path, measured: bool = False) -> dict[str, Any] | None:
+    """The :func:`run_identity` of the run in ``folder``: its ``config.json``, else (folders
+    written before it existed) the config in its ``summary.json``; None when neither says."""
+    folder = Path(folder)
+    try:
+        return json.loads((folder / CONFIG).read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        config = config_from(json.loads((folder / SUMMARY).read_text())["config"])
+        return run_identity(config, measured) if config else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def identity_differences(recorded: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """Each field where two identities differ, as flags: "--optimizer dct, not galore"."""
+    def shown(value: Any) -> str:
+        if isinstance(value, dict):
+            return " ".join(f"{k}={v!r}" for k, v in value.items()) or "none"
+        return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+    parts = []
+    for key, new in requested.items():
+        if key not in recorded or recorded[key] == new:
+            continue
+        flag, old = IDENTITY_FLAGS.get(key, key), recorded[key]
+        parts.append(f"{'with' if old else 'without'} {flag}" if isinstance(new, bool)
+                     else f"with {flag} {shown(old)}, not {shown(new)}")
+    return parts
 
 
 def build_model(preset: Preset, device: torch.device, seed: int) -> torch.nn.Module:
@@ -121,7 +204,8 @@ class Run:
                 raise ValueError(f"batch size {self.preset.batch_size} does not split over "
                                  f"{self.world} ranks")
         kwargs = {**self.preset.optimizer_kwargs(config.optimizer, config.lr, config.rank),
-                  **config.optimizer_options}
+                  **settings_for(config.optimizer_options, config.optimizer)}
+        self.optimizer_kwargs = kwargs
         if is_peer(config.optimizer) and (config.per_layer or config.distributed == "fsdp"):
             raise ValueError(f"{config.optimizer} runs without --per-layer and --fsdp "
                              "(memopt's optimizers support both)")
@@ -158,16 +242,30 @@ class Run:
         return path
 
     def load_checkpoint(self) -> None:
-        if self.config.distributed == "fsdp":
-            load_sharded(self)
-            return
+        """Model, optimizer, scheduler, step and history from the checkpoint in ``out``;
+        :class:`CheckpointMismatch` (one line) where it does not fit this run."""
         if self.out is None or not (self.out / CHECKPOINT).exists():
             raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {self.out}")
-        state = torch.load(self.out / CHECKPOINT, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.history = int(state["step"]), list(state["history"])
+        try:
+            if self.config.distributed == "fsdp":
+                load_sharded(self)
+                return
+            state = torch.load(self.out / CHECKPOINT, map_location="cpu", weights_only=True)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.history = int(state["step"]), list(state["history"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            said = " ".join(str(exc).split()) or type(exc).__name__
+            said = said if len(said) <= 200 else said[:197] + "..."
+            raise CheckpointMismatch(f"{CHECKPOINT} in {self.out} does not fit this run "
+                                     f"({type(exc).__name__}: {said})") from exc
+
+    def save_config(self) -> None:
+        """``config.json``: this run's :func:`run_identity` (what a resume must match) and its
+        whole config."""
+        record = {"identity": run_identity(self.config), "config": asdict(self.config)}
+        (self.out / CONFIG).write_text(json.dumps(record, indent=1, default=repr))
 
     # ------------------------------------------------------------------------ train
     def train(self, stop_after: int | None = None, label: str | None = None) -> dict[str, Any]:
@@ -180,10 +278,13 @@ class Run:
         cfg, preset, device = self.config, self.preset, self.device
         val = eval_batches(self.corpus.val, preset.eval_batches, preset.batch_size,
                            preset.seq_len)
+        lead = self.rank == 0
         if self.out:
             self.out.mkdir(parents=True, exist_ok=True)
-        lead = self.rank == 0
-        log = open(self.out / LOG, "a") if self.out and lead else None
+            if lead:
+                self.save_config()
+        fresh = self.step == 0 and not cfg.resume       # a new run starts a new log
+        log = open(self.out / LOG, "w" if fresh else "a") if self.out and lead else None
         bar = _progress(cfg.progress and lead, preset.steps, self.step, label or cfg.optimizer)
         share = preset.batch_size // self.world
         eval_every = preset.eval_interval()
@@ -250,8 +351,7 @@ class Run:
                "val_loss": vals[-1]["val_loss"] if vals else math.nan,
                "ms_per_step": times[len(times) // 2],
                "optimizer_state_mb": optimizer_state_bytes(self.optimizer) / 2**20,
-               "lr": self.preset.optimizer_kwargs(self.config.optimizer, self.config.lr,
-                                                  self.config.rank)["lr"],
+               "lr": self.optimizer_kwargs["lr"],
                "config": asdict(self.config), "corpus": self.corpus.describe(),
                "history": self.history}
         out["train_bits_per_byte"] = out["train_loss"] / LN2

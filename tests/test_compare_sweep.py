@@ -315,8 +315,21 @@ def test_resume_keeps_finished_runs_with_the_same_arguments(
     assert "0 finished runs kept" in printed
 
 
-def test_resume_is_for_a_sweep(micro, capsys, tmp_path):
-    code, printed, err = run_main(["compare", "--preset", "micro", "--optimizers", "adamw",
-                                   "--device", "cpu", "--resume", "--out",
-                                   str(tmp_path / "x")], capsys)
-    assert code == 2 and err.strip().startswith("memopt compare: error: argument --resume")
+def test_resume_without_an_earlier_comparison_trains_every_run(micro, capsys, tmp_path):
+    code, printed, err = run_main(["compare", "--preset", "micro", "--steps", "2",
+                                   "--optimizers", "adamw", "--device", "cpu", "--no-progress",
+                                   "--resume", "--out", str(tmp_path / "x")], capsys)
+    assert code == 0, err
+    assert "0 finished runs kept, 1 run to train" in printed
+
+
+def test_sweep_respects_the_users_omp_num_threads(micro, monkeypatch, tmp_path):
+    """OMP_NUM_THREADS set by the user reaches every run and is what the result reports."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert sweep.threads_per_run("cpu", 2) == 3
+    runs = [sweep.SweepRun("adamw", 1e-3, 0)]
+    base = RunConfig(preset="micro", device="cpu")
+    result = {"sweep": {"threads_per_run": sweep.threads_per_run("cpu", 2)}}
+    assert sweep.Sweep(runs, base, tmp_path, 2, result).env["OMP_NUM_THREADS"] == "3"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert sweep.threads_per_run("cpu", 2) == max(1, sweep.available_cores() // 2)
