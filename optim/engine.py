@@ -37,7 +37,7 @@ from .adam import eps_at
 from .distributed import (all_reduce_sum, as_sharded_state, from_sharded_state, is_sharded, local,
                           trim_absmax)
 from .groups import check_choice, check_known_keys, param_groups, unknown_key_message
-from .states import (ABSMAX_SUFFIX, MIN_8BIT_NUMEL, MomentStore, StateSpec, adam_specs,
+from .states import (ABSMAX_SUFFIX, BLOCKSIZE, MIN_8BIT_NUMEL, MomentStore, StateSpec, adam_specs,
                      eight_bit_unused, tensor_bytes)
 
 #: How a group's step runs: "fast" (the executors: batched, fused; the default) or
@@ -130,6 +130,7 @@ class MemoptOptimizer(Optimizer, ABC):
             params = param_groups(params)
         self._stores: dict[int, MomentStore] = {}
         self._eight_bit_unused_checked = False
+        self._check_options(dict(defaults))    # as torch: even where every group overrides one
         super().__init__(params, defaults)
 
     def _store(self, bits: int) -> MomentStore:
@@ -144,13 +145,16 @@ class MemoptOptimizer(Optimizer, ABC):
                              set(self.defaults) | ADDED_GROUP_KEYS | self.INTERNAL_GROUP_KEYS)
         super().add_param_group(param_group)
         try:
-            group = self.param_groups[-1]
-            check_choice("check_finite", group.get("check_finite", True), (True, False))
-            check_choice("impl", group.get("impl", "fast"), IMPLS)
-            self._check_group(group)
+            self._check_options(self.param_groups[-1])
         except Exception:
             self.param_groups.pop()
             raise
+
+    def _check_options(self, group: dict[str, Any]) -> None:
+        """Raise ValueError naming any invalid option of ``group`` (or of the defaults)."""
+        check_choice("check_finite", group.get("check_finite", True), (True, False))
+        check_choice("impl", group.get("impl", "fast"), IMPLS)
+        self._check_group(group)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise ValueError naming any invalid hyperparameter of ``group``."""
@@ -244,8 +248,8 @@ class MemoptOptimizer(Optimizer, ABC):
         for gi, group in enumerate(self.param_groups):
             params = []
             for pi, p in enumerate(group["params"]):
-                if p.grad is None or (only is not None and p is not only):
-                    continue
+                if p.grad is None or (only is not None and p is not only) or p.numel() == 0:
+                    continue                    # (a parameter with no elements has no update)
                 grad = p.grad
                 if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
@@ -474,7 +478,8 @@ class MemoptOptimizer(Optimizer, ABC):
                     f"{owner}: the state of parameter {name} holds {key!r}, which "
                     f"{type(self).__name__} does not keep for it (it keeps "
                     f"{', '.join(sorted(specs))}): a state of another method or model")
-        missing = sorted(set(specs) - set(values) - self.OPTIONAL_STATE)
+        missing = sorted(set(specs) - set(values) - self.OPTIONAL_STATE) + \
+            ([] if "step" in values else ["step"])
         if missing:
             raise ValueError(f"{owner}: the state of parameter {name} lacks "
                              f"{', '.join(missing)} (truncated, or another method's)")
@@ -484,16 +489,25 @@ class MemoptOptimizer(Optimizer, ABC):
             value = values[key]
             if not isinstance(value, Tensor):
                 raise ValueError(f"{owner}: {key!r} of parameter {name} is not a tensor")
-            coded = value.dtype == torch.uint8 and spec.quantizable
-            if tuple(value.shape) != tuple(spec.shape) or \
-                    (value.dtype != spec.dtype and not coded):
+            numel = math.prod(spec.shape)
+            coded = spec.quantizable and (spec.bits or group["state_bits"]) == 8 and \
+                numel >= MIN_8BIT_NUMEL                      # what MomentStore.init makes
+            dtype = torch.uint8 if coded else spec.dtype
+            if tuple(value.shape) != tuple(spec.shape) or value.dtype != dtype:
                 raise ValueError(
                     f"{owner}: {key!r} of parameter {name} is {tuple(value.shape)} "
-                    f"{value.dtype}, expected {tuple(spec.shape)} {spec.dtype}: saved for "
+                    f"{value.dtype}, expected {tuple(spec.shape)} {dtype}: saved for "
                     "another model, rank or precision")
-            if coded and not isinstance(values.get(key + ABSMAX_SUFFIX), Tensor):
-                raise ValueError(f"{owner}: the 8-bit {key!r} of parameter {name} has no "
-                                 f"{key + ABSMAX_SUFFIX!r}")
+            absmax = values.get(key + ABSMAX_SUFFIX)
+            blocks = (-(-numel // BLOCKSIZE),)
+            if coded and (not isinstance(absmax, Tensor) or tuple(absmax.shape) != blocks
+                          or absmax.dtype != torch.float32):
+                raise ValueError(f"{owner}: the 8-bit {key!r} of parameter {name} needs "
+                                 f"{key + ABSMAX_SUFFIX!r}, {blocks} float32 (one scale per "
+                                 f"block of {BLOCKSIZE})")
+            if not coded and absmax is not None:
+                raise ValueError(f"{owner}: {key!r} of parameter {name} is not 8-bit but the "
+                                 f"state holds {key + ABSMAX_SUFFIX!r}")
 
     @staticmethod
     def _load_value(param: Tensor, key: str, value: Any) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
@@ -161,7 +162,16 @@ def bases(projectors: Sequence[Projector]) -> list[Tensor]:
 
 def as_matrix(t: Tensor) -> Tensor:
     """A k-D weight as the matrix it acts as: (out, in * k * k) for a conv kernel."""
-    return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
+    return t if t.ndim == 2 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
+def scale_(tensors: list[Tensor], factor: float) -> None:
+    """t <- factor t for each tensor (weight decay). The factor goes in as an fp32 tensor:
+    torch's CPU foreach kernels round a Python scalar to the tensors' dtype, which turns a
+    decay of 0.998 into bf16's 0.996, twice the decay asked for."""
+    if tensors:
+        torch._foreach_mul_(tensors, torch.tensor(factor, dtype=torch.float32)
+                            if tensors[0].device.type == "cpu" else factor)
 
 
 def add_to_matrix_(W: Tensor, T: Tensor, alpha: float, factor: Tensor | None = None) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .executors import (add_to_matrix_, addmm_into_, aligned_width, as_matrix,
                         lift_factors, norm_dim, padded, product, projected_shape,
-                        projection_factors, slices)
+                        projection_factors, scale_, slices)
 from .adam import eps_at
 from .fira import FIRA_EPS, fira_residual
 from .galore import galore_adam, project_back
@@ -235,7 +235,7 @@ def _lift_stacked(batch: Batch, U: Tensor, alpha: float, beta: float) -> None:
     n = W0.shape[1]
     width = aligned_width(n, batch.stacked)
     if beta != 1:
-        torch._foreach_mul_(weights, beta)
+        scale_(weights, beta)
     for rows in slices(len(weights), W0.shape[0] * width * W0.element_size()):
         Ur = U[rows] if batch.side == "right" or width == n else \
             torch.nn.functional.pad(U[rows], (0, width - n))

@@ -20,7 +20,7 @@ from memopt.projections.polar import (GRAM_RESTART, _exact_polar, apply_factor, 
                                      polar_scales, polynomial_iteration, scale_into, schedule,
                                      uses_gram_form)
 
-from .executors import add_to_matrix_, addmm_into_, aligned_width, as_matrix, padded
+from .executors import add_to_matrix_, addmm_into_, aligned_width, as_matrix, padded, scale_
 
 
 @dataclass
@@ -129,7 +129,7 @@ def write(weights: list[Tensor], filled: Filled, n: int, *, step_size: float,
                 add_to_matrix_(W, apply_factor(Mi[None], Xi[None])[0][:, :n], -step_size)
         return
     if decay != 1:
-        torch._foreach_mul_(weights, decay)
+        scale_(weights, decay)
     for W, U in zip(weights, filled.X[..., :n]):
         add_to_matrix_(W, U, -step_size)
 

@@ -74,10 +74,11 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
 
 
 def check_above(name: str, value: Any, low: float, inclusive: bool = False) -> None:
-    """A number > ``low`` (or >= with ``inclusive``), else ValueError naming it."""
+    """A finite number > ``low`` (or >= with ``inclusive``), else ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not (value >= low if inclusive else value > low):
-        raise ValueError(f"Invalid {name}: {value!r} (must be {'>=' if inclusive else '>'} {low})")
+            not (value >= low if inclusive else value > low) or not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number "
+                         f"{'>=' if inclusive else '>'} {low})")
 
 
 def check_positive_int(name: str, value: Any) -> None:

@@ -224,7 +224,6 @@ class LowRankAdamW(MemoptOptimizer):
     #: What a loaded state must agree on (``MemoptOptimizer.load_state_dict``).
     STRUCTURE = ("rank", "projector", "projector_options", "residual", "error_feedback",
                  "state_bits", "adamw")
-    OPTIONAL_STATE = frozenset({"error_buffer"})     # made on first use
 
     def expected_state(self, group: dict[str, Any], p: Tensor) -> list[StateSpec]:
         """A projected matrix's :meth:`state_specs`, else AdamW's moments."""

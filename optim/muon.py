@@ -26,7 +26,7 @@ from .compat import muon_arguments
 from .distributed import all_reduce_sum, is_sharded, local, sharded_polar
 from .engine import (PREPARE_BYTES, MemoptOptimizer, Prepared, arguments, eight_bit, moment_dtype,
                      refuse_unknown_arguments)
-from .executors import MAX_BATCH_BYTES, add_to_matrix_, as_matrix, buckets
+from .executors import MAX_BATCH_BYTES, add_to_matrix_, as_matrix, buckets, scale_
 from .groups import (check_betas, check_choice, check_learning_rate, check_nonnegative,
                      check_positive_int, learning_rate, warn_if_no_matrix_used)
 from .states import NUCLEAR_AVERAGE, MomentStore, StateSpec, momentum_specs, nuclear_average
@@ -262,7 +262,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
 
     def _fill(self, group: dict[str, Any], params: list[Tensor]) -> fast.Filled:
         store = self._store(group["state_bits"])
-        states = [self.state[p] for p in params]
+        states = [self.state.get(p, {}) for p in params]     # (no entry made before the check)
         momenta = store.read_all(states, "momentum_buffer") if all(states) else \
             [store.read(s, "momentum_buffer") if s else None for s in states]
         return fast.fill([p.grad for p in params], momenta, momentum=group["momentum"],
@@ -319,7 +319,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
                 nuclear = fast.relative_factors(nuclear, *zip(*(
                     nuclear_average(s, nuclear.device, NUCLEAR_AVERAGE_BETA) for s in states)))
             if group["weight_decay"] != 0:
-                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+                scale_(params, 1 - lr * group["weight_decay"])
             for i, (W, U) in enumerate(zip(params, filled.X[..., :n])):
                 D = momentum_direction(U.to(momenta[i].dtype), momenta[i], group["momentum"],
                                        group["nesterov"]) if polar_first else U
