@@ -168,8 +168,12 @@ class LowRankAdamW(MemoptOptimizer):
         if group.get("cuda_graph", False) is not False:
             raise ValueError(f"Invalid cuda_graph: {group['cuda_graph']!r}: recorded CUDA-graph "
                              "steps were removed (slower than the eager step); use False")
-        if group["rank"] is not None and not callable(spec):
-            make_projector(spec, group["rank"], **(options or {}))   # options are valid
+        if not callable(spec):          # the options are valid (whether or not a rank uses them)
+            try:
+                make_projector(spec, group["rank"] or 1, **(options or {}))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"Invalid projector_options {options!r} for projector "
+                                 f"{spec!r}: {exc}") from exc
         self._store(8 if group["error_feedback"] == "8bit" else group["state_bits"])
 
     def _warn_small_matrices(self) -> None:

@@ -278,16 +278,16 @@ def _exact_polar(G: Tensor) -> Tensor:
     """U V^T from the thin SVD in fp32 (fp64 for fp64), null directions mapped to zero; nan
     for a matrix with a non-finite entry (as the iterations give), whose SVD may fail."""
     work = G.to(torch.float64 if G.dtype == torch.float64 else torch.float32)
+    bad = ~torch.isfinite(work).flatten(-2).all(-1)[..., None, None]
     try:
         U, S, Vh = accurate_svd(work)
     except torch.linalg.LinAlgError:
-        bad = ~torch.isfinite(work).flatten(-2).all(-1)[..., None, None]
         if not bool(bad.any()):
             raise
         return _exact_polar(work.masked_fill(bad, 0.0)).masked_fill(bad, math.nan)
     tol = S.amax(dim=-1, keepdim=True) * max(work.shape[-2:]) * torch.finfo(work.dtype).eps
     keep = (S > tol).to(work.dtype)
-    return (U * keep.unsqueeze(-2)) @ Vh
+    return ((U * keep.unsqueeze(-2)) @ Vh).masked_fill_(bad, math.nan)
 
 
 def approximate_polar(Y: Tensor) -> Tensor:

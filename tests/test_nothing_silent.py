@@ -376,3 +376,16 @@ def test_weight_decay_of_low_precision_weights_is_the_one_asked_for(make, dtype)
     W.grad = torch.zeros_like(W)
     opt.step()
     torch.testing.assert_close(W.detach(), expected, rtol=0, atol=0)
+
+
+def test_invalid_projector_options_are_refused_even_in_a_group_without_rank():
+    with pytest.raises(ValueError, match="projector_options.*side"):
+        mo.GaLoreAdamW([{"params": [torch.nn.Parameter(torch.randn(3))], "rank": None,
+                         "projector_options": {"side": "top"}}])
+
+
+def test_the_exact_polar_factor_of_a_non_finite_matrix_is_nan():
+    from memopt.projections import orthogonalize
+    G = torch.tensor([[[float("inf")]], [[2.0]]])
+    X = orthogonalize(G, "svd", check_finite=False)
+    assert X[0].isnan().all() and X[1].item() == 1.0
