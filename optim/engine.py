@@ -20,7 +20,6 @@ finiteness check with one device sync, then ``_step_group``.
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from abc import ABC, abstractmethod
@@ -37,8 +36,9 @@ from .adam import eps_at
 from .distributed import (all_reduce_sum, as_sharded_state, from_sharded_state, is_sharded, local,
                           trim_absmax)
 from .groups import check_choice, check_known_keys, param_groups, unknown_key_message
-from .states import (ABSMAX_SUFFIX, BLOCKSIZE, MIN_8BIT_NUMEL, MomentStore, StateSpec, adam_specs,
-                     eight_bit_unused, tensor_bytes)
+from .loading import ADDED_GROUP_KEYS, check_loadable, option_names
+from .states import (MIN_8BIT_NUMEL, MomentStore, StateSpec, adam_specs, eight_bit_unused,
+                     tensor_bytes)
 
 #: How a group's step runs: "fast" (the executors: batched, fused; the default) or
 #: "reference" (the methods' reference functions, one parameter at a time).
@@ -54,24 +54,6 @@ def moment_dtype(param: Tensor) -> torch.dtype:
 #: (projections, momentum directions), so that the check reads them instead of the
 #: gradients; above it the gradients are checked and the step streams in bounded pieces.
 PREPARE_BYTES = 1024 * 2**20
-
-
-#: Group keys that torch.optim and its LR schedulers add to a group (kept, never refused).
-ADDED_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr"})
-
-
-def _option_names(cls: type) -> set[str]:
-    """The keyword arguments of ``cls.__init__`` (an optimizer's options)."""
-    return {name for name, arg in inspect.signature(cls.__init__).parameters.items()
-            if arg.kind is arg.KEYWORD_ONLY or arg.kind is arg.POSITIONAL_OR_KEYWORD} \
-        - {"self", "params"}
-
-
-#: Options of torch.optim's own optimizers: a saved group holding one not among an
-#: optimizer's own options came from another optimizer.
-_TORCH_OPTIONS = set().union(*(_option_names(c) for c in (
-    torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD) + ((torch.optim.Muon,)
-                                                               if hasattr(torch.optim, "Muon") else ())))
 
 
 @dataclass
@@ -119,7 +101,12 @@ class MemoptOptimizer(Optimizer, ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        MemoptOptimizer._ALL_OPTIONS |= _option_names(cls) - {"args", "kwargs", "unknown"}
+        MemoptOptimizer._ALL_OPTIONS |= option_names(cls) - {"args", "kwargs", "unknown"}
+
+    @classmethod
+    def all_options(cls) -> set[str]:
+        """The options of every memopt optimizer class defined so far."""
+        return set(MemoptOptimizer._ALL_OPTIONS)
 
     #: pinned host memory and an event for the check's flag, made on first use on CUDA
     _flag_host: Tensor | None = None
@@ -375,7 +362,7 @@ class MemoptOptimizer(Optimizer, ABC):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state (see the class docstring for what is refused); tensors keep their
         saved dtype and move to their parameter's device."""
-        self._check_loadable(state_dict)
+        check_loadable(self, state_dict)
         saved_state = state_dict["state"]
         callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
         defaults = dict(self.defaults)
@@ -406,108 +393,10 @@ class MemoptOptimizer(Optimizer, ABC):
         """Whether state ``key`` may hold a plain number or string (subclasses)."""
         return False
 
-    def _check_loadable(self, state_dict: Any) -> None:
-        """Raise ValueError, naming what differs, unless ``state_dict`` is a state of this
-        optimizer's method and layout for these parameters."""
-        owner = f"{type(self).__name__}.load_state_dict"
-        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) \
-                or not isinstance(state_dict.get("param_groups"), list):
-            raise ValueError(f"{owner}: expected an optimizer state_dict, a dict with 'state' "
-                             f"(a dict) and 'param_groups' (a list), got "
-                             f"{sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"{owner}: the state has {len(saved_groups)} param groups, this "
-                             f"optimizer {len(self.param_groups)}")
-        foreign = (self._ALL_OPTIONS | _TORCH_OPTIONS) - set(self.defaults) - ADDED_GROUP_KEYS \
-            - self.INTERNAL_GROUP_KEYS - {"differentiable"}
-        differences = []
-        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
-                raise ValueError(f"{owner}: param group {i} of the state is not a dict with "
-                                 "a 'params' list")
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"{owner}: param group {i} of the state has "
-                                 f"{len(saved['params'])} parameters, this optimizer's "
-                                 f"{len(group['params'])}")
-            alien = sorted(set(saved) & foreign)
-            if alien:
-                raise ValueError(f"{owner}: the state is another optimizer's: its param group "
-                                 f"{i} has options {', '.join(alien)}, which "
-                                 f"{type(self).__name__} does not take")
-            for key in self.STRUCTURE:
-                if key in saved and _normalized(key, saved[key]) != _normalized(key, group[key]) \
-                        and not callable(group[key]):
-                    differences.append(f"{key}={saved[key]!r} in param group {i} (this "
-                                       f"optimizer: {group[key]!r})")
-        if differences:
-            raise ValueError(f"{owner}: the state was saved with {'; '.join(differences)}; "
-                             "these decide what the state holds, so build the optimizer with "
-                             "the saved values to continue that run")
-        where = {}
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            for pi, (index, p) in enumerate(zip(saved["params"], group["params"])):
-                where[index] = (gi, pi, group, p)
-        for index, values in state_dict["state"].items():
-            if index not in where:
-                raise ValueError(f"{owner}: the state has an entry for parameter index "
-                                 f"{index!r}, which no param group of the state lists")
-            gi, pi, group, p = where[index]
-            self._check_param_state(owner, gi, pi, group, p, values)
-
-    def _check_param_state(self, owner: str, gi: int, pi: int, group: dict[str, Any],
-                           p: Tensor, values: Any) -> None:
-        """One parameter's saved state against :meth:`expected_state`: known keys, the
-        step, each tensor's shape and dtype (8-bit codes: uint8 of the shape, with absmax)."""
-        name = self._label(gi, pi)
-        if not isinstance(values, dict):
-            raise ValueError(f"{owner}: the state of parameter {name} is not a dict")
-        if not values:
-            return
-        if is_sharded(p):        # FSDP2: DTensor state, laid out by distributed.py
-            return
-        specs = {s.key: s for s in self.expected_state(group, p)}
-        for key, value in values.items():
-            base = key.removesuffix(ABSMAX_SUFFIX)
-            if key == "step":
-                if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
-                    raise ValueError(f"{owner}: the step of parameter {name} is {value!r}")
-            elif key not in specs and not (key != base and base in specs) and \
-                    not (self.is_plain_state(key) and not isinstance(value, Tensor)):
-                raise ValueError(
-                    f"{owner}: the state of parameter {name} holds {key!r}, which "
-                    f"{type(self).__name__} does not keep for it (it keeps "
-                    f"{', '.join(sorted(specs))}): a state of another method or model")
-        missing = sorted(set(specs) - set(values) - self.OPTIONAL_STATE) + \
-            ([] if "step" in values else ["step"])
-        if missing:
-            raise ValueError(f"{owner}: the state of parameter {name} lacks "
-                             f"{', '.join(missing)} (truncated, or another method's)")
-        for key, spec in specs.items():
-            if key not in values:
-                continue
-            value = values[key]
-            if not isinstance(value, Tensor):
-                raise ValueError(f"{owner}: {key!r} of parameter {name} is not a tensor")
-            numel = math.prod(spec.shape)
-            coded = spec.quantizable and (spec.bits or group["state_bits"]) == 8 and \
-                numel >= MIN_8BIT_NUMEL                      # what MomentStore.init makes
-            dtype = torch.uint8 if coded else spec.dtype
-            if tuple(value.shape) != tuple(spec.shape) or value.dtype != dtype:
-                raise ValueError(
-                    f"{owner}: {key!r} of parameter {name} is {tuple(value.shape)} "
-                    f"{value.dtype}, expected {tuple(spec.shape)} {dtype}: saved for "
-                    "another model, rank or precision")
-            absmax = values.get(key + ABSMAX_SUFFIX)
-            blocks = (-(-numel // BLOCKSIZE),)
-            if coded and (not isinstance(absmax, Tensor) or tuple(absmax.shape) != blocks
-                          or absmax.dtype != torch.float32):
-                raise ValueError(f"{owner}: the 8-bit {key!r} of parameter {name} needs "
-                                 f"{key + ABSMAX_SUFFIX!r}, {blocks} float32 (one scale per "
-                                 f"block of {BLOCKSIZE})")
-            if not coded and absmax is not None:
-                raise ValueError(f"{owner}: {key!r} of parameter {name} is not 8-bit but the "
-                                 f"state holds {key + ABSMAX_SUFFIX!r}")
+    def saved_state_problem(self, group: dict[str, Any], p: Tensor,
+                            values: dict[str, Any]) -> str | None:
+        """What is wrong with ``p``'s saved state beyond its tensors' layout (subclasses)."""
+        return None
 
     @staticmethod
     def _load_value(param: Tensor, key: str, value: Any) -> Any:
@@ -527,17 +416,6 @@ class MemoptOptimizer(Optimizer, ABC):
     def shared_state_bytes(self) -> int:
         """State shared between parameters (e.g. DCT tables, one per size); subclasses."""
         return 0
-
-
-def _normalized(key: str, value: Any) -> Any:
-    """A structural option's value for comparison: projector options without the default
-    side; sequences as tuples."""
-    if key == "projector_options":
-        options = dict(value or {})
-        if options.get("side") == "auto":
-            del options["side"]
-        return options
-    return tuple(value) if isinstance(value, list) else value
 
 
 def refuse_unknown_arguments(owner: str, unknown: dict[str, Any], known: Any) -> None:

@@ -108,6 +108,24 @@ def warn_if_no_matrix_used(owner: str, groups: list[dict[str, Any]],
     return True
 
 
+def warn_small_matrices(owner: str, groups: list[dict[str, Any]],
+                        is_projected: Callable[[dict[str, Any], Any], bool]) -> None:
+    """Warn once when matrices of groups with a rank stay on AdamW because their smaller
+    side is not above it: galore-torch would project them (onto a full basis) and scale
+    their update by ``scale``; memopt gives them AdamW at the group's lr."""
+    small = [(i, tuple(p.shape)) for i, g in enumerate(groups)
+             if g["rank"] is not None and not g["adamw"]
+             for p in g["params"] if p.ndim >= 2 and not is_projected(g, p)]
+    if small:
+        shown = ", ".join(f"{shape} in group {i}" for i, shape in small[:4])
+        more = f" and {len(small) - 4} more" if len(small) > 4 else ""
+        are = "matrix is" if len(small) == 1 else "matrices are"
+        warnings.warn(f"{owner}: {len(small)} {are} not larger than their group's rank and "
+                      f"get plain AdamW at the group's lr, unscaled ({shown}{more}); "
+                      "galore-torch would project them and scale their update by `scale`",
+                      stacklevel=4)
+
+
 def _transformers_module(model: nn.Module, getter: str) -> nn.Module | None:
     """``model.get_output_embeddings()`` (or another getter) of a transformers model."""
     fn = getattr(model, getter, None)

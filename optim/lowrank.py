@@ -9,7 +9,6 @@ executor (``executors_lowrank.py``).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -31,7 +30,7 @@ from .executors import (CHUNK_BYTES, PROJECTION_PRECISIONS, as_matrix, bases, ba
 from .galore import carry_moments, project
 from .groups import (check_above, check_betas, check_choice, check_learning_rate,
                      check_nonnegative, check_positive_int, learning_rate,
-                     warn_if_no_matrix_used)
+                     warn_if_no_matrix_used, warn_small_matrices)
 from .states import PROJ_PREFIX, MomentStore, StateSpec, lowrank_specs
 
 ProjectorSpec = Union[str, Callable[[int], Projector]]
@@ -136,7 +135,7 @@ class LowRankAdamW(MemoptOptimizer):
         super().__init__(params, defaults)
         if not warn_if_no_matrix_used(type(self).__name__, self.param_groups, self.is_projected,
                                       self._why_not_projected, "projected"):
-            self._warn_small_matrices()
+            warn_small_matrices(type(self).__name__, self.param_groups, self.is_projected)
 
     # ------------------------------------------------------------ configuration
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -175,22 +174,6 @@ class LowRankAdamW(MemoptOptimizer):
                 raise ValueError(f"Invalid projector_options {options!r} for projector "
                                  f"{spec!r}: {exc}") from exc
         self._store(8 if group["error_feedback"] == "8bit" else group["state_bits"])
-
-    def _warn_small_matrices(self) -> None:
-        """Warn once when matrices of groups with a rank stay on AdamW because their smaller
-        side is not above it: galore-torch would project them (onto a full basis) and scale
-        their update by ``scale``; memopt gives them AdamW at the group's lr."""
-        small = [(i, tuple(p.shape)) for i, g in enumerate(self.param_groups)
-                 if g["rank"] is not None and not g["adamw"]
-                 for p in g["params"] if p.ndim >= 2 and not self.is_projected(g, p)]
-        if small:
-            shown = ", ".join(f"{shape} in group {i}" for i, shape in small[:4])
-            more = f" and {len(small) - 4} more" if len(small) > 4 else ""
-            are = "matrix is" if len(small) == 1 else "matrices are"
-            warnings.warn(f"{type(self).__name__}: {len(small)} {are} not larger than "
-                          f"their group's rank and get plain AdamW at the group's lr, unscaled "
-                          f"({shown}{more}); galore-torch would project them and scale their "
-                          "update by `scale`", stacklevel=3)
 
     @staticmethod
     def _why_not_projected(group: dict[str, Any], p: Tensor) -> str:
@@ -238,16 +221,14 @@ class LowRankAdamW(MemoptOptimizer):
     def is_plain_state(self, key: str) -> bool:
         return key.startswith(PROJ_PREFIX)       # the projector's side, shape, counters
 
-    def _check_param_state(self, owner: str, gi: int, pi: int, group: dict[str, Any],
-                           p: Tensor, values: Any) -> None:
-        """Also: the projector's saved matrix shape is p's."""
-        super()._check_param_state(owner, gi, pi, group, p, values)
+    def saved_state_problem(self, group: dict[str, Any], p: Tensor,
+                            values: dict[str, Any]) -> str | None:
+        """A saved basis must have been fitted to a matrix of p's shape."""
         saved = tuple(values.get(PROJ_PREFIX + k) for k in ("rows", "cols"))
-        if None not in saved and not is_sharded(p) and \
-                tuple(map(int, saved)) != tuple(as_matrix(p).shape):
-            raise ValueError(f"{owner}: the basis of parameter {self._label(gi, pi)} was "
-                             f"fitted to a {tuple(map(int, saved))} matrix, not "
-                             f"{tuple(as_matrix(p).shape)}: a state of another model")
+        if None in saved or tuple(map(int, saved)) == tuple(as_matrix(p).shape):
+            return None
+        return (f"its basis was fitted to a {tuple(map(int, saved))} matrix, not "
+                f"{tuple(as_matrix(p).shape)}: a state of another model")
 
     def state_specs(self, group: dict[str, Any], p: Tensor) -> list[StateSpec]:
         """The state of projected matrix ``p`` (its global shape): Adam's moments on the
