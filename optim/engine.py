@@ -384,9 +384,19 @@ class MemoptOptimizer(Optimizer, ABC):
         self._after_load()
 
     # --------------------------------------------------------- what a state may be
+    def applies_method(self, group: dict[str, Any], p: Tensor) -> bool:
+        """Whether ``p`` gets the method's update under ``group`` (else AdamW; subclasses)."""
+        return False
+
+    def state_specs(self, group: dict[str, Any], p: Tensor) -> list[StateSpec]:
+        """The state of a parameter the method updates (subclasses)."""
+        raise NotImplementedError
+
     def expected_state(self, group: dict[str, Any], p: Tensor) -> list[StateSpec]:
-        """The state tensors this optimizer keeps for ``p`` under ``group`` (subclasses add
-        their method's; here: AdamW's moments)."""
+        """The state tensors this optimizer keeps for ``p`` under ``group``: the method's
+        (:meth:`state_specs`) or AdamW's moments."""
+        if self.applies_method(group, p):
+            return self.state_specs(group, p)
         return adam_specs(tuple(local(p).shape), moment_dtype(p))
 
     def is_plain_state(self, key: str) -> bool:

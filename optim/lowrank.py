@@ -189,6 +189,9 @@ class LowRankAdamW(MemoptOptimizer):
         return (not group["adamw"] and group["rank"] is not None and p.ndim >= 2
                 and min(as_matrix(p).shape) > group["rank"])
 
+    def applies_method(self, group: dict[str, Any], p: Tensor) -> bool:
+        return self.is_projected(group, p)
+
     def projector(self, p: Tensor, group: dict[str, Any] | None = None) -> Projector:
         """The projector of parameter ``p`` (made on first use, from its saved state if
         any). An FSDP2 parameter (rows sharded) gets a basis on the column side whatever
@@ -211,12 +214,6 @@ class LowRankAdamW(MemoptOptimizer):
     #: What a loaded state must agree on (``MemoptOptimizer.load_state_dict``).
     STRUCTURE = ("rank", "projector", "projector_options", "residual", "error_feedback",
                  "state_bits", "adamw")
-
-    def expected_state(self, group: dict[str, Any], p: Tensor) -> list[StateSpec]:
-        """A projected matrix's :meth:`state_specs`, else AdamW's moments."""
-        if self.is_projected(group, p):
-            return self.state_specs(group, p)
-        return super().expected_state(group, p)
 
     def is_plain_state(self, key: str) -> bool:
         return key.startswith(PROJ_PREFIX)       # the projector's side, shape, counters
@@ -403,13 +400,14 @@ class LowRankAdamW(MemoptOptimizer):
         proj, mode = self.projector(p, group), group["moments_on_refresh"]
         old = proj.basis() if "exp_avg" in state and mode.startswith("rotate") else None
         G = as_matrix(local(p.grad))
+        fit = (lambda M: update_from_shards(proj, M, p)) if is_sharded(p) else proj.update
         try:
-            update_from_shards(proj, G, p) if is_sharded(p) else proj.update(G)
+            fit(G)
         except FloatingPointError:
             if group["check_finite"]:
                 raise
             G = G.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)     # see check_finite
-            update_from_shards(proj, G, p) if is_sharded(p) else proj.update(G)
+            fit(G)
         for key, value in proj.state_dict().items():
             state[PROJ_PREFIX + key] = value
         if "exp_avg" not in state:

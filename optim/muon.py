@@ -165,11 +165,6 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
     INTERNAL_GROUP_KEYS = frozenset({"lr_at_start"})
     OPTIONAL_STATE = frozenset({NUCLEAR_AVERAGE})      # made on first use
 
-    def expected_state(self, group: dict[str, Any], p: Tensor) -> list[StateSpec]:
-        """An orthogonalized matrix's :meth:`state_specs`, else AdamW's moments."""
-        if self.is_orthogonalized(group, p):
-            return self.state_specs(group, p)
-        return super().expected_state(group, p)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_learning_rate(group["lr"])
@@ -208,6 +203,9 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
     def is_orthogonalized(group: dict[str, Any], p: Tensor) -> bool:
         """Whether ``p`` gets the orthogonalized update under ``group``'s settings."""
         return not group["adamw"] and p.ndim >= 2
+
+    def applies_method(self, group: dict[str, Any], p: Tensor) -> bool:
+        return self.is_orthogonalized(group, p)
 
     @staticmethod
     def state_specs(group: dict[str, Any], p: Tensor) -> list[StateSpec]:
