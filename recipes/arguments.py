@@ -59,6 +59,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def warmup_fraction(text: str) -> float:
+    """``--warmup``: the fraction of the steps spent warming up, a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction of the steps in [0, 1), got {text}")
+    return value
+
+
 def option(text: str) -> tuple[str, object]:
     """``--set`` text: ``KEY=VALUE`` for every optimizer or ``NAME.KEY=VALUE`` for one; the
     value a Python literal, else the plain string. Returns (``KEY`` or ``NAME.KEY``, value)."""
@@ -142,7 +153,8 @@ def run_config(args: argparse.Namespace, optimizer: str, out: str | None) -> Any
     """The RunConfig of a `train` or `compare` command line, for ``optimizer``."""
     from .train import RunConfig
     return RunConfig(optimizer=optimizer, preset=args.preset, lr=args.lr, rank=args.rank,
-                     steps=args.steps, data=args.data, device=args.device, out=out,
+                     steps=args.steps, data=args.data, warmup=args.warmup,
+                     device=args.device, out=out,
                      seed=args.seed, resume=getattr(args, "resume", False),
                      checkpoint_every=getattr(args, "checkpoint_every", None),
                      progress=not args.no_progress, per_layer=args.per_layer,
@@ -273,7 +285,7 @@ def check_run_arguments(args: argparse.Namespace, optimizers: list[str],
         raise UsageError("argument --device: cuda was asked for, but torch sees no CUDA device")
     if (args.ddp or args.fsdp) and "RANK" not in os.environ:
         raise UsageError(f"argument {'--ddp' if args.ddp else '--fsdp'}: needs torchrun "
-                         "(torchrun --nproc_per_node N -m memopt train ...)")
+                         "(torchrun --nproc_per_node N -m memopt.recipes train ...)")
     check_settings(args, optimizers, command)
     if getattr(args, "resume", False):
         check_resume(args)

@@ -1,4 +1,4 @@
-"""The `memopt` command (also `python -m memopt`): train, compare, estimate, bench.
+"""The `memopt` command (also `python -m memopt.recipes`): train, compare, estimate, bench.
 
 Every mistake on the command line ends in one line, ``memopt COMMAND: error: ...``, that
 names the flag, and exit status 2, before anything is trained or overwritten: values are
@@ -20,7 +20,7 @@ from typing import Any
 
 from .arguments import (ArgumentParser, UsageError, check_out_file, check_run_arguments,
                         non_negative_int, option, optimizer_list, optimizer_name,
-                        positive_float, positive_int, run_config)
+                        positive_float, positive_int, run_config, warmup_fraction)
 from .peers import recipe_optimizers
 from .presets import PRESETS, get_preset
 
@@ -37,7 +37,11 @@ def _run_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="training steps (default: the preset's)")
     parser.add_argument("--data", default=None,
-                        help="'stdlib' (default), a text file or folder, or hf:NAME[:SPLIT]")
+                        help="'stdlib' (default: Python source), 'prose' (English; pip install "
+                             "'memopt[prose]'), a text file or folder, or hf:NAME[:SPLIT]")
+    parser.add_argument("--warmup", type=warmup_fraction, default=None, metavar="FRACTION",
+                        help="linear warm-up over this fraction of the steps, then cosine decay "
+                             "to 10%% of the rate (default: the preset's, 0.1)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

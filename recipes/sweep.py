@@ -2,7 +2,7 @@
 
 ``--seeds N`` trains seeds S .. S+N-1 (S: ``--seed``); ``--lrs`` gives the learning rates
 (grammar in :func:`lr_spec`); ``--jobs N`` runs N processes at once. Each run is
-``python -m memopt train --optimizer NAME --lr LR --seed S ... --no-progress
+``python -m memopt.recipes train --optimizer NAME --lr LR --seed S ... --no-progress
 --out OUT/runs/NAME/lr-LR/seed-S`` with the options given to compare (``--set``: those that
 reach NAME), OMP_NUM_THREADS as the user set it, else 1 on CUDA and on the CPU the cores
 shared out among the jobs, and its stdout and stderr in
@@ -39,7 +39,7 @@ from .timing import available_cores, resolve_device
 from .train import RunConfig
 
 #: How a run is started; the tests put a launcher that knows their preset in its place.
-TRAIN_COMMAND = [sys.executable, "-m", "memopt", "train"]
+TRAIN_COMMAND = [sys.executable, "-m", "memopt.recipes", "train"]
 MAX_GPU_JOBS = 12
 STDOUT, STDERR, SUMMARY, COMMAND = "stdout.txt", "stderr.txt", "summary.json", "command.json"
 TAIL_LINES = 20
@@ -149,7 +149,7 @@ def train_command(base: RunConfig, run: SweepRun, folder: Path) -> list[str]:
            "--seed", str(run.seed), "--preset", base.preset, "--device", base.device]
     low_rank = get_preset(base.preset).family(run.optimizer) == "lowrank"
     for flag, value in (("--steps", base.steps), ("--data", base.data),
-                        ("--rank", base.rank if low_rank else None)):
+                        ("--warmup", base.warmup), ("--rank", base.rank if low_rank else None)):
         if value is not None:
             cmd += [flag, str(value)]
     for key, value in settings_for(base.optimizer_options, run.optimizer).items():

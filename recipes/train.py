@@ -60,6 +60,7 @@ class RunConfig:
     rank: int | None = None
     steps: int | None = None
     data: str | None = None
+    warmup: float | None = None             # fraction of the steps; None: the preset's
     device: str = "auto"
     out: str | None = None
     seed: int = 0
@@ -76,24 +77,25 @@ class RunConfig:
 #: run_identity's fields -> the `memopt train` flag that sets each
 IDENTITY_FLAGS = {"optimizer": "--optimizer", "preset": "--preset", "steps": "--steps",
                   "lr": "--lr", "rank": "--rank", "seed": "--seed", "data": "--data",
-                  "options": "--set", "fsdp": "--fsdp", "device": "--device",
-                  "per_layer": "--per-layer",
+                  "warmup": "--warmup", "options": "--set", "fsdp": "--fsdp",
+                  "device": "--device", "per_layer": "--per-layer",
                   "activation_checkpointing": "--activation-checkpointing"}
 
 
 def run_identity(config: RunConfig, measured: bool = False) -> dict[str, Any]:
     """What makes ``config`` the run it is, with the preset's defaults resolved (a rate left
     to the preset and the same rate given by --lr are one run): optimizer, preset, steps,
-    lr, rank, seed, data, the optimizer's --set options and FSDP (its checkpoint is sharded).
+    lr, rank, seed, data, warm-up, the optimizer's --set options and FSDP (its checkpoint is
+    sharded).
     With ``measured``, also what changes the measured times and memory (device, per-layer,
     activation checkpointing), which a resumed run may change but a kept result may not.
     JSON values, as read back from ``config.json``."""
-    preset = get_preset(config.preset, steps=config.steps)
+    preset = get_preset(config.preset, steps=config.steps, warmup=config.warmup)
     options = settings_for(config.optimizer_options, config.optimizer)
     kwargs = {**preset.optimizer_kwargs(config.optimizer, config.lr, config.rank), **options}
     identity = {"optimizer": config.optimizer, "preset": config.preset, "steps": preset.steps,
                 "lr": kwargs["lr"], "rank": kwargs.get("rank"), "seed": config.seed,
-                "data": config.data or "stdlib",
+                "data": config.data or "stdlib", "warmup": preset.warmup,
                 "options": {k: v for k, v in options.items() if k not in ("lr", "rank")},
                 "fsdp": config.distributed == "fsdp"}
     if measured:
@@ -185,7 +187,7 @@ class Run:
 
     def __init__(self, config: RunConfig, corpus: ByteCorpus | None = None) -> None:
         self.config = config
-        self.preset = get_preset(config.preset, steps=config.steps)
+        self.preset = get_preset(config.preset, steps=config.steps, warmup=config.warmup)
         self.rank, self.world = 0, 1
         if config.distributed:
             self.rank, self.world, device = init_distributed(config.device)
@@ -367,8 +369,8 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
 
     import torch.distributed as dist
     if "RANK" not in os.environ:
-        raise SystemExit("--ddp / --fsdp need torchrun (torchrun --nproc_per_node N -m memopt "
-                         "train ...)")
+        raise SystemExit("--ddp / --fsdp need torchrun (torchrun --nproc_per_node N -m "
+                         "memopt.recipes train ...)")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:

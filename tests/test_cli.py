@@ -75,8 +75,8 @@ def test_unknown_option_error_names_the_key(micro, capsys):
 @pytest.mark.parametrize("argv,flag", [(["--steps", "-5"], "--steps"),
                                        (["--set", "rank=0"], "--set rank")])
 def test_errors_end_the_process_without_a_traceback(tmp_path, argv, flag):
-    cmd = [sys.executable, "-m", "memopt", "train", "--optimizer", "galore", "--device", "cpu",
-           "--out", str(tmp_path / "run")] + argv
+    cmd = [sys.executable, "-m", "memopt.recipes", "train", "--optimizer", "galore",
+           "--device", "cpu", "--out", str(tmp_path / "run")] + argv
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr

@@ -101,7 +101,7 @@ def test_text_file_and_folder_data(tmp_path):
 def test_train_runs_under_torchrun(tmp_path, mode):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "memopt", "train",
+           "2", "-m", "memopt.recipes", "train",
            "--optimizer", "dct", "--steps", "4", mode, "--device", "cpu", "--no-progress",
            "--out", str(tmp_path / "dist")]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

@@ -1,2 +1,0 @@
-from memopt.recipes.cli import main
-raise SystemExit(main())
