@@ -27,6 +27,8 @@ from torch import Tensor
 from memopt.projections import orthogonalize_many
 from memopt.projections.polar import work_dtype
 
+from .states import ROW_SHARDED
+
 _bytes: dict[str, int] = defaultdict(int)
 
 
@@ -155,8 +157,9 @@ def sharded_polar(M: Tensor, param: Tensor, index: int, method: str, steps: int 
     return scatter_rows(sent, M.to(wire), param, owner, "polar_scatter")
 
 
-#: State keys whose dim 0 follows the parameter's rows (and so is sharded with it).
-ROW_SHARDED_STATE = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+#: State keys whose dim 0 follows the parameter's rows (and so is sharded with it): every
+#: declared non-scalar state (``states.declare``, filled by the registry).
+ROW_SHARDED_STATE = ROW_SHARDED
 ABSMAX = "_absmax"
 
 

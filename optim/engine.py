@@ -24,7 +24,7 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from typing import Any
 
@@ -37,7 +37,8 @@ from .distributed import (all_reduce_sum, as_sharded_state, from_sharded_state, 
                           trim_absmax)
 from .groups import check_choice, check_known_keys, param_groups, unknown_key_message
 from .loading import ADDED_GROUP_KEYS, check_loadable, option_names
-from .states import (MIN_8BIT_NUMEL, MomentStore, StateSpec, adam_specs, eight_bit_unused,
+from .rules.adam import AdamRule
+from .states import (MIN_8BIT_NUMEL, ROW_SHARDED, MomentStore, StateSpec, eight_bit_unused,
                      tensor_bytes)
 
 #: How a group's step runs: "fast" (the executors: batched, fused; the default) or
@@ -92,21 +93,18 @@ class MemoptOptimizer(Optimizer, ABC):
     #: Options that decide the method and the layout of the state: a loaded state must have
     #: been saved with the same values (subclasses).
     STRUCTURE: tuple[str, ...] = ("state_bits", "adamw")
-    #: Keys of state this optimizer may lack until first use (subclasses).
-    OPTIONAL_STATE: frozenset[str] = frozenset()
     #: Group keys an optimizer sets itself, beyond its options (subclasses).
     INTERNAL_GROUP_KEYS: frozenset[str] = frozenset()
-    #: The options of every memopt optimizer class, filled as classes are defined.
-    _ALL_OPTIONS: set[str] = set()
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        MemoptOptimizer._ALL_OPTIONS |= option_names(cls) - {"args", "kwargs", "unknown"}
-
     @classmethod
     def all_options(cls) -> set[str]:
         """The options of every memopt optimizer class defined so far."""
-        return set(MemoptOptimizer._ALL_OPTIONS)
+        found, todo = set(), [MemoptOptimizer]
+        while todo:
+            c = todo.pop()
+            todo += c.__subclasses__()
+            if c is not MemoptOptimizer:
+                found |= option_names(c)
+        return found - {"args", "kwargs", "unknown"}
 
     #: pinned host memory and an event for the check's flag, made on first use on CUDA
     _flag_host: Tensor | None = None
@@ -327,12 +325,12 @@ class MemoptOptimizer(Optimizer, ABC):
         (on the local shard of an FSDP2 parameter: AdamW is elementwise); ``eps`` as
         :func:`adam.eps_at` places it."""
         buckets: dict[tuple[int, torch.device], list[Tensor]] = {}
+        group = self._group_of(params[0]) if params else None
         for p in params:
             state = self.state[p]
             if "exp_avg" not in state:
-                store.make(state, adam_specs(local(p).shape, moment_dtype(p)), p.device,
-                           (p.shape[0], local(p).shape[0]) if p.ndim else (1, 1))
-            state["step"] = state.get("step", 0) + 1
+                self.make_state(group, p, store)
+            advance_steps([state])
             buckets.setdefault((state["step"], p.device), []).append(p)
         for (step, _), bucket in buckets.items():
             store.adamw_steps([self.state[p] for p in bucket], [local(p) for p in bucket],
@@ -384,6 +382,31 @@ class MemoptOptimizer(Optimizer, ABC):
         self._after_load()
 
     # --------------------------------------------------------- what a state may be
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+
+    def make_state(self, group: dict[str, Any], p: Tensor, store: MomentStore) -> None:
+        """Make ``p``'s state from its declaration (:meth:`expected_state`): the one place
+        state tensors are created (zeros, or a declared fill; 8 bits where the store
+        quantizes). Keys already present (a projector's fitted basis) are kept. An FSDP2
+        shard's row-sharded tensors get its local rows, quantized as the whole would be."""
+        state = self.state[p]
+        rows = (p.shape[0], local(p).shape[0]) if p.ndim else (1, 1)
+        specs = []
+        for spec in self.expected_state(group, p):
+            if spec.key in state:
+                continue
+            if is_sharded(p) and spec.key in ROW_SHARDED and spec.shape \
+                    and spec.shape[0] == rows[0]:
+                spec = replace(spec, shape=(rows[1], *spec.shape[1:]))
+            specs.append(spec)
+        store.make(state, specs, p.device, rows)
+        state.setdefault("step", 0)
+
+    def optional_state(self, group: dict[str, Any]) -> frozenset[str]:
+        """Keys of state this optimizer may lack until first use (subclasses)."""
+        return frozenset()
+
     def applies_method(self, group: dict[str, Any], p: Tensor) -> bool:
         """Whether ``p`` gets the method's update under ``group`` (else AdamW; subclasses)."""
         return False
@@ -397,7 +420,8 @@ class MemoptOptimizer(Optimizer, ABC):
         (:meth:`state_specs`) or AdamW's moments."""
         if self.applies_method(group, p):
             return self.state_specs(group, p)
-        return adam_specs(tuple(local(p).shape), moment_dtype(p))
+        shape = tuple(local(p).shape)
+        return [decl.spec(shape, shape, moment_dtype(p)) for decl in AdamRule.STATE]
 
     def is_plain_state(self, key: str) -> bool:
         """Whether state ``key`` may hold a plain number or string (subclasses)."""
@@ -423,6 +447,12 @@ class MemoptOptimizer(Optimizer, ABC):
         own = sum(tensor_bytes(v) for s in self.state.values() for v in s.values())
         return own + self.shared_state_bytes()
 
+    def estimated_shared_table(self, group: dict[str, Any], p: Tensor,
+                               device: torch.device) -> tuple[Any, int] | None:
+        """(key, bytes) of state p will share with other parameters on ``device`` (a DCT
+        table), for ``estimate_memory``; subclasses."""
+        return None
+
     def shared_state_bytes(self) -> int:
         """State shared between parameters (e.g. DCT tables, one per size); subclasses."""
         return 0
@@ -443,12 +473,23 @@ def arguments(names: dict[str, Any]) -> dict[str, Any]:
                if k not in ("self", "params", "kwargs", "unknown", "__class__")}, **extra}
 
 
+def advance_steps(states: list[dict[str, Any]]) -> None:
+    """t <- t + 1 in each parameter's state: the one place a step count advances."""
+    for state in states:
+        state["step"] = state.get("step", 0) + 1
+
+
 def eight_bit(cls: type) -> type:
     """``cls`` with 8-bit blockwise states by default (``state_bits=8``), named cls + "8bit"."""
-    def __init__(self: Any, params: Any, *args: Any, state_bits: int = 8, **kwargs: Any) -> None:
-        cls.__init__(self, params, *args, state_bits=state_bits, **kwargs)
     name = cls.__name__ + "8bit"
-    return type(name, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+    if hasattr(cls, "PRESET"):                  # the low-rank compositions: one more preset value
+        body: dict[str, Any] = {"PRESET": {**cls.PRESET, "state_bits": 8}}
+    else:
+        def __init__(self: Any, params: Any, *args: Any, state_bits: int = 8,
+                     **kwargs: Any) -> None:
+            cls.__init__(self, params, *args, state_bits=state_bits, **kwargs)
+        body = {"__init__": __init__}
+    return type(name, (cls,), {**body, "__module__": cls.__module__,
                                "__qualname__": name, "__doc__": f":class:`{cls.__name__}` "
                                "with 8-bit blockwise states (``state_bits=8``)."})
 

@@ -21,11 +21,15 @@ from typing import Any
 
 from torch import Tensor
 
+import torch
+
+from memopt.projections import lift, project_onto
+
 from .distributed import is_sharded
 from .executors import as_matrix
-from .galore import project, project_back
 from .groups import check_choice
-from .states import MomentStore
+from .residual import Residual
+from .states import MomentStore, StateDecl, StateSpec
 
 #: ``error_feedback`` choices -> bits of the buffer (None: off).
 ERROR_FEEDBACK = {"none": None, "fp32": 32, "8bit": 8}
@@ -39,9 +43,22 @@ def check_error_feedback(group: dict[str, Any]) -> None:
                          "already applies what the projection discards")
 
 
+class ErrorFeedback(Residual):
+    """``error_feedback="fp32"`` or ``"8bit"``: the buffer E, the matrix's shape, in the
+    option's width whatever the optimizer's ``state_bits``."""
+
+    name = "error_feedback"
+    STATE = (StateDecl("error_buffer", "matrix", quantizable=True, signed=True),)
+
+    def state_specs(self, coordinates: tuple[int, ...], matrix: tuple[int, ...],
+                    moment: torch.dtype, group: dict[str, Any]) -> list[StateSpec]:
+        bits = ERROR_FEEDBACK[group["error_feedback"]]
+        return [decl.spec(coordinates, matrix, moment, bits) for decl in self.STATE]
+
+
 def discarded(G: Tensor, P: Tensor, side: str) -> Tensor:
     """G - project_back(project(G)): the part of G outside the subspace of the basis P."""
-    return G - project_back(project(G, P, side), P, side)
+    return G - lift(project_onto(G, P, side), P, side)
 
 
 @contextmanager
@@ -50,7 +67,7 @@ def corrected_gradients(optimizer: Any, group: dict[str, Any], params: list[Tens
     """Within the block each projected parameter's ``.grad`` is G' = G + E (the step reads
     it there); afterwards E <- G' - project_back(project(G')) with the basis the step used,
     and ``.grad`` is G again. Runs after the finiteness check, so a failed step has not
-    changed E. ``optimizer.projector(p)`` gives p's basis; ``state_specs`` E's layout."""
+    changed E. ``optimizer.projector(p)`` gives p's basis."""
     if ERROR_FEEDBACK[group["error_feedback"]] is None or not params:
         yield
         return
@@ -74,8 +91,5 @@ def corrected_gradients(optimizer: Any, group: dict[str, Any], params: list[Tens
     for p, Gc in zip(params, corrected):          # E <- G' - project_back(project(G'))
         state, proj = optimizer.state[p], optimizer.projector(p, group)
         P = proj.basis().to(Gc.dtype)
-        E = Gc.sub_(project_back(project(Gc, P, proj.side), P, proj.side))
-        if "error_buffer" not in state:
-            store.make(state, [s for s in optimizer.state_specs(group, p)
-                               if s.key == "error_buffer"], E.device)
-        store.write(state, "error_buffer", E)
+        E = Gc.sub_(lift(project_onto(Gc, P, proj.side), P, proj.side))
+        store.write(state, "error_buffer", E)       # (made with the state, at step 0)

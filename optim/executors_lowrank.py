@@ -1,13 +1,12 @@
-"""The low-rank step made fast: GaLore-Adam (``galore.py``) and Fira's residual (``fira.py``)
-over batches of same-shape matrices.
+"""The projection and the lift of the low-rank composition (``lowrank.py``) over batches
+of same-shape matrices: the batched counterparts of ``projections.project_onto`` and
+``projections.lift``, whatever the rule in between.
 
 project: R = B^T G or G B for a whole batch as one batched product over stacked copies (rows
 zero-padded to an aligned width on the GPU), or matrix by matrix straight from the gradients
-for large ones; adam: one fused AdamW call over every projected gradient of the step (run at
-lr = 1 so it returns Adam's direction); lift: W <- (1 - lr wd) W - lr scale B N as one
-batched product added into the weights, or one product written into each weight. Fira's
-phi and limiter are one reduction per batch, and ||G - B R|| comes from norms (no pass over
-the residual).
+for large ones; apply: W <- (1 - lr wd) W + lr scale B U as one batched product added into
+the weights, or one product written into each weight. Fira's phi and limiter
+(``fira.fira_scales``) are one reduction per batch, folded into U.
 """
 
 from __future__ import annotations
@@ -22,35 +21,7 @@ from torch import Tensor
 from .executors import (add_to_matrix_, addmm_into_, aligned_width, as_matrix,
                         lift_factors, norm_dim, padded, product, projected_shape,
                         projection_factors, scale_, slices)
-from .adam import eps_at
-from .fira import FIRA_EPS, fira_residual
-from .galore import galore_adam, project_back
-from .states import MomentStore
-
-def reference(weights: list[Tensor], grads: list[Tensor], bases: list[Tensor],
-              sides: list[str], states: list[dict], store: MomentStore, *, lr: float,
-              betas: tuple[float, float], eps: float, scale: float, weight_decay: float,
-              fira_gamma: float | None, eps_before_bias_correction: bool = False) -> None:
-    """The reference step, matrix by matrix (torch's ``_single_tensor_`` path): the
-    direction of ``galore.galore_adam`` plus ``fira.fira_residual`` with ``fira_gamma``;
-    W <- W (1 - lr wd) - lr D. Moments go through ``store`` (8 bits: dequantize, update,
-    quantize)."""
-    for W, G, P, side, state in zip(weights, grads, bases, sides, states):
-        G = as_matrix(G)
-        m, v = store.read(state, "exp_avg"), store.read(state, "exp_avg_sq")
-        state["step"] += 1
-        R, N, D = galore_adam(G, P, side, m, v, state["step"], beta1=betas[0], beta2=betas[1],
-                              eps=eps_at(eps, betas[1], state["step"],
-                                         eps_before_bias_correction), scale=scale)
-        store.write(state, "exp_avg", m)
-        store.write(state, "exp_avg_sq", v)
-        if fira_gamma is not None:
-            S, state["residual_norm"] = fira_residual(G, R, N, project_back(R, P, side), side,
-                                                      state.get("residual_norm"), fira_gamma)
-            D = D + S
-        W.mul_(1 - lr * weight_decay)
-        add_to_matrix_(W, D, -lr)
-
+from .fira import fira_scales
 
 #: Plain matrices whose projection takes fewer flops than this are projected and lifted with
 #: batched products over stacked copies: such small products cannot fill the GPU, and one
@@ -146,45 +117,6 @@ def _project_each(batch: Batch, fira: bool) -> None:
             norms.append(torch.linalg.vector_norm(G, dim=norm_dim(batch.side), dtype=out.dtype))
     if norms is not None:
         batch.sq_norms = torch.stack(norms).square_()
-
-
-def adam(batches: list[Batch], states: list[dict], store: MomentStore, *, beta1: float,
-         beta2: float, eps: float, fira: bool,
-         eps_before_bias_correction: bool = False) -> list[Tensor]:
-    """Adam's direction u = -m_hat / (sqrt(v_hat) + eps) for the coordinates of every batch,
-    one fused call per step count; GaLore overwrites R with u, Fira keeps R (its phi needs
-    it). ``states`` follow the batches' matrices in order; their step counts are advanced."""
-    Rs = [R for batch in batches for R in batch.R.unbind(0)]
-    Us = [torch.empty_like(batch.R) if fira else batch.R for batch in batches]
-    outs = [U for U_batch in Us for U in U_batch.unbind(0)]
-    by_step: dict[int, list[int]] = {}
-    for i, state in enumerate(states):
-        state["step"] += 1
-        by_step.setdefault(state["step"], []).append(i)
-    for step, idx in by_step.items():
-        store.adam_updates([states[i] for i in idx], [Rs[i] for i in idx], beta1=beta1,
-                           beta2=beta2, eps=eps_at(eps, beta2, step, eps_before_bias_correction),
-                           step=step, in_place=not fira,
-                           out=[outs[i] for i in idx] if fira else None)
-    return Us
-
-
-def fira_scales(R: Tensor, U: Tensor, sq_norms: Tensor, side: str, previous: Tensor,
-                gamma: float, sum_over_shards: Callable[[Tensor], Tensor] | None = None
-                ) -> tuple[Tensor, Tensor]:
-    """Fira's limited scale phi per column (left) or row (right) of a batch, and ||S||
-    after the limiter (``fira.fira_residual`` for b matrices at once, with
-    ||G_j - B R_j||^2 = ||G_j||^2 - ||R_j||^2 instead of a pass over the residual)."""
-    dim = 1 if side == "left" else 2
-    R_norms = torch.linalg.vector_norm(R, dim=dim)
-    phi = torch.linalg.vector_norm(U, dim=dim).div_(R_norms + FIRA_EPS)
-    residual_sq = sq_norms.sub_(R_norms.square_()).clamp_(min=0)
-    squared = (phi.square() * residual_sq).sum(dim=1)
-    if sum_over_shards is not None:
-        squared = sum_over_shards(squared)
-    norms = squared.sqrt_()
-    ratio = torch.clamp(norms / (previous + 1e-30), min=gamma).div_(gamma)
-    return phi.div_(ratio.unsqueeze(1)), norms.div_(ratio)
 
 
 def apply(batch: Batch, U: Tensor, states: list[dict], *, lr: float, scale: float,

@@ -26,7 +26,12 @@ ADDED_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr"})
 
 
 def option_names(cls: type) -> set[str]:
-    """The keyword arguments of ``cls.__init__`` (an optimizer's options)."""
+    """The options of an optimizer class: its ``option_names()`` where it has one (the
+    low-rank compositions, whose options come from dataclasses), else the keyword
+    arguments of ``cls.__init__``."""
+    own = getattr(cls, "option_names", None)
+    if callable(own):
+        return set(own())
     return {name for name, arg in inspect.signature(cls.__init__).parameters.items()
             if arg.kind is arg.KEYWORD_ONLY or arg.kind is arg.POSITIONAL_OR_KEYWORD} \
         - {"self", "params"}
@@ -124,7 +129,7 @@ def _check_param_state(optimizer: Any, where: str, group: dict[str, Any], p: Ten
             raise ValueError(f"{where}: its state holds {key!r}, which "
                              f"{type(optimizer).__name__} does not keep for it (it keeps "
                              f"{', '.join(sorted(specs))}): a state of another method or model")
-    missing = sorted(set(specs) - set(values) - optimizer.OPTIONAL_STATE) + \
+    missing = sorted(set(specs) - set(values) - optimizer.optional_state(group)) + \
         ([] if "step" in values else ["step"])
     if missing:
         raise ValueError(f"{where}: its state lacks {', '.join(missing)} (truncated, or "

@@ -1,43 +1,124 @@
-"""GaLoreAdamW, DCTAdamW and FiraAdamW: one low-rank optimizer, configured three ways.
+"""The low-rank family as one composition: projector x update rule x residual x precision.
 
-The methods differ by configuration, not by copies (optax's composition): a projector
-(SVD: GaLore, DCT: Modoranu et al. 2025, polar) around Adam, plus Fira's residual. Their
-math is in ``galore.py``, ``fira.py`` and ``dct.py``; this class owns the param groups,
-projectors and state, and runs each group through the reference functions or the fast
-executor (``executors_lowrank.py``).
+For a matrix W with gradient G (conv kernels as (out, in*k*k)), every ``update_proj_gap``
+steps the projector fits a basis P (r columns on one side) to G; each step
+
+    R = project(G)                     (the coordinates: P^T G, r x n, or G P, m x r)
+    U = rule(R)                        (Adam, orthogonalized, ...: ``rules/``)
+    W <- W (1 - lr wd) + lr (scale lift(U) - S)    (lift(U) = P U or U P^T)
+
+with S Fira's limited residual (``fira.py``) or 0, and error feedback (``error_feedback.py``)
+optionally carrying what the projection discards into the next G. State is kept in 32 or 8
+bits. The pieces are registered in ``registry.py`` with the state they keep; this class owns
+the param groups, projectors and state and runs each group's matrices through the rule's
+reference step (one matrix at a time) or its batched step (the executors in
+``executors_lowrank.py`` project and lift whole batches). The named optimizers are presets:
+
+    GaLoreAdamW  = svd x adam                       (Zhao et al., 2024)
+    DCTAdamW     = dct x adam, refresh every 50 steps, moments "rotate_fill"
+                                                     (Modoranu et al., 2025)
+    FiraAdamW    = svd x adam + Fira's residual       (Chen et al., 2024)
+    Trion        = dct x orthogonalized, refresh every step (Modoranu et al., 2025b)
+    GaLoreMuon   = svd x orthogonalized
+
+and any other combination is ``LowRankOptimizer(params, projector=..., rule=..., ...)`` or
+``create_optimizer("PROJECTOR+RULE[+RESIDUAL][+8bit]", model)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Union
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Union
 
 import torch
 from torch import Tensor
 
-from memopt.projections import PROJECTORS, Projector, make_projector
+from memopt.projections import PROJECTORS, Projector, lift, make_projector, project_onto
 from memopt.projections.base import compute_dtype, resolve_side
 
 from . import executors_lowrank as fast
+from .basis_change import REFRESH_MODES, fill_outside, rotate
 from .compat import bitsandbytes_arguments, lowrank_group, names_a_rank
 from .distributed import all_reduce_sum, is_sharded, local, update_from_shards
-from .engine import (PREPARE_BYTES, MemoptOptimizer, Prepared, arguments, eight_bit,
-                     refuse_unknown_arguments)
-from .error_feedback import ERROR_FEEDBACK, check_error_feedback, corrected_gradients
-from .executors import (CHUNK_BYTES, PROJECTION_PRECISIONS, as_matrix, bases, basis_dim,
-                        buckets, precision, projected_shape)
-from .galore import carry_moments, project
-from .groups import (check_above, check_betas, check_choice, check_learning_rate,
-                     check_nonnegative, check_positive_int, learning_rate,
+from .engine import PREPARE_BYTES, MemoptOptimizer, Prepared, advance_steps, eight_bit
+from .error_feedback import ERROR_FEEDBACK, corrected_gradients
+from .executors import (CHUNK_BYTES, PROJECTION_PRECISIONS, add_to_matrix_, as_matrix, bases,
+                        basis_dim, buckets, precision, projected_shape)
+from .fira import fira_residual
+from .groups import (check_above, check_choice, check_learning_rate, check_nonnegative,
+                     check_positive_int, learning_rate, unknown_key_message,
                      warn_if_no_matrix_used, warn_small_matrices)
-from .states import PROJ_PREFIX, MomentStore, StateSpec, lowrank_specs
+from .registry import RESIDUALS, RULES, register_optimizer
+from .rules.base import Coordinates, Rule
+from .states import PROJ_PREFIX, MomentStore, StateSpec
 
 ProjectorSpec = Union[str, Callable[[int], Projector]]
+RESIDUAL_CHOICES = ("none", "fira")
 
-#: What happens to the subspace moments at a refresh (``galore.carry_moments``).
-REFRESH_MODES = ("keep", "reset", "rotate", "rotate_fill")
-RESIDUALS = ("none", "fira")
+
+@dataclass(frozen=True)
+class LowRankOptions:
+    """The options every low-rank composition has (the rule's own are in its ``Options``).
+
+    Validated on construction: each raises ValueError naming the option. The defaults here
+    are the only ones; presets (``LowRankOptimizer.PRESET``) override some.
+    """
+    lr: Any = 1e-3
+    weight_decay: float = 0.0
+    rank: int | None = 128
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    projector: ProjectorSpec = "svd"
+    projector_options: dict[str, Any] | None = None
+    rule: str = "adam"
+    residual: str = "none"
+    limiter_gamma: float = 1.01
+    moments_on_refresh: str = "keep"
+    projection_precision: str = "auto"
+    error_feedback: str = "none"
+    state_bits: int = 32
+    adamw: bool = False
+    check_finite: bool = True
+    impl: str = "fast"
+    cuda_graph: bool = False
+
+    def __post_init__(self) -> None:
+        check_learning_rate(self.lr)
+        check_nonnegative("weight_decay value", self.weight_decay)
+        if self.rank is not None:
+            check_positive_int("rank", self.rank)
+        check_positive_int("update_proj_gap", self.update_proj_gap)
+        check_above("scale", self.scale, 0)
+        check_above("limiter_gamma", self.limiter_gamma, 1, inclusive=True)
+        check_choice("rule", self.rule, tuple(RULES))
+        spec, options = self.projector, self.projector_options
+        if not callable(spec):
+            check_choice("projector", spec, PROJECTORS)
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(f"Invalid projector_options: {options!r} (must be a dict or None)")
+        for key, choices in (("state_bits", (8, 32)), ("residual", RESIDUAL_CHOICES),
+                             ("moments_on_refresh", REFRESH_MODES), ("adamw", (True, False)),
+                             ("projection_precision", PROJECTION_PRECISIONS),
+                             ("error_feedback", tuple(ERROR_FEEDBACK)),
+                             ("check_finite", (True, False)), ("impl", ("fast", "reference"))):
+            check_choice(key, getattr(self, key), choices)
+        if self.error_feedback != "none" and self.residual == "fira":
+            raise ValueError("Invalid error_feedback with residual='fira': Fira's residual "
+                             "already applies what the projection discards")
+        if self.cuda_graph is not False:
+            raise ValueError(f"Invalid cuda_graph: {self.cuda_graph!r}: recorded CUDA-graph "
+                             "steps were removed (slower than the eager step); use False")
+        if not callable(spec):          # the options are valid (whether or not a rank uses them)
+            try:
+                make_projector(spec, self.rank or 1, **(options or {}))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"Invalid projector_options {options!r} for projector "
+                                 f"{spec!r}: {exc}") from exc
+
+
+COMMON_OPTIONS = tuple(f.name for f in fields(LowRankOptions))
+_COMMON_DEFAULTS = {f.name: f.default for f in fields(LowRankOptions)}
 
 
 @dataclass
@@ -59,43 +140,46 @@ class _Ready:
     deferred: list[Tensor] = field(default_factory=list)
 
 
-class LowRankAdamW(MemoptOptimizer):
-    r"""AdamW in a low-rank subspace of each matrix gradient; plain AdamW for everything else.
+class LowRankOptimizer(MemoptOptimizer):
+    r"""A rule in a low-rank subspace of each matrix gradient; AdamW for everything else.
 
     .. code-block:: text
 
-        input: lr eta, betas, eps, weight decay lambda, rank r, gap T, scale alpha,
-               projector, residual ("none" | "fira"), limiter gamma
+        input: lr eta, weight decay lambda, rank r, gap T, scale alpha, projector, rule,
+               residual ("none" | "fira"), limiter gamma, error feedback
         for t = 1, 2, ...:
-            G = grad of W (conv kernels as (out, in*k*k))
-            if (t - 1) % T == 0: P <- projector.update(G)             (refresh the basis)
-            R, N, D = galore_adam(G, P, m, v, t)     (R = P^T G, N = Adam(R), D = alpha P N)
-            if residual == "fira": D <- D + fira_residual(G, R, N, P R)   (S, limited)
-            W <- W (1 - eta lambda) - eta D
+            G = grad of W (conv kernels as (out, in*k*k));  G <- G + E (error feedback)
+            if (t - 1) % T == 0: P <- projector.update(G); carry the rule's state into P
+            R = project(G);  U = rule(R)                  (U: the update at lr 1)
+            S = fira_residual(G, R, U) if residual == "fira" else 0
+            W <- W (1 - eta lambda) + eta (alpha lift(U) - S)
 
     Args:
         params: a model (split by :func:`~memopt.optim.param_groups`), or parameters or
             param groups (named allowed; every matrix in them is projected). When a group
             names an integer ``rank``, groups that name none are AdamW (galore-torch's
             convention); ``rank=None`` opts its own group out. Unknown group keys raise.
-        lr, betas, eps, weight_decay: AdamW's (defaults 1e-3, (0.9, 0.999), 1e-8, 0).
-        lr: a float, or a one-element tensor as torch.optim allows.
+        lr: a float, or a one-element tensor as torch.optim allows (default 1e-3).
+        weight_decay: decoupled weight decay (default 0).
         rank: subspace rank r; ``None`` turns projection off for the group (default 128).
             A parameter is projected when it has ndim >= 2 and its smaller side exceeds r.
         update_proj_gap: steps between basis refreshes T (default 200).
-        scale: :math:`\alpha`, the factor on the projected-back update (default 0.25).
+        scale: :math:`\alpha`, the factor on the lifted update (default 0.25).
         projector: "svd", "dct", "polar", or a callable ``rank -> Projector`` (default "svd").
         projector_options: keyword arguments for the named projector (e.g.
             ``{"method": "randomized"}`` for SVD); ``None`` for its defaults.
-        state_bits: 32 (fp32 moments) or 8 (bitsandbytes blockwise 8-bit moments).
-        residual: "none" (GaLore) or "fira" (add Fira's scaled, norm-limited residual).
+        rule: the update rule in the subspace, a name of ``registry.RULES``: "adam" (default;
+            options ``betas``, ``eps``, ``eps_before_bias_correction``: ``rules/adam.py``) or
+            "orthogonalized" (options ``momentum``, ``nesterov``, ``ns_steps``,
+            ``orthogonalizer``, ``adjust_lr``, ``scaling``, ``ns_dtype`` and ``adamw_lr``,
+            ``adamw_betas``, ``adamw_eps`` for the unprojected parameters:
+            ``rules/orthogonalized.py``). The rule's options are keyword arguments here.
+        state_bits: 32 (fp32 state) or 8 (bitsandbytes blockwise 8-bit state).
+        residual: "none" or "fira" (add Fira's scaled, norm-limited residual).
         limiter_gamma: Fira's norm-growth limit :math:`\gamma` (default 1.01).
-        moments_on_refresh: "keep", "reset", "rotate" or "rotate_fill" (``galore.carry_moments``).
+        moments_on_refresh: "keep", "reset", "rotate" or "rotate_fill" (``basis_change.py``).
         error_feedback: "none" (default), "fp32" or "8bit": carry what the projection discards
             into the next gradient, in a buffer of the matrix's size (``error_feedback.py``).
-        eps_before_bias_correction: False (torch's Adam: eps added to sqrt(v_hat)) or True
-            (galore-torch's AdamW: eps added to sqrt(v) before the bias correction, i.e.
-            eps / sqrt(1 - b2^t) on sqrt(v_hat); with its eps=1e-6 it reproduces its steps).
         projection_precision: "auto" (TF32 on CUDA, full fp32 elsewhere), "highest", "high"
             (TF32) or "medium" (bf16 factors, fp32 sums and results) for the step's
             projections and lifts; bases are always built and kept in full fp32.
@@ -105,28 +189,40 @@ class LowRankAdamW(MemoptOptimizer):
             checked: a non-finite gradient goes into the weights and state, as in
             torch.optim, on every step (a basis refresh then builds its basis from G with
             its non-finite entries zeroed).
-        impl: "fast" (batched executors, the default) or "reference" (the reference
-            functions, one matrix at a time; FSDP2 shards always run fast).
+        impl: "fast" (the rule's batched step, the default) or "reference" (its reference
+            step, one matrix at a time; FSDP2 shards always run fast).
         cuda_graph: must be False (recorded steps were removed; kept for saved states).
+
+    The defaults are :class:`LowRankOptions`' and the rule's ``Options``; a preset
+    (:attr:`PRESET`) overrides some.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, rank: int | None = 128, update_proj_gap: int = 200,
-                 scale: float = 0.25, projector: ProjectorSpec = "svd",
-                 projector_options: dict[str, Any] | None = None, state_bits: int = 32,
-                 residual: str = "none", limiter_gamma: float = 1.01,
-                 moments_on_refresh: str = "keep", projection_precision: str = "auto",
-                 error_feedback: str = "none", eps_before_bias_correction: bool = False,
-                 adamw: bool = False, check_finite: bool = True,
-                 impl: str = "fast", cuda_graph: bool = False, **unknown: Any) -> None:
-        unknown = bitsandbytes_arguments(unknown)              # optim_bits -> state_bits
-        state_bits = unknown.pop("state_bits", state_bits)
-        refuse_unknown_arguments(type(self).__name__, unknown, arguments(locals()))
-        defaults = {**arguments(locals()),
-                    "betas": tuple(betas) if isinstance(betas, list) else betas}
+    #: Options this class sets other than the defaults (the presets below).
+    PRESET: ClassVar[dict[str, Any]] = {}
+    #: What a loaded state must agree on (``MemoptOptimizer.load_state_dict``).
+    STRUCTURE = ("rank", "projector", "projector_options", "rule", "residual", "error_feedback",
+                 "state_bits", "adamw")
+    INTERNAL_GROUP_KEYS = frozenset({"lr_at_start"})
+
+    def __init__(self, params: Iterable[Any], lr: float | None = None, **options: Any) -> None:
+        options = bitsandbytes_arguments(options)              # optim_bits -> state_bits
+        if lr is not None:
+            options["lr"] = lr
+        preset = {**self.PRESET, **options}
+        rule_name = preset.get("rule", "adam")
+        check_choice("rule", rule_name, tuple(RULES))
+        rule = RULES[rule_name]
+        known = COMMON_OPTIONS + rule.option_names()
+        unknown = [k for k in options if k not in known]
+        if unknown:
+            raise TypeError(self._unknown_message(unknown[0], known, rule_name))
+        defaults = {**_COMMON_DEFAULTS, **{f.name: f.default for f in fields(rule.Options)},
+                    **preset}
+        if isinstance(defaults.get("betas"), list):
+            defaults["betas"] = tuple(defaults["betas"])
         self._projectors: dict[Tensor, Projector] = {}
         self._plans: dict[int, _Plan] = {}
+        self._typed: dict[int, tuple[tuple[Any, ...], LowRankOptions, Any]] = {}
         # galore-torch's convention: when some group names a rank, the others are plain AdamW
         self._ranks_named = False
         if not isinstance(params, (torch.nn.Module, Tensor)):   # torch refuses a Tensor
@@ -137,43 +233,49 @@ class LowRankAdamW(MemoptOptimizer):
                                       self._why_not_projected, "projected"):
             warn_small_matrices(type(self).__name__, self.param_groups, self.is_projected)
 
+    def _unknown_message(self, key: str, known: tuple[str, ...], rule_name: str) -> str:
+        owners = [name for name, r in RULES.items() if key in r.option_names()]
+        if owners:
+            return (f"{type(self).__name__}: unknown keyword argument {key!r}: it is an option "
+                    f"of rule {owners[0]!r}, and this optimizer's rule is {rule_name!r}")
+        return unknown_key_message(type(self).__name__, key, known, "keyword argument")
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        """Every option a low-rank composition can take (any registered rule's)."""
+        return set(COMMON_OPTIONS).union(*(r.option_names() for r in RULES.values()))
+
+    @classmethod
+    def lr_family(cls) -> str:
+        return RULES[cls.PRESET.get("rule", "adam")].lr_family
+
     # ------------------------------------------------------------ configuration
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; galore-torch / fira keys are translated (:mod:`.compat`): a group
         that names no ``rank`` is plain AdamW when the constructor's groups named ranks."""
         super().add_param_group(lowrank_group(param_group, self._ranks_named))
 
+    def options(self, group: dict[str, Any]) -> tuple[LowRankOptions, Any, Rule]:
+        """The group's options as typed, validated objects: (common, the rule's, the rule).
+        Rebuilt (and so re-validated) when a value of the group changes."""
+        keys = COMMON_OPTIONS + RULES[group["rule"]].option_names() \
+            if group.get("rule") in RULES else COMMON_OPTIONS
+        values = tuple(group.get(k, _COMMON_DEFAULTS.get(k)) for k in keys)
+        cached = self._typed.get(id(group))
+        if cached is not None and len(cached[0]) == len(values) and all(
+                a is b or (type(a) is type(b) and not isinstance(a, Tensor) and a == b)
+                for a, b in zip(cached[0], values)):
+            return cached[1], cached[2], RULES[cached[1].rule]
+        common = LowRankOptions(**{k: group[k] for k in COMMON_OPTIONS if k in group})
+        rule = RULES[common.rule]
+        own = rule.Options(**{k: group[k] for k in rule.option_names() if k in group})
+        self._typed[id(group)] = (values, common, own)
+        return common, own, rule
+
     def _check_group(self, group: dict[str, Any]) -> None:
-        check_learning_rate(group["lr"])
-        check_betas("betas", group["betas"])
-        check_nonnegative("epsilon value", group["eps"])
-        check_nonnegative("weight_decay value", group["weight_decay"])
-        if group["rank"] is not None:
-            check_positive_int("rank", group["rank"])
-        check_positive_int("update_proj_gap", group["update_proj_gap"])
-        check_above("scale", group["scale"], 0)
-        check_above("limiter_gamma", group["limiter_gamma"], 1, inclusive=True)
-        spec, options = group["projector"], group["projector_options"]
-        if not callable(spec):
-            check_choice("projector", spec, PROJECTORS)
-        if options is not None and not isinstance(options, dict):
-            raise ValueError(f"Invalid projector_options: {options!r} (must be a dict or None)")
-        for key, choices in (("state_bits", (8, 32)), ("residual", RESIDUALS),
-                             ("moments_on_refresh", REFRESH_MODES), ("adamw", (True, False)),
-                             ("eps_before_bias_correction", (True, False)),
-                             ("projection_precision", PROJECTION_PRECISIONS)):
-            check_choice(key, group[key], choices)
-        check_error_feedback(group)
-        if group.get("cuda_graph", False) is not False:
-            raise ValueError(f"Invalid cuda_graph: {group['cuda_graph']!r}: recorded CUDA-graph "
-                             "steps were removed (slower than the eager step); use False")
-        if not callable(spec):          # the options are valid (whether or not a rank uses them)
-            try:
-                make_projector(spec, group["rank"] or 1, **(options or {}))
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"Invalid projector_options {options!r} for projector "
-                                 f"{spec!r}: {exc}") from exc
-        self._store(8 if group["error_feedback"] == "8bit" else group["state_bits"])
+        common, _, _ = self.options(group)
+        group.setdefault("lr_at_start", learning_rate(group))
+        self._store(8 if common.error_feedback == "8bit" else common.state_bits)
 
     @staticmethod
     def _why_not_projected(group: dict[str, Any], p: Tensor) -> str:
@@ -228,17 +330,28 @@ class LowRankAdamW(MemoptOptimizer):
                 f"{tuple(as_matrix(p).shape)}: a state of another model")
 
     def state_specs(self, group: dict[str, Any], p: Tensor) -> list[StateSpec]:
-        """The state of projected matrix ``p`` (its global shape): Adam's moments on the
-        projected shape, Fira's residual norm, and the projector's tensors (basis or
-        indices), each with the keys it has in ``state``."""
+        """The state of projected matrix ``p`` (its global shape), from the declarations:
+        the rule's (on the coordinates' shape), the residual's, error feedback's buffer and
+        the projector's tensors (basis or indices, under ``PROJ_PREFIX``)."""
         proj, shape, side, d, r, dtype = self._geometry(group, p)
-        bits = ERROR_FEEDBACK[group["error_feedback"]]
-        return lowrank_specs(projected_shape(shape, side, r), dtype, group["residual"] == "fira",
-                             proj.state_shapes(d, r, dtype), bits and (shape, bits))
+        common, own, rule = self.options(group)
+        coordinates = projected_shape(shape, side, r)
+        specs = rule.state_specs(coordinates, shape, dtype, own)
+        if common.residual != "none":
+            specs += RESIDUALS[common.residual].state_specs(coordinates, shape, dtype, group)
+        if common.error_feedback != "none":
+            specs += RESIDUALS["error_feedback"].state_specs(coordinates, shape, dtype, group)
+        return specs + [StateSpec(PROJ_PREFIX + key, size, dt)
+                        for key, (size, dt) in proj.state_shapes(d, r, dtype).items()]
+
+    def optional_state(self, group: dict[str, Any]) -> frozenset[str]:
+        return RULES[group["rule"]].optional_state()
 
     def estimated_shared_table(self, group: dict[str, Any], p: Tensor,
                                device: torch.device) -> tuple[Any, int] | None:
         """(key, bytes) of the state p's projector will share with others on ``device``."""
+        if not self.applies_method(group, p):
+            return None
         proj, _, _, d, _, dtype = self._geometry(group, p)
         return proj.shared_table(d, device, dtype)
 
@@ -340,7 +453,7 @@ class LowRankAdamW(MemoptOptimizer):
                             == "medium", group["residual"] == "fira")
 
     def adamw_settings(self, group: dict[str, Any]) -> tuple[float, tuple[float, float], float]:
-        return learning_rate(group), group["betas"], group["eps"]
+        return RULES[group["rule"]].adamw_settings(group, learning_rate(group))
 
     def _step_matrices(self, group: dict[str, Any], plan: _Plan, prepared: Prepared,
                        store: MomentStore) -> None:
@@ -365,40 +478,54 @@ class LowRankAdamW(MemoptOptimizer):
 
     def _fast_step(self, group: dict[str, Any], batches: list[tuple[list[Tensor], fast.Batch]],
                    store: MomentStore) -> None:
-        """Adam on the coordinates of all ``batches`` (one fused call), then each update."""
+        """The rule's batched step on the coordinates of all ``batches``, then each lift."""
+        common, own, rule = self.options(group)
         states = [[self.state[p] for p in params] for params, _ in batches]
-        beta1, beta2 = group["betas"]
-        fira = group["residual"] == "fira"
-        updates = fast.adam([b for _, b in batches], [s for ss in states for s in ss], store,
-                            beta1=beta1, beta2=beta2, eps=group["eps"], fira=fira,
-                            eps_before_bias_correction=group["eps_before_bias_correction"])
+        advance_steps([s for ss in states for s in ss])
+        fira = common.residual == "fira"
+        items = [Coordinates(batch.R, ss, tuple(as_matrix(params[0]).shape))
+                 for (params, batch), ss in zip(batches, states)]
+        updates = rule.batched(items, store, own, keep_input=fira)
         for (params, batch), U, ss in zip(batches, updates, states):
             first = params[0]
-            fast.apply(batch, U, ss, lr=learning_rate(group), scale=group["scale"],
-                       weight_decay=group["weight_decay"],
-                       fira_gamma=group["limiter_gamma"] if fira else None,
+            fast.apply(batch, U, ss, lr=learning_rate(group), scale=common.scale,
+                       weight_decay=common.weight_decay,
+                       fira_gamma=common.limiter_gamma if fira else None,
                        sum_over_shards=(lambda t, p=first: all_reduce_sum(t, p, "fira_limiter"))
                        if is_sharded(first) else None)
 
     def _reference_step(self, group: dict[str, Any], params: list[Tensor],
                         store: MomentStore) -> None:
-        projectors = [self.projector(p, group) for p in params]
-        fast.reference([local(p) for p in params], [local(p.grad) for p in params],
-                       [q.basis() for q in projectors], [q.side for q in projectors],
-                       [self.state[p] for p in params], store, lr=learning_rate(group),
-                       betas=group["betas"], eps=group["eps"], scale=group["scale"],
-                       weight_decay=group["weight_decay"],
-                       fira_gamma=group["limiter_gamma"] if group["residual"] == "fira" else None,
-                       eps_before_bias_correction=group["eps_before_bias_correction"])
+        """Matrix by matrix: project, the rule's reference step, Fira's residual, lift.
+        W <- W (1 - lr wd) + lr (scale lift(U) - S)."""
+        common, own, rule = self.options(group)
+        lr = learning_rate(group)
+        for p in params:
+            proj, state = self.projector(p, group), self.state[p]
+            G, P = as_matrix(p.grad), proj.basis()
+            R = project_onto(G, P, proj.side)
+            advance_steps([state])
+            (U,) = rule.reference([Coordinates(R[None], [state], tuple(G.shape))], store, own,
+                                  keep_input=True)
+            D = lift(U[0], P, proj.side).mul_(common.scale)
+            if common.residual == "fira":
+                S, state["residual_norm"] = fira_residual(
+                    G, R, U[0], lift(R, P, proj.side), proj.side, state.get("residual_norm"),
+                    common.limiter_gamma)
+                D = D - S
+            p.mul_(1 - lr * common.weight_decay)
+            add_to_matrix_(p, D, lr)
 
     def _refresh_if_due(self, group: dict[str, Any], p: Tensor, store: MomentStore) -> None:
         """A new basis from G every ``update_proj_gap`` steps (the first step included);
-        then the state is made (first time) or the moments kept, reset or rotated."""
+        then the state is made (first time) or the rule's state kept, reset or rotated."""
         state = self.state[p]
         if state.setdefault("step", 0) % group["update_proj_gap"]:
             return
-        proj, mode = self.projector(p, group), group["moments_on_refresh"]
-        old = proj.basis() if "exp_avg" in state and mode.startswith("rotate") else None
+        common, _, rule = self.options(group)
+        proj, mode = self.projector(p, group), common.moments_on_refresh
+        fresh = not any(k in state for k in (d.key for d in rule.STATE))
+        old = proj.basis() if not fresh and mode.startswith("rotate") else None
         G = as_matrix(local(p.grad))
         fit = (lambda M: update_from_shards(proj, M, p)) if is_sharded(p) else proj.update
         try:
@@ -410,48 +537,97 @@ class LowRankAdamW(MemoptOptimizer):
             fit(G)
         for key, value in proj.state_dict().items():
             state[PROJ_PREFIX + key] = value
-        if "exp_avg" not in state:
-            shape = projected_shape(tuple(G.shape), proj.side, proj.effective_rank)
-            store.make(state, lowrank_specs(shape, compute_dtype(p.dtype),
-                                            group["residual"] == "fira"),
-                       G.device, (p.shape[0], local(p).shape[0]))
+        if fresh:
+            self.make_state(group, p, store)
         elif mode != "keep":
-            m, v = store.read(state, "exp_avg"), store.read(state, "exp_avg_sq")
-            P, bias2 = proj.basis(), 1 - group["betas"][1] ** state["step"]
-            R = project(G.to(P.dtype), P, proj.side) if mode == "rotate_fill" else None
-            m, v = carry_moments(m, v, mode, P, old, proj.side, R, bias2)
-            for key, value in (("exp_avg", m), ("exp_avg_sq", v)):
-                store.write(state, key, value)
-            if mode == "reset":
-                state["step"] = 0
+            self._carry_state(group, rule, state, store, mode, proj, old, G)
+
+    def _carry_state(self, group: dict[str, Any], rule: Rule, state: dict[str, Any],
+                     store: MomentStore, mode: str, proj: Projector, old: Tensor | None,
+                     G: Tensor) -> None:
+        """The rule's declared state after a refresh (``basis_change.py``)."""
+        changing = [d for d in rule.STATE if d.basis_change is not None and d.key in state]
+        if mode == "reset":
+            for d in changing:
+                store.write(state, d.key, store.read(state, d.key).zero_())
+            state["step"] = 0
+            return
+        P = proj.basis()
+        C = P.mT @ old.to(P.dtype)
+        R = project_onto(G, P, proj.side) if mode == "rotate_fill" else None
+        for d in changing:
+            X = rotate(store.read(state, d.key), C, proj.side, d.basis_change)
+            if R is not None and d.basis_change == "quadratic":
+                X = fill_outside(X, C, proj.side, R, 1 - group["betas"][1] ** state["step"])
+            store.write(state, d.key, X)
+
+
+class LowRankAdamW(LowRankOptimizer):
+    """:class:`LowRankOptimizer` with the Adam rule (its name before the rules existed)."""
 
 
 class GaLoreAdamW(LowRankAdamW):
-    """GaLore-Adam (Zhao et al., 2024): :class:`LowRankAdamW` (its docstring has the
-    algorithm and the arguments) with the SVD projector."""
+    """GaLore-Adam (Zhao et al., 2024): svd x adam. :class:`LowRankOptimizer` has the
+    algorithm and the arguments; paper defaults for LLaMA pretraining: rank 128-512, gap
+    200, scale 0.25, lr 0.01."""
 
 
 class DCTAdamW(GaLoreAdamW):
-    """SVD-free GaLore (Modoranu et al., 2025): the r DCT-II vectors best aligned with G
-    (``dct.dct_select``), only their indices kept. Its refresh is cheap: every 50 steps, moments
-    carried by "rotate_fill" (0.04 bits/byte better than GaLore's 200 and "keep", BENCHMARKS.md)."""
+    """SVD-free GaLore (Modoranu et al., 2025): dct x adam, the r DCT-II vectors best aligned
+    with G (``projections/dct.py``), only their indices kept. Its refresh is cheap: every 50
+    steps, moments carried by "rotate_fill" (0.04 bits/byte better than GaLore's 200 and
+    "keep", recipes/bench/BENCHMARKS.md)."""
 
-    def __init__(self, params: Any, *args: Any, projector: Any = "dct", update_proj_gap: int = 50,
-                 moments_on_refresh: str = "rotate_fill", **kwargs: Any) -> None:
-        super().__init__(params, *args, projector=projector, update_proj_gap=update_proj_gap,
-                         moments_on_refresh=moments_on_refresh, **kwargs)
+    PRESET = {"projector": "dct", "update_proj_gap": 50, "moments_on_refresh": "rotate_fill"}
 
 
 class FiraAdamW(GaLoreAdamW):
-    """Fira (Chen et al., 2024): GaLore plus the limited residual S = phi (G - P R)
+    """Fira (Chen et al., 2024): svd x adam + the limited residual S = phi (G - P R)
     (``fira.fira_residual``); ``residual="fira"``, ``limiter_gamma=1.01``."""
 
-    def __init__(self, params: Any, *args: Any, limiter_gamma: float = 1.01,
-                 residual: str = "fira", **kwargs: Any) -> None:
-        super().__init__(params, *args, limiter_gamma=limiter_gamma, residual=residual, **kwargs)
+    PRESET = {"residual": "fira"}
 
 
-GaLoreAdamW8bit, DCTAdamW8bit, FiraAdamW8bit = map(eight_bit, (GaLoreAdamW, DCTAdamW, FiraAdamW))
+class Trion(LowRankOptimizer):
+    """Trion (Modoranu et al., 2025b, "FFT-based Dynamic Subspace Selection for Low-Rank
+    Adaptive Optimization of Large Language Models", arXiv 2505.17967): dct x orthogonalized.
+
+    Every step the r DCT-II columns best aligned with G are chosen (the authors' L1 score),
+    the momentum, kept in the r-dimensional coordinates (r x n numbers, not m x n), is
+    rotated into them (new columns start at 0), orthogonalized there by Newton-Schulz and
+    lifted back with Muon's shape factor: W <- W (1 - lr wd) - lr adj(m, n) P polar(m).
+    State per matrix: r indices and the r x n momentum. Defaults follow the authors' code
+    (ISTA-DASLab-Optimizers, ``fft_low_rank/trion.py``): lr 0.02, momentum 0.95 without
+    Nesterov, 5 Newton-Schulz steps, selection every step, scale 1. Unlike that code, whose
+    momentum is a full m x n buffer with Dion's error feedback (the in-subspace part decays
+    by mu, the rest is kept whole), ours keeps only the subspace momentum; that buffer is
+    ``error_feedback="fp32"`` here, at the matrix's size. Options: :class:`LowRankOptimizer`
+    and ``rules/orthogonalized.py``.
+    """
+
+    PRESET = {"projector": "dct", "projector_options": {"norm": "l1"}, "rule": "orthogonalized",
+              "update_proj_gap": 1, "moments_on_refresh": "rotate", "scale": 1.0, "lr": 0.02}
+
+
+class GaLoreMuon(LowRankOptimizer):
+    """GaLore x orthogonalized: the SVD basis of GaLore (refreshed every 200 steps), the
+    momentum kept in its coordinates (rotated into a new basis at a refresh) and updated
+    along its polar factor, as Muon does on the whole matrix: W <- W (1 - lr wd) - lr
+    adj(m, n) P polar(m). State per matrix: the basis (d x r) and the momentum (r x n).
+    Defaults: Muon's lr 0.02, momentum 0.95 with Nesterov, scale 1."""
+
+    PRESET = {"rule": "orthogonalized", "moments_on_refresh": "rotate", "scale": 1.0,
+              "lr": 0.02, "nesterov": True}
+
+
+for _name, _cls in (("galore", GaLoreAdamW), ("dct", DCTAdamW), ("fira", FiraAdamW),
+                    ("trion", Trion), ("galoremuon", GaLoreMuon)):
+    _cls.EIGHT_BIT = eight_bit(_cls)
+    register_optimizer(_name, _cls)
+
+GaLoreAdamW8bit, DCTAdamW8bit, FiraAdamW8bit, Trion8bit, GaLoreMuon8bit = (
+    c.EIGHT_BIT for c in (GaLoreAdamW, DCTAdamW, FiraAdamW, Trion, GaLoreMuon))
 
 __all__ = ["DCTAdamW", "DCTAdamW8bit", "FiraAdamW", "FiraAdamW8bit", "GaLoreAdamW",
-           "GaLoreAdamW8bit", "LowRankAdamW", "REFRESH_MODES"]
+           "GaLoreAdamW8bit", "GaLoreMuon", "GaLoreMuon8bit", "LowRankAdamW", "LowRankOptimizer",
+           "LowRankOptions", "REFRESH_MODES", "Trion", "Trion8bit"]

@@ -13,11 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .engine import MemoptOptimizer, moment_dtype, state_bytes
-from .lowrank import LowRankAdamW
-from .muon import OrthogonalizedOptimizer
+from .engine import MemoptOptimizer, state_bytes
 from .registry import create_optimizer
-from .states import adam_specs, spec_bytes, tensor_bytes
+from .states import spec_bytes, tensor_bytes
 
 META = torch.device("meta")
 
@@ -65,24 +63,18 @@ def estimate_memory(model_or_config: Any, optimizer_name: str, *, per_layer: boo
 
 def _memopt_state_bytes(optimizer: MemoptOptimizer) -> int:
     """``state_bytes(optimizer)`` after its first step, from shapes alone: each parameter's
-    state as the optimizer describes it (``state_specs``: low-rank moments, Fira's norm and
-    the projector's basis or indices; a momentum buffer; AdamW's two moments otherwise),
+    state as the optimizer declares it (``expected_state``: the rule's, residual's and
+    projector's tensors for a matrix its method updates, AdamW's two moments otherwise),
     plus the state its projectors share (DCT tables, once per size)."""
     total, shared = 0, {}
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not p.requires_grad:
                 continue
-            if isinstance(optimizer, LowRankAdamW) and optimizer.is_projected(group, p):
-                specs = optimizer.state_specs(group, p)
-                table = optimizer.estimated_shared_table(group, p, META)
-                if table is not None:
-                    shared[table[0]] = table[1]
-            elif (isinstance(optimizer, OrthogonalizedOptimizer)
-                  and optimizer.is_orthogonalized(group, p)):
-                specs = optimizer.state_specs(group, p)
-            else:
-                specs = adam_specs(tuple(p.shape), moment_dtype(p))
+            specs = optimizer.expected_state(group, p)
+            table = optimizer.estimated_shared_table(group, p, META)
+            if table is not None:
+                shared[table[0]] = table[1]
             total += spec_bytes(specs, group["state_bits"])
     return total + sum(shared.values())
 

@@ -10,7 +10,6 @@ the fast executor (``executors_polar.py``) orthogonalizes same-shape matrices in
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,80 +23,18 @@ from memopt.projections.polar import work_dtype
 from . import executors_polar as fast
 from .compat import muon_arguments
 from .distributed import all_reduce_sum, is_sharded, local, sharded_polar
-from .engine import (PREPARE_BYTES, MemoptOptimizer, Prepared, arguments, eight_bit, moment_dtype,
+from .engine import (PREPARE_BYTES, MemoptOptimizer, Prepared, advance_steps, arguments, eight_bit, moment_dtype,
                      refuse_unknown_arguments)
 from .executors import MAX_BATCH_BYTES, add_to_matrix_, as_matrix, buckets, scale_
 from .groups import (check_betas, check_choice, check_learning_rate, check_nonnegative,
                      check_positive_int, learning_rate, warn_if_no_matrix_used)
-from .states import NUCLEAR_AVERAGE, MomentStore, StateSpec, momentum_specs, nuclear_average
-
-ORTHOGONALIZERS = ("newton_schulz", "polar_express", "svd")
-ADJUST_LR = ("original", "match_rms_adamw", "none")
-SCALINGS = ("none", "nuclear_norm", "relative_nuclear_norm")
-RELATIVE = "relative_nuclear_norm"
-VARIANTS = ("momentum_first", "polar_first")
-NS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
-#: "relative_nuclear_norm": its average spans ~1000 steps, Adam's usual beta2 (ours, untuned).
-NUCLEAR_AVERAGE_BETA = 0.999
-
-
-def lr_adjustment(shape: tuple[int, int], adjust_lr: str) -> float:
-    """Muon's per-shape factor for an (A x B) matrix: "original" max(1, A / B)^0.5 (Jordan
-    et al.); "match_rms_adamw" 0.2 max(A, B)^0.5, AdamW's RMS (Liu et al., 2025)."""
-    A, B = shape
-    if adjust_lr == "original":
-        return math.sqrt(max(1.0, A / B))
-    if adjust_lr == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(A, B))
-    return 1.0
-
-
-def momentum_direction(g: Tensor, buf: Tensor, mu: float, nesterov: bool) -> Tensor:
-    """buf <- mu buf + (1 - mu) g (in place); return (1 - mu) g + mu buf (Nesterov) or buf."""
-    buf.lerp_(g, 1 - mu)
-    return g.lerp(buf, mu) if nesterov else buf
-
-
-def nuclear_norm(M: Tensor, U: Tensor) -> Tensor:
-    """||M||_* = tr(H) = <M, U> for the polar decomposition M = U H (no SVD), in fp32 or wider."""
-    dtype = torch.promote_types(torch.promote_types(M.dtype, U.dtype), torch.float32)
-    return torch.sum(M.to(dtype) * U.to(dtype))
-
-
-def relative_nuclear_factor(nu: Tensor, average: Tensor, weight: float) -> Tensor:
-    """nu_t / abar_t, advancing ``average`` (abar, fp32) in place. a_t = beta a_{t-1} +
-    (1 - beta) nu_t, abar_t = a_t / (1 - beta^t) is kept as abar_t = lerp(abar_{t-1}, nu_t,
-    weight = (1 - beta) / (1 - beta^t)): abar_1 = nu_1, the first factor is exactly 1; the
-    factor is 0 where abar is 0 (zero gradients so far)."""
-    nu = nu.to(average.dtype)
-    average.lerp_(nu, weight)
-    return torch.where(average > 0, nu / average, 0.0)
-
-
-def orthogonalized_direction(G: Tensor, buf: Tensor, polar: Callable[[Tensor], Tensor], *,
-                             mu: float, nesterov: bool, variant: str, scaling: str,
-                             total: Callable[[Tensor], Tensor] = lambda x: x,
-                             average: Tensor | None = None, weight: float = 1.0) -> Tensor:
-    """The direction D of one matrix (buf advanced in place); W <- W (1 - lr wd) - lr adj D.
-
-        momentum-first (Muon, PolarGrad):  u = momentum(G);  U = polar(u);  D = U
-        polar-first (PolarGrad):           U = polar(G);     D = momentum(U)
-        scaling "nuclear_norm":            D <- nu D, nu = <x, U>, x the matrix U came from
-        "relative_nuclear_norm" (ours):    D <- (nu / abar) D, abar its running average
-
-    ``total`` sums nu over the row shards of a sharded matrix; ``average`` and ``weight``:
-    see :func:`relative_nuclear_factor`."""
-    if variant == "momentum_first":
-        source = momentum_direction(G.to(buf.dtype), buf, mu, nesterov)
-        U = D = polar(source)
-    else:
-        source, U = G, polar(G)
-        D = momentum_direction(U.to(buf.dtype), buf, mu, nesterov)
-    if scaling == RELATIVE:
-        average = G.new_zeros((), dtype=torch.float32) if average is None else average
-        return D * relative_nuclear_factor(total(nuclear_norm(source, U)), average, weight)
-    return D * total(nuclear_norm(source, U)) if scaling == "nuclear_norm" else D
-
+from .rules.orthogonalized import (ADJUST_LR, NS_DTYPES, NUCLEAR_AVERAGE_BETA, ORTHOGONALIZERS,
+                                   RELATIVE, SCALINGS, VARIANTS, adamw_rate, check_momentum,
+                                   lr_adjustment, momentum_direction, nuclear_norm,
+                                   orthogonalized_direction, relative_nuclear_factor,
+                                   OrthogonalizedRule)
+from .registry import register_optimizer
+from .states import NUCLEAR_AVERAGE, MomentStore, StateSpec, nuclear_average
 
 @dataclass
 class _Plan:
@@ -163,14 +100,14 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
     #: What a loaded state must agree on (``MemoptOptimizer.load_state_dict``).
     STRUCTURE = ("scaling", "variant", "state_bits", "adamw")
     INTERNAL_GROUP_KEYS = frozenset({"lr_at_start"})
-    OPTIONAL_STATE = frozenset({NUCLEAR_AVERAGE})      # made on first use
+
+    def optional_state(self, group: dict[str, Any]) -> frozenset[str]:
+        return frozenset({NUCLEAR_AVERAGE})      # made on first use
 
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_learning_rate(group["lr"])
-        mu = group["momentum"]
-        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < 1:
-            raise ValueError(f"Invalid momentum value: {mu!r} (must be in [0, 1))")
+        check_momentum(group["momentum"])
         check_nonnegative("weight_decay value", group["weight_decay"])
         check_positive_int("ns_steps", group["ns_steps"])
         for key in ("adamw_lr", "adamw_eps"):
@@ -187,17 +124,15 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(muon_arguments(param_group))
 
+    @classmethod
+    def lr_family(cls) -> str:
+        """Which learning rate of a recipe preset suits this optimizer."""
+        return "polargrad" if issubclass(cls, PolarGrad) else "muon"
+
     @staticmethod
     def adamw_lr(group: dict[str, Any]) -> float:
-        """The AdamW rate of ``group``'s other parameters: ``adamw_lr`` times lr / the lr the
-        group had when it was added, so they follow every change of the group's lr (an LR
-        scheduler, a manual change; lr 0 freezes the whole group). A group added at lr 0
-        keeps ``adamw_lr`` once its lr is raised."""
-        start = group.get("lr_at_start", group.get("initial_lr"))
-        start = float(start) if isinstance(start, Tensor) else start
-        if not start:
-            return 0.0 if learning_rate(group) == 0 else group["adamw_lr"]
-        return group["adamw_lr"] * learning_rate(group) / start
+        """The AdamW rate of ``group``'s other parameters (``rules.orthogonalized.adamw_rate``)."""
+        return adamw_rate(group)
 
     @staticmethod
     def is_orthogonalized(group: dict[str, Any], p: Tensor) -> bool:
@@ -209,10 +144,12 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
 
     @staticmethod
     def state_specs(group: dict[str, Any], p: Tensor) -> list[StateSpec]:
-        """The state of an orthogonalized matrix: its momentum buffer (matrix shape), and the
-        fp32 average of its nuclear norm with ``scaling="relative_nuclear_norm"``."""
-        return momentum_specs(tuple(as_matrix(p).shape), moment_dtype(p),
-                              group["scaling"] == RELATIVE)
+        """The state of an orthogonalized matrix, as the orthogonalized rule declares it: its
+        momentum buffer (matrix shape), and the fp32 average of its nuclear norm with
+        ``scaling="relative_nuclear_norm"``."""
+        shape = tuple(as_matrix(p).shape)
+        return [d.spec(shape, shape, moment_dtype(p)) for d in OrthogonalizedRule.STATE
+                if d.key != NUCLEAR_AVERAGE or group["scaling"] == RELATIVE]
 
     # ---------------------------------------------------------------------- step
     def _plan(self, group: dict[str, Any], params: list[Tensor]) -> _Plan:
@@ -285,8 +222,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         for batch in plan.batches:
             for p in batch:
                 if not self.state[p]:
-                    store.make(self.state[p], self.state_specs(group, p), p.device)
-                    self.state[p]["step"] = 0
+                    self.make_state(group, p, store)
         if group["impl"] == "reference":
             self._matrix_steps(group, [p for b in plan.batches for p in b], store)
         else:
@@ -300,8 +236,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         """Advance the momentum, orthogonalize the batch and update its matrices."""
         grads = [as_matrix(p.grad) for p in params]          # batches hold no FSDP2 shards
         states = [self.state[p] for p in params]
-        for state in states:
-            state["step"] += 1
+        advance_steps(states)
         polar_first = group["variant"] == "polar_first"
         momenta = store.read_all(states, "momentum_buffer")
         if not polar_first:
@@ -333,11 +268,8 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         for i, p in enumerate(params):
             state = self.state[p]
             if not state:
-                store.make(state, momentum_specs(tuple(as_matrix(local(p)).shape),
-                                                 moment_dtype(p), group["scaling"] == RELATIVE),
-                           p.device, (p.shape[0], local(p).shape[0]))
-                state["step"] = 0
-            state["step"] += 1
+                self.make_state(group, p, store)
+            advance_steps([state])
             average, weight = nuclear_average(state, p.device, NUCLEAR_AVERAGE_BETA) \
                 if group["scaling"] == RELATIVE else (None, 1.0)
             buf = store.read(state, "momentum_buffer")
@@ -409,6 +341,9 @@ class PolarGrad(OrthogonalizedOptimizer):
 
 
 Muon8bit, PolarGrad8bit = map(eight_bit, (Muon, PolarGrad))
+Muon.EIGHT_BIT, PolarGrad.EIGHT_BIT = Muon8bit, PolarGrad8bit
+register_optimizer("muon", Muon)
+register_optimizer("polargrad", PolarGrad)
 
 __all__ = ["NUCLEAR_AVERAGE_BETA", "Muon", "Muon8bit", "OrthogonalizedOptimizer", "PolarGrad",
            "PolarGrad8bit", "lr_adjustment", "momentum_direction", "nuclear_norm",

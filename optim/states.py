@@ -80,9 +80,72 @@ def dequantize(q: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     return out.view(q.shape)
 
 
-#: The quantizable state of every method: first moments and momentum may be negative (the
-#: signed dynamic map), second moments may not.
-SIGNED = {"exp_avg": True, "exp_avg_sq": False, "momentum_buffer": True, "error_buffer": True}
+#: Whether each quantizable state key may be negative (the signed dynamic map) or not, and
+#: which keys follow a parameter's rows (FSDP2 shards them with it): both filled from the
+#: pieces' declarations (:func:`declare`, called by ``registry``), never written by hand.
+SIGNED: dict[str, bool] = {}
+ROW_SHARDED: set[str] = set()
+#: How each key's tensor changes when its basis does (``StateDecl.basis_change``).
+BASIS_CHANGE: dict[str, str | None] = {}
+
+SHAPES = ("coordinates", "matrix", "scalar")
+BASIS_CHANGES = (None, "linear", "quadratic")
+
+
+@dataclass(frozen=True)
+class StateDecl:
+    """One tensor a piece (update rule, residual) keeps per matrix, declared once.
+
+    ``shape``: "coordinates" (the projected gradient's shape, (r, n) or (m, r)), "matrix"
+    (the parameter as a matrix) or "scalar". ``quantizable``: 8 bits under ``state_bits=8``;
+    ``signed``: may be negative (the signed 8-bit map). ``basis_change``: at a basis refresh
+    with rotation, "linear" tensors are mixed by C = P_new^T P_old (a first moment,
+    momentum), "quadratic" ones by C o C (a second moment), None ones kept. ``fill``: its
+    first value; ``dtype``: "moment" (fp32, fp64 for fp64 parameters) or "float32".
+    """
+    key: str
+    shape: str
+    quantizable: bool = False
+    signed: bool = True
+    basis_change: str | None = None
+    fill: float = 0.0
+    dtype: str = "moment"
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"StateDecl {self.key!r}: shape must be one of {SHAPES}, got "
+                             f"{self.shape!r}")
+        if self.basis_change not in BASIS_CHANGES:
+            raise ValueError(f"StateDecl {self.key!r}: basis_change must be one of "
+                             f"{BASIS_CHANGES}, got {self.basis_change!r}")
+
+    def spec(self, coordinates: tuple[int, ...], matrix: tuple[int, ...], moment: torch.dtype,
+             bits: int | None = None) -> "StateSpec":
+        """The concrete tensor for a matrix of shape ``matrix`` whose coordinates have shape
+        ``coordinates``, moments in ``moment``; ``bits`` overrides the optimizer's width."""
+        shape = {"coordinates": coordinates, "matrix": matrix, "scalar": ()}[self.shape]
+        dtype = moment if self.dtype == "moment" else torch.float32
+        return StateSpec(self.key, tuple(shape), dtype, self.quantizable, self.fill, bits)
+
+
+def declare(decls: tuple[StateDecl, ...], owner: str) -> None:
+    """Record what ``owner`` declares (signedness, row sharding, basis change); a key
+    declared twice must be declared alike. ValueError for an owner that declares nothing."""
+    if not decls:
+        raise ValueError(f"{owner} declares no state: every piece says what it keeps "
+                         "(StateDecl), so that its memory, 8-bit storage, checkpoints and "
+                         "sharding follow from the declaration")
+    for decl in decls:
+        if not isinstance(decl, StateDecl):
+            raise TypeError(f"{owner}: STATE must hold StateDecl objects, got {decl!r}")
+        known = SIGNED.get(decl.key), BASIS_CHANGE.get(decl.key, decl.basis_change)
+        if decl.key in SIGNED and known != (decl.signed, decl.basis_change):
+            raise ValueError(f"{owner}: state key {decl.key!r} is declared elsewhere with "
+                             f"signed={known[0]}, basis_change={known[1]!r}")
+        SIGNED[decl.key] = decl.signed
+        BASIS_CHANGE[decl.key] = decl.basis_change
+        if decl.shape != "scalar":
+            ROW_SHARDED.add(decl.key)
 
 
 @dataclass(frozen=True)
@@ -100,47 +163,12 @@ class StateSpec:
     bits: int | None = None
 
 
-def adam_specs(shape: tuple[int, ...], dtype: torch.dtype) -> list[StateSpec]:
-    """Adam's moments m and v of a tensor of ``shape``."""
-    return [StateSpec("exp_avg", tuple(shape), dtype, True),
-            StateSpec("exp_avg_sq", tuple(shape), dtype, True)]
-
-
 #: Prefix of the projector's keys (``Projector.state_dict``) in a low-rank matrix's state.
 PROJ_PREFIX = "proj_"
-
-
-def lowrank_specs(shape: tuple[int, int], dtype: torch.dtype, fira: bool,
-                  projector: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
-                  error_feedback: tuple[tuple[int, int], int] | None = None) -> list[StateSpec]:
-    """A projected matrix's state: Adam's moments of its coordinates (``shape``), Fira's
-    residual norm (inf before the first step: no limit yet), the error-feedback buffer
-    (``(matrix shape, bits)``: what the projection discarded, ``error_feedback.py``), the
-    projector's tensors (``Projector.state_shapes``: a basis, or DCT indices) under
-    ``PROJ_PREFIX``."""
-    specs = adam_specs(shape, dtype)
-    if fira:
-        specs.append(StateSpec("residual_norm", (), dtype, fill=math.inf))
-    if error_feedback is not None:
-        specs.append(StateSpec("error_buffer", error_feedback[0], dtype, True,
-                               bits=error_feedback[1]))
-    return specs + [StateSpec(PROJ_PREFIX + key, size, dt)
-                    for key, (size, dt) in (projector or {}).items()]
-
 
 #: PolarGrad's "relative_nuclear_norm" scaling: the bias-corrected running average of a
 #: matrix's nuclear norm, one fp32 scalar (never quantized).
 NUCLEAR_AVERAGE = "nuclear_norm_average"
-
-
-def momentum_specs(shape: tuple[int, ...], dtype: torch.dtype,
-                   nuclear_average: bool = False) -> list[StateSpec]:
-    """Muon's / PolarGrad's momentum buffer of a matrix of ``shape``; with
-    ``nuclear_average`` also the fp32 scalar :data:`NUCLEAR_AVERAGE`."""
-    specs = [StateSpec("momentum_buffer", tuple(shape), dtype, True)]
-    if nuclear_average:
-        specs.append(StateSpec(NUCLEAR_AVERAGE, (), torch.float32))
-    return specs
 
 
 def spec_bytes(specs: list[StateSpec], bits: int) -> int:
@@ -169,7 +197,7 @@ class MomentStore:
         if bits == 8:
             import_bitsandbytes()
         self.bits = bits
-        self.signed = dict(SIGNED if signed is None else signed)
+        self.signed = SIGNED if signed is None else dict(signed)
 
     def make(self, state: dict, specs: list[StateSpec], device: torch.device,
              rows: tuple[int, int] = (1, 1)) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from helpers import round_trip
 from memopt import optim as mo
-from memopt.optim.galore import project, project_back
+from memopt.projections import lift, project_onto
 
 
 def matrix(shape, seed=0):
@@ -26,7 +26,7 @@ def gradient(shape, seed):
 def lifted(G, opt, p):
     proj = opt.projector(p)
     P = proj.basis()
-    return project_back(project(G, P, proj.side), P, proj.side)
+    return lift(project_onto(G, P, proj.side), P, proj.side)
 
 
 @pytest.mark.parametrize("gap", [1, 3])

@@ -29,6 +29,13 @@ LOWRANK = {
     "fira-svd": (mo.FiraAdamW, {"projector": "svd"}),
     "fira-dct": (mo.FiraAdamW, {"projector": "dct"}),
     "fira-polar": (mo.FiraAdamW, {"projector": "polar"}),
+    "trion": (mo.Trion, {}),
+    "galoremuon": (mo.GaLoreMuon, {}),
+    "galoremuon-polar_express-nuclear": (mo.GaLoreMuon, {"orthogonalizer": "polar_express",
+                                                          "scaling": "nuclear_norm"}),
+    "trion-relative-fira": (mo.Trion, {"scaling": "relative_nuclear_norm", "residual": "fira"}),
+    "galoremuon-svd-reset": (mo.GaLoreMuon, {"orthogonalizer": "svd",
+                                             "moments_on_refresh": "reset"}),
 }
 POLAR = {
     "muon": (mo.Muon, {}),
@@ -44,8 +51,9 @@ def build(name: str, params: list[torch.Tensor], bits: int, impl: str, shape: tu
     if name in LOWRANK:
         cls, kw = LOWRANK[name]
         rank = min(4, min(shape[0], int(torch.tensor(shape[1:]).prod())) - 1)
-        return cls(params, lr=1e-2, rank=rank, update_proj_gap=2, weight_decay=0.1,
-                   state_bits=bits, impl=impl, **kw)
+        kw = {"update_proj_gap": 2, **kw} if cls is not mo.Trion else kw   # Trion: every step
+        return cls(params, lr=1e-2, rank=rank, weight_decay=0.1, state_bits=bits, impl=impl,
+                   **kw)
     cls, kw = POLAR[name]
     return cls(params, lr=0.02, weight_decay=0.1, state_bits=bits, impl=impl, **kw)
 

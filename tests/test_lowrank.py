@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memopt import optim as mo
-from memopt.optim.galore import carry_moments
+from memopt.optim.basis_change import carry_moments
 from memopt.projections.dct import dct_matrix
 
 

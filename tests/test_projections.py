@@ -9,12 +9,12 @@ import pytest
 import scipy.fft
 import scipy.linalg
 import torch
+from torch import Tensor
 
 from memopt.projections import (DCTProjector, PolarProjector, Projector, SVDProjector,
                                 make_projector, orthogonalize)
 from memopt.projections.base import orthonormality_error
 from memopt.projections.dct import dct_energy, dct_matrix
-from memopt.optim.dct import dct_select
 
 CONFIGS = {
     "svd-exact": lambda r, **kw: SVDProjector(r, **kw),
@@ -27,6 +27,18 @@ SHAPES = {"tall": (64, 40), "wide": (40, 64), "square": (48, 48), "odd": (257, 9
 RANKS = {"r1": 1, "r8": 8, "r32": 32, "full": 10_000}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+def dct_select(G: Tensor, side: str, r: int, norm: str = "l2") -> tuple[Tensor, Tensor]:
+    """The reference DCT selection (Modoranu et al., 2025), brute force: T = the DCT-II
+    matrix of size d (row k = vector d_k); C = G T^T (right) or (T G)^T (left); score e_k =
+    ||C_k||_2^2 ("l2") or ||C_k||_1 ("l1"); the r largest, strongest first; P = T[idx]^T."""
+    d = G.shape[1] if side == "right" else G.shape[0]
+    T = dct_matrix(d, G.device, G.dtype)
+    C = (G @ T.mT) if side == "right" else (T @ G).mT
+    energy = (C.abs() if norm == "l1" else C.square()).sum(dim=0)
+    idx = torch.topk(energy, r, sorted=True).indices
+    return T[idx].mT, idx
+
 
 
 def gradient(shape, dtype=torch.float32, seed=0, decay=0.0):
