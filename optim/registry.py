@@ -153,6 +153,29 @@ def lr_family(name: str) -> str:
     return OPTIMIZERS[key].lr_family()
 
 
+def preset_options(name: str) -> dict[str, Any] | None:
+    """The options a low-rank name fixes (its class's ``PRESET`` or the composition's),
+    or None for an optimizer that is not a low-rank composition. ValueError if unknown."""
+    key = _key(name)
+    composed = composition(key)
+    if composed is not None:
+        return composed
+    if key.removesuffix("8bit") == "adamw":
+        return None
+    if key not in OPTIMIZERS:
+        raise ValueError(_unknown(name))
+    return dict(OPTIMIZERS[key].PRESET) if hasattr(OPTIMIZERS[key], "PRESET") else None
+
+
+def is_known(name: str) -> bool:
+    """Whether ``create_optimizer`` takes ``name``."""
+    try:
+        lr_family(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _key(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "")
 

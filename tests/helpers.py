@@ -23,6 +23,10 @@ LOWRANK = {
                                                       "update_proj_gap": 3, **kw}),
     "fira": lambda params, **kw: mo.FiraAdamW(params, **{"lr": 1e-2, "rank": 4,
                                                         "update_proj_gap": 3, **kw}),
+    # Trion refreshes every step (its default); GaLoreMuon crosses refreshes as the others
+    "trion": lambda params, **kw: mo.Trion(params, **{"lr": 0.02, "rank": 4, **kw}),
+    "galoremuon": lambda params, **kw: mo.GaLoreMuon(params, **{"lr": 0.02, "rank": 4,
+                                                               "update_proj_gap": 3, **kw}),
 }
 POLAR = {
     "muon": lambda params, **kw: mo.Muon(params, **{"lr": 0.02, **kw}),

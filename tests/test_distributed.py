@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import OPTIMIZERS, SmallNet, make, small_batch
+from helpers import LOWRANK, OPTIMIZERS, SmallNet, make, small_batch
 
 CASES = [(name, bits) for name in OPTIMIZERS for bits in (32, 8)]
 STEPS = 5                      # gap 3 in helpers: crosses a basis refresh
@@ -82,7 +82,7 @@ def column_side_references():
     """Under FSDP2 every low-rank basis is on the column side (rows are sharded), so the
     one-process run to match is the one with side="right"."""
     right = {"projector_options": {"side": "right"}}
-    return {f"{n}-{b}": one_process(n, b, **(right if n in ("galore", "dct", "fira") else {}))
+    return {f"{n}-{b}": one_process(n, b, **(right if n in LOWRANK else {}))
             for n, b in CASES}
 
 

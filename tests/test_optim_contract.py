@@ -134,7 +134,7 @@ def llama_cases():
             for bits in (32, 8):
                 cases.append(pytest.param(name, {"projector": projector}, bits,
                                           id=f"{name}-{projector}-{bits}bit"))
-    for name in ("muon", "polargrad"):
+    for name in ("muon", "polargrad", "trion", "galoremuon"):
         for bits in (32, 8):
             cases.append(pytest.param(name, {}, bits, id=f"{name}-{bits}bit"))
     return cases
@@ -146,6 +146,8 @@ def test_loss_falls_on_a_tiny_llama(name, kwargs, bits):
     if name in ("muon", "polargrad"):
         groups = mo.param_groups(model)
         opt = make(name, groups, bits, lr=0.02 if name == "muon" else 0.05, adamw_lr=3e-3)
+    elif name in ("trion", "galoremuon"):          # low-rank, orthogonalized: Muon's rates
+        opt = make(name, mo.param_groups(model, rank=16), bits, lr=0.02, adamw_lr=3e-3)
     else:
         opt = make(name, mo.param_groups(model, rank=16, update_proj_gap=10), bits,
                    lr=3e-3, **kwargs)
@@ -238,7 +240,7 @@ def test_state_bytes_counts_every_state_tensor(name, bits):
                   if isinstance(v, torch.Tensor))
     shared = opt.shared_state_bytes()
     assert mo.state_bytes(opt) == counted + shared
-    assert (shared > 0) == (name == "dct")
+    assert (shared > 0) == (name in ("dct", "trion"))
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -335,6 +337,8 @@ def bad_hyperparameters():
     cases = []
     for name in OPTIMIZERS:
         extra = low if name in ("galore", "dct", "fira") else polar
+        if name in ("trion", "galoremuon"):     # the low-rank options and the rule's
+            extra = [c for c in low if c[0] not in ("betas", "eps")] + polar
         for key, value, match in common + extra:
             cases.append(pytest.param(name, key, value, match, id=f"{name}-{key}={value}"))
     return cases
