@@ -131,13 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     estimate.add_arguments(p)
 
-    p = sub.add_parser("bench", help="step time and state bytes per parameter (bench_step)")
+    p = sub.add_parser("bench", help="step time and state bytes per parameter (bench.step)")
     p.add_argument("--projectors", action="store_true",
-                   help="time projector refreshes instead (bench_projectors)")
+                   help="time projector refreshes instead (bench.projectors)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--only", default=None,
                    help="comma-separated name filters, each a part of a row's name, any case "
-                        "(bench_step; a filter that matches no row is refused)")
+                        "(bench.step; a filter that matches no row is refused)")
     p.add_argument("--out", default=None, metavar="FILE", help="write the rows as JSON here")
     return parser
 
@@ -177,7 +177,7 @@ def plan_sweep(args: argparse.Namespace) -> tuple[list[Any], int]:
 
 # ------------------------------------------------------------------ commands
 def _train(args: argparse.Namespace) -> int:
-    from .timing import use_available_cores
+    from .machine import use_available_cores
     from .train import RUN_FILES, CheckpointMismatch, Diverged, Run
     use_available_cores()
     corpus = check_run_arguments(args, [args.optimizer], args.out)
@@ -205,7 +205,7 @@ def _train(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from .compare import RESULTS, compare, describe_setting, format_duration
     from .sweep import run_sweep
-    from .timing import describe_environment, use_available_cores
+    from .machine import describe_environment, use_available_cores
     use_available_cores()
     sweep = is_sweep(args)
     out = args.out or f"runs/compare-{args.preset}"
@@ -243,10 +243,10 @@ def _bench(args: argparse.Namespace) -> int:
     forwarded = ["--device", args.device] + (["--out", args.out] if args.out else [])
     if args.projectors:
         if args.only:
-            raise UsageError("argument --only: filters bench_step's rows, not --projectors")
-        from .bench_projectors import main as bench_main
+            raise UsageError("argument --only: filters bench.step's rows, not --projectors")
+        from .bench.projectors import main as bench_main
         return bench_main(forwarded)
-    from .bench_step import main as bench_main
+    from .bench.step import main as bench_main
     forwarded += ["--only", args.only] if args.only else []
     return bench_main(forwarded, prog="memopt bench")
 

@@ -32,7 +32,8 @@ from typing import Any
 
 from .data import ByteCorpus, load_corpus
 from .presets import get_preset
-from .timing import environment, markdown_table, resolve_device
+from .machine import environment, resolve_device
+from .report import markdown_table
 from .train import LN2, Diverged, RunConfig, config_from, run_identity, train
 
 DEFAULT_OPTIMIZERS = ("adamw", "galore", "dct", "fira", "muon", "polargrad")

@@ -182,7 +182,7 @@ def estimate_rows(config: Any, optimizers: list[str], per_layer: list[bool],
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    from .timing import markdown_table
+    from .report import markdown_table
     columns = ["optimizer", "rank", "per_layer", "weights_gb", "gradients_gb", "state_gb",
                "peak_gb", "state_bytes_per_param"]
     headers = ["optimizer", "rank", "per-layer", "weights GB", "gradients GB", "state GB",

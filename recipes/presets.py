@@ -82,10 +82,10 @@ class Preset:
 #: adamw {1e-3, 3e-3, 1e-2}, galore {3e-3, 1e-2, 3e-2}, muon {0.01, 0.02, 0.05}. dct and fira
 #: share galore's rate; polargrad, whose default scaling is relative, takes muon's.
 _TINY_LR = {"adamw": 1e-3, "lowrank": 3e-2, "muon": 0.02, "polargrad": 0.02}
-#: Best of seed-0 sweeps on the small preset (2000 steps, H100, 2026-12-06; recipes/BENCHMARKS.md):
-#: adamw {5e-4, 1e-3, 2e-3}, galore {5e-3, 1e-2, 2e-2} (1e-2 and 2e-2 tie; dct is 0.32 bits
-#: worse at 2e-2), muon with weight decay 0.1 {0.01, 0.02, 0.04}, polargrad (relative
-#: nuclear-norm scaling, weight decay 0.1) {0.01, 0.02, 0.04}.
+#: Best of seed-0 sweeps on the small preset (2000 steps, H100, 2026-12-06;
+#: recipes/bench/BENCHMARKS.md): adamw {5e-4, 1e-3, 2e-3}, galore {5e-3, 1e-2, 2e-2} (1e-2 and
+#: 2e-2 tie; dct is 0.32 bits worse at 2e-2), muon with weight decay 0.1 {0.01, 0.02, 0.04},
+#: polargrad (relative nuclear-norm scaling, weight decay 0.1) {0.01, 0.02, 0.04}.
 _SMALL_LR = {"adamw": 2e-3, "lowrank": 1e-2, "muon": 0.02, "polargrad": 0.02}
 _PAPER_LR = {"adamw": 1e-3, "lowrank": 1e-2, "muon": 0.02, "polargrad": 0.02}
 

@@ -35,7 +35,7 @@ from .compare import (PLOT, RESULTS, lr_rows, plot_curves, plural, progress_note
                       result_header, run_line, save_json, sweep_tables)
 from .data import ByteCorpus
 from .presets import Preset, get_preset
-from .timing import available_cores, resolve_device
+from .machine import available_cores, resolve_device
 from .train import RunConfig
 
 #: How a run is started; the tests put a launcher that knows their preset in its place.

@@ -27,7 +27,7 @@ from .arguments import settings_for
 from .data import ByteCorpus, batch_at, eval_batches, load_corpus
 from .peers import build_optimizer, is_peer, optimizer_state_bytes
 from .presets import Preset, get_preset
-from .timing import resolve_device
+from .machine import resolve_device
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"

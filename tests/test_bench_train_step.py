@@ -1,4 +1,4 @@
-"""bench_train_step on a tiny LLaMA on the CPU: a row per optimizer with positive times, state
+"""bench.train_step on a tiny LLaMA on the CPU: a row per optimizer with positive times, state
 bytes as ``state_bytes`` counts them, and the low-rank row's bases rebuilt at the refresh step.
 
 One run of the recipe (two rows, one repeat, each row in its own process) serves every test.
@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("transformers")
 
 from memopt.optim import state_bytes                              # noqa: E402
-from memopt.recipes import bench_train_step as bench              # noqa: E402
+from memopt.recipes.bench import train_step as bench              # noqa: E402
 
 TINY = ["--device", "cpu", "--hidden", "64", "--layers", "2", "--intermediate", "128",
         "--vocab", "256", "--heads", "4", "--batch", "2", "--seq", "32", "--warmup", "2",
@@ -25,7 +25,7 @@ MATRICES = 2 * 7                     # q, k, v, o, gate, up, down in each of the
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_train_step") / "result.json"
+    out = tmp_path_factory.mktemp("train_step") / "result.json"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert bench.main(TINY + ["--only", ",".join(ROWS), "--out", str(out)]) == 0
@@ -87,7 +87,7 @@ def test_cpu_table_and_json_record_what_was_run(run):
     result, printed = run
     assert "| torch AdamW (fused) |" in printed and "| memopt GaLoreAdamW |" in printed
     assert "n/a" in printed                         # no peak memory on the CPU
-    assert result["command"].startswith("python -m memopt.recipes.bench_train_step ")
+    assert result["command"].startswith("python -m memopt.recipes.bench.train_step ")
     assert "--only adamw,galore" in result["command"]
     assert result["environment"]["device"] == "cpu" and result["environment"]["torch"]
     assert all(r["steady_peak_gb"] is None for r in result["rows"])

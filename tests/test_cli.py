@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 from memopt.recipes import cli, compare as compare_module                # noqa: E402
 from memopt.recipes import presets                                       # noqa: E402
 from memopt.recipes.compare import smoothed                              # noqa: E402
-from memopt.recipes.timing import available_cores, describe_environment, environment  # noqa: E402
+from memopt.recipes.machine import available_cores, describe_environment, environment  # noqa: E402
 
 
 def run_main(argv, capsys):
@@ -169,7 +169,7 @@ def test_environment_is_readable_lines():
     assert f"{torch.get_num_threads()} threads" in lines[1] and lines[2].startswith("date: ")
     assert "{" not in text
     assert 1 <= available_cores() <= (os.cpu_count() or 1)
-    from memopt.recipes.timing import busy_cores
+    from memopt.recipes.machine import busy_cores
     assert 0 <= busy_cores(0.05) <= (os.cpu_count() or 1)
 
 
@@ -178,8 +178,8 @@ def test_environment_is_readable_lines():
 def test_available_cores_is_the_affinity_mask_cut_by_a_cgroup_quota(monkeypatch, quota, cores):
     from pathlib import Path
 
-    from memopt.recipes import timing
-    monkeypatch.setattr(timing.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    from memopt.recipes import machine
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     real = Path.read_text
 
     def read_text(path, *args, **kwargs):
@@ -188,33 +188,33 @@ def test_available_cores_is_the_affinity_mask_cut_by_a_cgroup_quota(monkeypatch,
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(Path, "read_text", read_text)
-    assert timing.available_cores() == cores
+    assert machine.available_cores() == cores
 
 
 def test_bench_projectors_prints_each_row_as_it_is_measured(capsys):
-    from memopt.recipes import bench_projectors
-    assert bench_projectors.main(["--device", "cpu", "--sizes", "48x32", "--rank", "8",
-                                  "--repeats", "1"]) == 0
+    from memopt.recipes.bench import projectors
+    assert projectors.main(["--device", "cpu", "--sizes", "48x32", "--rank", "8",
+                            "--repeats", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| size"))
     rows = [line for line in lines[header + 2:] if line.startswith("| 48x32")]
-    assert len(rows) == len(bench_projectors.projector_cases(8)) + 3
+    assert len(rows) == len(projectors.projector_cases(8)) + 3
     assert all(math.isfinite(float(r.split("|")[3])) for r in rows)
 
 
 def test_threads_leave_busy_cores_alone(monkeypatch):
     import torch
 
-    from memopt.recipes import timing
+    from memopt.recipes import machine
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(timing, "available_cores", lambda: 4)
+    monkeypatch.setattr(machine, "available_cores", lambda: 4)
     try:
         for busy, threads in ((0.2, 4), (1.1, 3), (3.9, 1), (9.0, 1)):
-            monkeypatch.setattr(timing, "busy_cores", lambda busy=busy: busy)
-            assert timing.use_available_cores() == threads
+            monkeypatch.setattr(machine, "busy_cores", lambda busy=busy: busy)
+            assert machine.use_available_cores() == threads
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         torch.set_num_threads(2)
-        assert timing.use_available_cores() == 2             # the user's choice stands
+        assert machine.use_available_cores() == 2            # the user's choice stands
     finally:
         torch.set_num_threads(before)

@@ -17,8 +17,8 @@ SITES = {
     "galore-torch peer": (
         "import torch; from memopt.recipes.peers import build_peer; "
         f"build_peer('peer-galore-torch', {PEER_MODEL}, lr=1e-3, rank=2)", "galore_torch"),
-    "bench_train_step adamw8bit row": (
-        "import torch; from memopt.recipes.bench_train_step import _bnb_adamw8bit; "
+    "bench.train_step adamw8bit row": (
+        "import torch; from memopt.recipes.bench.train_step import _bnb_adamw8bit; "
         "_bnb_adamw8bit(torch.nn.Linear(8, 8), {})", None),
 }
 
@@ -35,7 +35,7 @@ def test_site_that_imports_bitsandbytes_prints_no_notice(code, needs):
 
 def test_bench_command_prints_no_notice():
     """The bench rows of bitsandbytes' AdamW8bit on a small model, as `memopt bench` runs them."""
-    done = subprocess.run([sys.executable, "-m", "memopt.recipes.bench_step", "--device", "cpu",
+    done = subprocess.run([sys.executable, "-m", "memopt.recipes.bench.step", "--device", "cpu",
                            "--blocks", "1", "--hidden", "64", "--intermediate", "96", "--rank",
                            "8", "--steps", "1", "--only", "bitsandbytes AdamW8bit"],
                           capture_output=True, text=True, timeout=300)

@@ -25,7 +25,7 @@ def _python_blocks() -> list[str]:
 
 
 def test_readme_is_at_most_300_lines():
-    """What a user needs first; the lab notebook lives in recipes/BENCHMARKS.md and docs/."""
+    """What a user needs first; the lab notebook lives in recipes/bench/BENCHMARKS.md and docs/."""
     assert len(_text().splitlines()) <= 300
 
 

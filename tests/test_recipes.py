@@ -111,14 +111,13 @@ def test_train_runs_under_torchrun(tmp_path, mode):
 
 
 def test_bench_step_rows_and_product_floor(tmp_path):
-    """bench_step on a small model: every selected row has a step time, the low-rank rows
+    """bench.step on a small model: every selected row has a step time, the low-rank rows
     keep less state than AdamW, and the products-only row times the same products."""
-    from memopt.recipes import bench_step
+    from memopt.recipes.bench import step
     out = tmp_path / "bench.json"
-    assert bench_step.main(["--device", "cpu", "--blocks", "1", "--hidden", "256",
-                            "--intermediate", "341", "--rank", "32", "--steps", "2",
-                            "--only", "memopt DCTAdamW", "--products",
-                            "--out", str(out)]) == 0
+    assert step.main(["--device", "cpu", "--blocks", "1", "--hidden", "256",
+                      "--intermediate", "341", "--rank", "32", "--steps", "2",
+                      "--only", "memopt DCTAdamW", "--products", "--out", str(out)]) == 0
     rows = {r["optimizer"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"torch AdamW (fused)", "memopt DCTAdamW",
                          "memopt DCTAdamW (check_finite=False)", "memopt DCTAdamW8bit",

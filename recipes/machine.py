@@ -1,19 +1,14 @@
-"""Timing and reporting helpers shared by the benchmarks.
-
-Device work is asynchronous: each timed call is bracketed by CUDA events (or a synchronize
-and the host clock on the CPU); warm-up calls are run and dropped; the median is reported.
-"""
+"""The machine a run uses, and its record: the device ("auto" -> cuda when there is one), the
+CPU cores this process may use and the threads torch gets, and the environment that every
+result file carries (date, versions, device, cores, load)."""
 
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import platform
-import statistics
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,53 +23,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
     return device
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def warm_up(device: torch.device, seconds: float = 2.0) -> None:
-    """Keep the device busy with matrix products for ``seconds`` before anything is timed.
-
-    An idle GPU runs at a low clock and takes a moment to raise it, so whatever is timed
-    first (the fused AdamW baseline) would otherwise look slower than the rest. No-op on
-    the CPU."""
-    if device.type != "cuda":
-        return
-    a = torch.randn(4096, 4096, device=device)
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for _ in range(10):
-            a = torch.mm(a, a).mul_(1 / 64)
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int = 10,
-            warmup: int = 2) -> list[float]:
-    """Milliseconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def median(values: Sequence[float]) -> float:
-    return float(statistics.median(values))
 
 
 def available_cores() -> int:
@@ -168,26 +116,3 @@ def describe_environment(env: dict[str, Any]) -> str:
             where += f" (load average {env['load']} at the start)"
     return "\n".join([f"torch {env.get('torch', '?')}, Python {env.get('python', '?')}", where,
                       f"date: {env.get('date', '?')}"])
-
-
-def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str],
-                   headers: Sequence[str] | None = None,
-                   formats: dict[str, str] | None = None) -> str:
-    """Rows of dicts as a GitHub markdown table: floats to 4 significant digits unless
-    ``formats`` gives a column its own format spec (e.g. ``{"ms": ".1f"}``); ``headers``
-    replaces the column keys in the first line."""
-    formats = formats or {}
-
-    def fmt(column: str, v: Any) -> str:
-        if isinstance(v, float):
-            return format(v, formats.get(column, ".4g"))
-        return "" if v is None else str(v)
-    lines = ["| " + " | ".join(headers or columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(c, r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def write_json(path: str | Path | None, payload: dict[str, Any]) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload, indent=2))

@@ -1,6 +1,7 @@
-# The three GPU calls behind recipes/results/compare_small_*_h100.* (issue 20, 2026-12-06,
+# The three GPU calls behind recipes/bench/results/compare_small_*_h100.* (issue 20, 2026-12-06,
 # each run as `run` on one H100 with .whl and .bench carried; .bench/c2runs held call 2's
 # finished run folders without checkpoints). Kept as the record of how the tables were made.
+# They ran `python3 -m memopt compare`, written below as today's `python3 -m memopt.recipes compare`.
 
 ######## call 1: .bench/call1.sh
 #!/usr/bin/env bash
@@ -22,7 +23,7 @@ if [ $MPS = 0 ]; then unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; fi
 echo "MPS=$MPS setup $(( $(date +%s) - T0 )) s" | tee $OUT/mps.txt
 LEFT=$(( ${BUDGET:-560} - ($(date +%s) - T0) ))
 run() { name=$1; jobs=$2; shift 2
-  timeout -s INT $LEFT python3 -m memopt compare --device cuda --preset small --steps 2000 --seeds 1 \
+  timeout -s INT $LEFT python3 -m memopt.recipes compare --device cuda --preset small --steps 2000 --seeds 1 \
     --jobs $jobs --no-progress --out /tmp/sw/$name "$@" > /tmp/sw-$name.log 2>&1 & }
 mkdir -p /tmp/sw
 run main 12 --optimizers galore,dct,muon,polargrad --lrs galore=5e-3,1e-2,2e-2 --lrs dct=5e-3,1e-2,2e-2 \
@@ -64,7 +65,7 @@ mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY /tmp/sw
 nvidia-cuda-mps-control -d && echo MPS on
 LEFT=$(( ${BUDGET:-560} - ($(date +%s) - T0) ))
 run() { name=$1; jobs=$2; shift 2
-  timeout -s INT $LEFT python3 -m memopt compare --device cuda --preset small --steps 2000 \
+  timeout -s INT $LEFT python3 -m memopt.recipes compare --device cuda --preset small --steps 2000 \
     --jobs $jobs --no-progress --out /tmp/sw/$name "$@" > /tmp/sw/$name.log 2>&1 & }
 run seeds 12 --seeds 3 --optimizers adamw,galore,fira,muon
 run lrs 8 --lrs x0.5,x2 --optimizers adamw,galore,fira,muon
@@ -95,7 +96,7 @@ export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
 mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY /tmp/sw
 nvidia-cuda-mps-control -d && echo MPS on
 LEFT=$(( ${BUDGET:-440} - ($(date +%s) - T0) ))
-C="python3 -m memopt compare --device cuda --preset small --steps 2000 --no-progress"
+C="python3 -m memopt.recipes compare --device cuda --preset small --steps 2000 --no-progress"
 run() { name=$1; shift; timeout -s INT $LEFT $C --out /tmp/sw/$name "$@" > /tmp/sw/$name.log 2>&1 & }
 mkdir -p /tmp/sw/c && cp -r .bench/c2runs/runs /tmp/sw/c/
 run a --seeds 3 --optimizers dct,dct8bit,polargrad --jobs 9

@@ -1,6 +1,6 @@
 """Peak GPU memory of one LLaMA training step per optimizer, beside memopt's estimate.
 
-    python -m memopt.recipes.bench_memory [--models 7b,1b] [--out FILE]
+    python -m memopt.recipes.bench.memory [--models 7b,1b] [--out FILE]
 
 Each (model, optimizer) runs in a fresh process: bf16 weights built on the GPU, sequence
 256, batch 1, activation checkpointing, and one forward / backward / update, with the
@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from .timing import environment, markdown_table, write_json
+from ..machine import environment
+from ..report import markdown_table, write_json
 
 #: LLaMA shapes: hidden, intermediate, heads, layers (LLaMA-7B; the GaLore paper's 1B).
 MODELS = {"7b": (4096, 11008, 32, 32), "1b": (2048, 5461, 32, 24)}
@@ -49,7 +50,7 @@ def measure(model_name: str, optimizer: str, per_layer: bool, kwargs: dict[str, 
     """One step in this process; returns peak and estimated bytes."""
     from transformers import LlamaForCausalLM
 
-    from memopt.optim import create_optimizer, estimate_memory, step_in_backward
+    from ...optim import create_optimizer, estimate_memory, step_in_backward
     config = llama_config(model_name)
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(measure(**spec)), flush=True)
         return 0
     if not torch.cuda.is_available():
-        raise SystemExit("bench_memory measures GPU memory and needs a CUDA device")
+        raise SystemExit("bench.memory measures GPU memory and needs a CUDA device")
     rows = []
     for model_name in args.models.split(","):
         for optimizer, per_layer, kwargs in ROWS[model_name]:
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             spec = json.dumps({"model_name": model_name, "optimizer": optimizer,
                                "per_layer": per_layer, "kwargs": kwargs})
-            done = subprocess.run([sys.executable, "-m", "memopt.recipes.bench_memory",
+            done = subprocess.run([sys.executable, "-m", "memopt.recipes.bench.memory",
                                    "--one", spec], capture_output=True, text=True)
             lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
             if lines:

@@ -1,6 +1,6 @@
 """Step time and state bytes of every optimizer on the same parameters, in one process.
 
-    python -m memopt.recipes.bench_step [--device cuda] [--only NAME,...] [--out FILE]
+    python -m memopt.recipes.bench.step [--device cuda] [--only NAME,...] [--out FILE]
                                         [--profile FILE]
 
 The parameters are four LLaMA-1B blocks (hidden 2048, intermediate 5461: 28 matrices and 8
@@ -36,14 +36,13 @@ from typing import Any
 
 import torch
 
-from memopt import optim as mo
-
-from memopt.optim.states import import_bitsandbytes
-
-from .arguments import ArgumentParser
-from .peers import import_peer, peer_state_bytes
-from .timing import (environment, markdown_table, median, resolve_device, synchronize,
-                     time_ms, warm_up, write_json)
+from ... import optim as mo
+from ...optim.states import import_bitsandbytes
+from ..arguments import ArgumentParser
+from ..machine import environment, resolve_device
+from ..peers import import_peer, peer_state_bytes
+from ..report import markdown_table, write_json
+from .timing import median, synchronize, time_ms, warm_up
 
 
 @dataclass
@@ -157,9 +156,9 @@ def products_rows(matrices: list[torch.Tensor], grads: list[torch.Tensor], rank:
     """Time of the low-rank products alone: for each matrix, its projection onto a random
     orthonormal basis of ``rank`` (on the smaller side) and the lift of the result added
     into a copy of the weight, as the low-rank step does them, one after another."""
-    from memopt.optim.executors import precision
-    from memopt.optim.executors_lowrank import lift_into_
-    from memopt.projections.base import project_onto, resolve_side
+    from ...optim.executors import precision
+    from ...optim.executors_lowrank import lift_into_
+    from ...projections.base import project_onto, resolve_side
     weights = fresh_copy(matrices)
     sides = [resolve_side("auto", tuple(W.shape)) for W in weights]
     gen = torch.Generator(device="cpu").manual_seed(1)

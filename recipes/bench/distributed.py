@@ -1,6 +1,6 @@
 """Every memopt optimizer under DDP and FSDP2 against one process: equality, time, bytes.
 
-    torchrun --standalone --nproc_per_node 2 -m memopt.recipes.bench_distributed \\
+    torchrun --standalone --nproc_per_node 2 -m memopt.recipes.bench.distributed \\
         [--device auto|cpu|cuda] [--steps 8] [--preset tiny] [--out FILE]
 
 Each rank trains the preset's LLaMA on its share of the same batches, wrapped in DDP and then
@@ -24,13 +24,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from memopt.optim import create_optimizer
-from memopt.optim.distributed import communication_bytes, reset_communication_bytes
-
-from .data import batch_at, load_corpus
-from .presets import get_preset
-from .timing import environment, markdown_table, write_json
-from .train import build_model, init_distributed, next_byte_loss, wrap_model
+from ...optim import create_optimizer
+from ...optim.distributed import communication_bytes, reset_communication_bytes
+from ..data import batch_at, load_corpus
+from ..machine import environment
+from ..presets import get_preset
+from ..report import markdown_table, write_json
+from ..train import build_model, init_distributed, next_byte_loss, wrap_model
 
 NAMES = ("galore", "dct", "fira", "muon", "polargrad", "galore8bit", "dct8bit", "fira8bit",
          "muon8bit", "polargrad8bit")

@@ -1,6 +1,6 @@
 """The whole training step (forward + backward + optimizer) of a LLaMA, per optimizer.
 
-    python -m memopt.recipes.bench_train_step [--device cuda] [--only NAME,...] [--repeats 2]
+    python -m memopt.recipes.bench.train_step [--device cuda] [--only NAME,...] [--repeats 2]
         [--steps 20] [--warmup 5] [--out FILE.json]
 
 What: a ``LlamaForCausalLM`` built from a ``LlamaConfig`` (default hidden 1024, 12 layers,
@@ -60,8 +60,10 @@ from typing import Any
 
 import torch
 
-from .peers import build_peer, peer_state_bytes
-from .timing import environment, markdown_table, resolve_device, synchronize, warm_up, write_json
+from ..machine import environment, resolve_device
+from ..peers import build_peer, peer_state_bytes
+from ..report import markdown_table, write_json
+from .timing import synchronize, warm_up
 
 #: Learning rates: sane for a few dozen steps of this model; the time does not depend on them.
 ADAMW_LR = 1e-3           # torch / bitsandbytes AdamW, and memopt's low-rank default
@@ -89,7 +91,7 @@ def _torch_adamw(model: torch.nn.Module, opts: dict[str, Any]) -> list[torch.opt
 
 
 def _bnb_adamw8bit(model: torch.nn.Module, opts: dict[str, Any]) -> list[torch.optim.Optimizer]:
-    from memopt.optim.states import import_bitsandbytes
+    from ...optim.states import import_bitsandbytes
     bnb = import_bitsandbytes("the bitsandbytes AdamW8bit row")
     return [bnb.optim.AdamW8bit(model.parameters(), lr=ADAMW_LR)]
 
@@ -109,8 +111,8 @@ def _torch_muon(model: torch.nn.Module, opts: dict[str, Any]) -> list[torch.opti
 
 def _memopt_lowrank(cls_name: str) -> Callable[..., list[torch.optim.Optimizer]]:
     def build(model: torch.nn.Module, opts: dict[str, Any]) -> list[torch.optim.Optimizer]:
-        from memopt import optim as mo
-        from memopt.optim import param_groups
+        from ... import optim as mo
+        from ...optim import param_groups
         groups = param_groups(model, rank=opts["rank"], update_proj_gap=opts["gap"], scale=SCALE)
         return [getattr(mo, cls_name)(groups, lr=LOWRANK_LR)]
     return build
@@ -118,8 +120,8 @@ def _memopt_lowrank(cls_name: str) -> Callable[..., list[torch.optim.Optimizer]]
 
 def _memopt_polar(cls_name: str, **kwargs: Any) -> Callable[..., list[torch.optim.Optimizer]]:
     def build(model: torch.nn.Module, opts: dict[str, Any]) -> list[torch.optim.Optimizer]:
-        from memopt import optim as mo
-        from memopt.optim import param_groups
+        from ... import optim as mo
+        from ...optim import param_groups
         return [getattr(mo, cls_name)(param_groups(model), **kwargs)]
     return build
 
@@ -316,7 +318,7 @@ def measure(row: Row, args: argparse.Namespace) -> dict[str, Any]:
                    bases_rebuilt=sum(a != b for a, b in zip(before, after)))
 
     if row.memopt:
-        from memopt.optim import state_bytes
+        from ...optim import state_bytes
         total = sum(state_bytes(opt) for opt in opts)
     else:
         total = sum(peer_state_bytes(opt) for opt in opts)
@@ -330,7 +332,7 @@ def measure(row: Row, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_worker(row: Row, args: argparse.Namespace, timeout_s: float) -> dict[str, Any]:
     """``measure`` in a fresh Python process; its result (or its error) as a dict."""
-    argv = [sys.executable, "-m", "memopt.recipes.bench_train_step", "--worker", row.key,
+    argv = [sys.executable, "-m", "memopt.recipes.bench.train_step", "--worker", row.key,
             "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--rank", str(args.rank), "--seed", str(args.seed), "--spawned-at", str(time.time())]
     for flag in ("hidden", "layers", "intermediate", "vocab", "heads", "batch", "seq"):
@@ -497,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                                              "heads", "batch", "seq", "seed")}
     settings.update(update_proj_gap=args.warmup + args.steps, refresh_step=args.warmup + args.steps,
                     tokens_per_step=tokens, n_params=n_params, scale=SCALE, wall_s=wall_s)
-    command = "python -m memopt.recipes.bench_train_step " + shlex.join(argv)
+    command = "python -m memopt.recipes.bench.train_step " + shlex.join(argv)
     print(f"\nLLaMA (hidden {args.hidden}, {args.layers} layers, intermediate "
           f"{args.intermediate}, vocabulary {args.vocab}, {args.heads} heads"
           + (f", {n_params / 1e6:.4g}M parameters" if n_params else "")

@@ -1,6 +1,6 @@
 """Refresh time of every projector and orthogonalizer, against exact SVD.
 
-    python -m memopt.recipes.bench_projectors [--device cuda] [--rank 512] [--out FILE]
+    python -m memopt.recipes.bench.projectors [--device cuda] [--rank 512] [--out FILE]
 
 Per matrix size: milliseconds per refresh (median), speed-up over exact SVD, and the share of
 the optimal rank-r energy each basis captures (exact SVD = 1). The test matrix is
@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from memopt.projections import DCTProjector, PolarProjector, SVDProjector, orthogonalize
-
-from .timing import (describe_environment, environment, markdown_table, median, resolve_device,
-                     time_ms, warm_up, write_json)
+from ...projections import DCTProjector, PolarProjector, SVDProjector, orthogonalize
+from ..machine import describe_environment, environment, resolve_device
+from ..report import markdown_table, write_json
+from .timing import median, time_ms, warm_up
 
 GPU_SIZES = [(2048, 2048), (5461, 2048), (4096, 4096), (11008, 4096)]
 CPU_SIZES = [(256, 256), (683, 256), (512, 512), (1376, 512)]

@@ -1,9 +1,9 @@
-"""Before/after table of ``bench_step`` runs: each row's ratio to fused AdamW, per run.
+"""Before/after table of ``bench.step`` runs: each row's ratio to fused AdamW, per run.
 
-    python -m memopt.recipes.bench_diff --before B1.json B2.json --after A1.json A2.json
+    python -m memopt.recipes.bench.step_diff --before B1.json B2.json --after A1.json A2.json
         [--key vs_fused_adamw] [--check]
 
-Each file is a ``bench_step --out`` JSON; the runs of one side are repeats of the same
+Each file is a ``bench.step --out`` JSON; the runs of one side are repeats of the same
 command (interleave them with the other side's on the same machine). A row's verdict:
 "worse" when its best run after is slower than its worst run before by more than the larger
 of the two sides' spreads (max - min over runs), "better" in the mirror case, else "within
@@ -19,7 +19,7 @@ from typing import Any
 
 
 def load_rows(path: str) -> dict[str, dict[str, Any]]:
-    """optimizer name -> row, from a ``bench_step --out`` file."""
+    """optimizer name -> row, from a ``bench.step --out`` file."""
     with open(path) as f:
         payload = json.load(f)
     rows = payload["rows"] if isinstance(payload, dict) else payload
@@ -56,8 +56,8 @@ def diff_rows(before: list[dict[str, dict[str, Any]]], after: list[dict[str, dic
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--before", nargs="+", required=True, help="bench_step JSON files, before")
-    p.add_argument("--after", nargs="+", required=True, help="bench_step JSON files, after")
+    p.add_argument("--before", nargs="+", required=True, help="bench.step JSON files, before")
+    p.add_argument("--after", nargs="+", required=True, help="bench.step JSON files, after")
     p.add_argument("--key", default="vs_fused_adamw", help="row field to compare")
     p.add_argument("--check", action="store_true", help="exit 1 if a memopt row is worse")
     args = p.parse_args(argv)

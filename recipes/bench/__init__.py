@@ -1,0 +1,1 @@
+"""Benchmarks and studies of the optimizers, each beside the results it made."""
