@@ -153,7 +153,7 @@ def estimate_rows(config: Any, optimizers: list[str], per_layer: list[bool],
     """One row per (optimizer, per-layer): bytes of weights, gradients, state and peak."""
     import transformers
 
-    from memopt.optim import estimate_memory
+    from ..optim import estimate_memory
 
     from .arguments import settings_for
     with torch.device("meta"):
@@ -205,9 +205,7 @@ def describe_model(config: Any, title: str, parameters: int, weights: str) -> st
 
 def run(args: argparse.Namespace) -> int:
     """The `memopt estimate` command: print the table (and write --json)."""
-    import memopt.optim
-    import memopt.projections
-
+    from .. import optim, projections
     from .arguments import UsageError, check_settings
     try:
         config, title, default_rank = model_config(args)
@@ -229,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows))
     print("peak = weights + gradients + optimizer state (memopt.optim.estimate_memory); "
           "activations and temporaries are not included. GB = 1e9 bytes.")
-    ours = tuple(str(Path(m.__file__).parent) for m in (memopt.optim, memopt.projections))
+    ours = tuple(str(Path(m.__file__).parent) for m in (optim, projections))
     for message in dict.fromkeys(str(w.message) for w in caught if w.filename.startswith(ours)):
         print(f"note: {message}")
     if args.json:

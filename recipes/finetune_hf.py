@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from memopt.optim import OPTIMIZER_NAMES, state_bytes
+from ..optim import OPTIMIZER_NAMES, state_bytes
 
 from .hf import create_trainer_optimizer_and_scheduler
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from memopt.optim import create_optimizer
+from ..optim import create_optimizer
 
 #: Shapes of the decay after warmup.
 SCHEDULES = ("cosine", "linear")

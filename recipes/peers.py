@@ -36,7 +36,7 @@ def is_peer(name: str) -> bool:
 
 def recipe_optimizers() -> tuple[str, ...]:
     """Every name the recipes train with: memopt's registry, then the peers."""
-    from memopt.optim import OPTIMIZER_NAMES
+    from ..optim import OPTIMIZER_NAMES
     return tuple(OPTIMIZER_NAMES) + tuple(PEERS)
 
 
@@ -44,14 +44,14 @@ def build_optimizer(name: str, model: torch.nn.Module, **kwargs: Any) -> torch.o
     """A peer (:func:`build_peer`) or memopt's ``create_optimizer(name, model, **kwargs)``."""
     if is_peer(name):
         return build_peer(name, model, **kwargs)
-    from memopt.optim import create_optimizer
+    from ..optim import create_optimizer
     return create_optimizer(name, model, **kwargs)
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     """``memopt.optim.state_bytes`` for memopt's optimizers, :func:`peer_state_bytes` else."""
-    from memopt.optim import state_bytes
-    from memopt.optim.engine import MemoptOptimizer
+    from ..optim import state_bytes
+    from ..optim.engine import MemoptOptimizer
     return state_bytes(opt) if isinstance(opt, MemoptOptimizer) else peer_state_bytes(opt)
 
 
@@ -60,7 +60,7 @@ def import_peer(module: str) -> Any:
     imports when it is imported, is imported first through memopt's quiet import
     (``states.import_bitsandbytes``), so its CPU 4-bit-kernel notice is not printed."""
     if importlib.util.find_spec("bitsandbytes") is not None:
-        from memopt.optim.states import import_bitsandbytes
+        from ..optim.states import import_bitsandbytes
         import_bitsandbytes(module)
     return importlib.import_module(module)
 
@@ -146,7 +146,7 @@ def build_peer(name: str, model: torch.nn.Module, lr: float, rank: int | None = 
     if not peer_available(name):
         raise ValueError(f"{name} needs {package}: pip install {package}")
     if name == "peer-torch-muon":
-        from memopt.optim import param_groups
+        from ..optim import param_groups
         hidden, rest = ([p[1] if isinstance(p, tuple) else p for p in g["params"]]
                         for g in param_groups(model))
         return Together([torch.optim.Muon(hidden, lr=lr, **options),

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from memopt.optim import step_in_backward
+from ..optim import step_in_backward
 
 from .arguments import settings_for
 from .data import ByteCorpus, batch_at, eval_batches, load_corpus
