@@ -79,7 +79,8 @@ def measure(model_name: str, optimizer: str, per_layer: bool, kwargs: dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="7b,1b")
     parser.add_argument("--optimizers", default=None,
                         help="comma-separated: only these rows (e.g. muon,polargrad)")

@@ -96,7 +96,8 @@ def bench_size(m: int, n: int, rank: int, device: torch.device, repeats: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--rank", type=int, default=None, help="512 on GPU, 64 on CPU")
     parser.add_argument("--sizes", default=None,

@@ -268,7 +268,8 @@ def select(entries_: list[Entry], only: str | None) -> list[Entry]:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=prog or f"python -m {__spec__.name}",
+                            description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=None, help="2048 on GPU, 512 on CPU")

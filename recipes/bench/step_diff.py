@@ -55,7 +55,8 @@ def diff_rows(before: list[dict[str, dict[str, Any]]], after: list[dict[str, dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--before", nargs="+", required=True, help="bench.step JSON files, before")
     p.add_argument("--after", nargs="+", required=True, help="bench.step JSON files, after")
     p.add_argument("--key", default="vs_fused_adamw", help="row field to compare")

@@ -417,7 +417,8 @@ def table(rows: list[dict[str, Any]], cuda: bool) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--only", default=None,
                    help="comma-separated rows: " + ", ".join(r.key for r in ROWS))
