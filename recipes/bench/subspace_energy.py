@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{s['optimizer']} on {result['corpus']}, preset {s['preset']}, {s['steps']} steps, "
           f"rank {s['rank']}, DCT gap {s['dct_gap']} ({s['dct_norm']}), SVD gap "
           f"{s['svd_gap']}: kept fraction of ||G||^2; probe {result['probe_s']:.1f} s of "
-          f"{result['train_s']:.1f} s trained")
+          f"{result['train_s']:.1f} s trained; final train loss {result['train_loss']:.3f}, "
+          f"validation {result['val_loss']:.3f} nats/byte")
     print("\nBy layer kind (mean over layers and measured steps after the first):\n")
     print(result["tables"]["by_kind"])
     print("\nBy step (mean over all projected matrices):\n")
