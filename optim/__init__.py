@@ -13,9 +13,10 @@ same optimizer.
 
 from .engine import MemoptOptimizer, state_bytes
 from .groups import param_groups
-from .lowrank import (DCTAdamW, DCTAdamW8bit, FiraAdamW, FiraAdamW8bit, GaLoreAdamW,
-                      GaLoreAdamW8bit, GaLoreMuon, GaLoreMuon8bit, LowRankAdamW,
-                      LowRankOptimizer, LowRankOptions, Trion, Trion8bit)
+from .lowrank import LowRankOptimizer
+from .lowrank_options import LowRankOptions
+from .methods import (DCTAdamW, DCTAdamW8bit, FiraAdamW, FiraAdamW8bit, GaLoreAdamW,
+                      GaLoreAdamW8bit, GaLoreMuon, GaLoreMuon8bit, LowRankAdamW, Trion, Trion8bit)
 from .memory import estimate_memory
 from .muon import Muon, Muon8bit, OrthogonalizedOptimizer, PolarGrad, PolarGrad8bit
 from .per_layer import PerLayerHandle, step_in_backward

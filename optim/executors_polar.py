@@ -103,19 +103,6 @@ def nuclear_norms(filled: Filled) -> Tensor:
     return (filled.scaled * filled.X).sum(dim=(1, 2), dtype=filled.scales.dtype) / filled.scales
 
 
-def relative_factors(nuclear: Tensor, averages: tuple[Tensor, ...],
-                     weights: tuple[float, ...]) -> Tensor:
-    """nu / abar of each matrix, each fp32 average advanced in place (``muon.py``'s
-    ``relative_nuclear_factor`` over a batch: abar <- lerp(abar, nu, weight))."""
-    stacked = torch.stack(averages)
-    nu = nuclear.to(stacked.dtype)
-    same = len(set(weights)) == 1            # the usual case: no host-to-device copy
-    stacked.lerp_(nu, weights[0] if same else torch.tensor(weights, dtype=stacked.dtype,
-                                                            device=stacked.device))
-    torch._foreach_copy_(list(averages), list(stacked.unbind()))
-    return torch.where(stacked > 0, nu / stacked, 0.0)
-
-
 def write(weights: list[Tensor], filled: Filled, n: int, *, step_size: float,
           decay: float) -> None:
     """W <- decay W - step_size polar_i for Muon: the last product written into W where the

@@ -27,99 +27,31 @@ and any other combination is ``LowRankOptimizer(params, projector=..., rule=...,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from memopt.projections import PROJECTORS, Projector, lift, make_projector, project_onto
+from memopt.projections import Projector, lift, make_projector, project_onto
 from memopt.projections.base import compute_dtype, resolve_side
 
 from . import executors_lowrank as fast
-from .basis_change import REFRESH_MODES, fill_outside, rotate
+from .basis_change import fill_outside, rotate
 from .compat import bitsandbytes_arguments, lowrank_group, names_a_rank
 from .distributed import all_reduce_sum, is_sharded, local, update_from_shards
-from .engine import PREPARE_BYTES, MemoptOptimizer, Prepared, advance_steps, eight_bit
-from .error_feedback import ERROR_FEEDBACK, corrected_gradients
-from .executors import (CHUNK_BYTES, PROJECTION_PRECISIONS, add_to_matrix_, as_matrix, bases,
-                        basis_dim, buckets, precision, projected_shape)
+from .engine import PREPARE_BYTES, MemoptOptimizer, Prepared, advance_steps
+from .error_feedback import corrected_gradients
+from .executors import (CHUNK_BYTES, add_to_matrix_, as_matrix, bases, basis_dim, buckets,
+                        precision, projected_shape)
 from .fira import fira_residual
-from .groups import (check_above, check_choice, check_learning_rate, check_nonnegative,
-                     check_positive_int, learning_rate, unknown_key_message,
-                     warn_if_no_matrix_used, warn_small_matrices)
-from .registry import RESIDUALS, RULES, register_optimizer
+from .groups import (check_choice, learning_rate, unknown_key_message, warn_if_no_matrix_used,
+                     warn_small_matrices)
+from .lowrank_options import COMMON_DEFAULTS, COMMON_OPTIONS, LowRankOptions
+from .registry import RESIDUALS, RULES
 from .rules.base import Coordinates, Rule
 from .states import PROJ_PREFIX, MomentStore, StateSpec
-
-ProjectorSpec = Union[str, Callable[[int], Projector]]
-RESIDUAL_CHOICES = ("none", "fira")
-
-
-@dataclass(frozen=True)
-class LowRankOptions:
-    """The options every low-rank composition has (the rule's own are in its ``Options``).
-
-    Validated on construction: each raises ValueError naming the option. The defaults here
-    are the only ones; presets (``LowRankOptimizer.PRESET``) override some.
-    """
-    lr: Any = 1e-3
-    weight_decay: float = 0.0
-    rank: int | None = 128
-    update_proj_gap: int = 200
-    scale: float = 0.25
-    projector: ProjectorSpec = "svd"
-    projector_options: dict[str, Any] | None = None
-    rule: str = "adam"
-    residual: str = "none"
-    limiter_gamma: float = 1.01
-    moments_on_refresh: str = "keep"
-    projection_precision: str = "auto"
-    error_feedback: str = "none"
-    state_bits: int = 32
-    adamw: bool = False
-    check_finite: bool = True
-    impl: str = "fast"
-    cuda_graph: bool = False
-
-    def __post_init__(self) -> None:
-        check_learning_rate(self.lr)
-        check_nonnegative("weight_decay value", self.weight_decay)
-        if self.rank is not None:
-            check_positive_int("rank", self.rank)
-        check_positive_int("update_proj_gap", self.update_proj_gap)
-        check_above("scale", self.scale, 0)
-        check_above("limiter_gamma", self.limiter_gamma, 1, inclusive=True)
-        check_choice("rule", self.rule, tuple(RULES))
-        spec, options = self.projector, self.projector_options
-        if not callable(spec):
-            check_choice("projector", spec, PROJECTORS)
-        if options is not None and not isinstance(options, dict):
-            raise ValueError(f"Invalid projector_options: {options!r} (must be a dict or None)")
-        for key, choices in (("state_bits", (8, 32)), ("residual", RESIDUAL_CHOICES),
-                             ("moments_on_refresh", REFRESH_MODES), ("adamw", (True, False)),
-                             ("projection_precision", PROJECTION_PRECISIONS),
-                             ("error_feedback", tuple(ERROR_FEEDBACK)),
-                             ("check_finite", (True, False)), ("impl", ("fast", "reference"))):
-            check_choice(key, getattr(self, key), choices)
-        if self.error_feedback != "none" and self.residual == "fira":
-            raise ValueError("Invalid error_feedback with residual='fira': Fira's residual "
-                             "already applies what the projection discards")
-        if self.cuda_graph is not False:
-            raise ValueError(f"Invalid cuda_graph: {self.cuda_graph!r}: recorded CUDA-graph "
-                             "steps were removed (slower than the eager step); use False")
-        if not callable(spec):          # the options are valid (whether or not a rank uses them)
-            try:
-                make_projector(spec, self.rank or 1, **(options or {}))
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"Invalid projector_options {options!r} for projector "
-                                 f"{spec!r}: {exc}") from exc
-
-
-COMMON_OPTIONS = tuple(f.name for f in fields(LowRankOptions))
-_COMMON_DEFAULTS = {f.name: f.default for f in fields(LowRankOptions)}
-
 
 @dataclass
 class _Plan:
@@ -216,7 +148,7 @@ class LowRankOptimizer(MemoptOptimizer):
         unknown = [k for k in options if k not in known]
         if unknown:
             raise TypeError(self._unknown_message(unknown[0], known, rule_name))
-        defaults = {**_COMMON_DEFAULTS, **{f.name: f.default for f in fields(rule.Options)},
+        defaults = {**COMMON_DEFAULTS, **{f.name: f.default for f in fields(rule.Options)},
                     **preset}
         if isinstance(defaults.get("betas"), list):
             defaults["betas"] = tuple(defaults["betas"])
@@ -260,7 +192,7 @@ class LowRankOptimizer(MemoptOptimizer):
         Rebuilt (and so re-validated) when a value of the group changes."""
         keys = COMMON_OPTIONS + RULES[group["rule"]].option_names() \
             if group.get("rule") in RULES else COMMON_OPTIONS
-        values = tuple(group.get(k, _COMMON_DEFAULTS.get(k)) for k in keys)
+        values = tuple(group.get(k, COMMON_DEFAULTS.get(k)) for k in keys)
         cached = self._typed.get(id(group))
         if cached is not None and len(cached[0]) == len(values) and all(
                 a is b or (type(a) is type(b) and not isinstance(a, Tensor) and a == b)
@@ -409,26 +341,29 @@ class LowRankOptimizer(MemoptOptimizer):
     def _prepare_group(self, group: dict[str, Any], params: list[Tensor]) -> Prepared:
         """Project, before the finiteness check, the gradients of the matrices that keep
         their basis this step, so that the check reads the projections instead of the
-        gradients (a non-finite entry of G makes its whole column of P^T G non-finite).
-        Only on the fast path and when they fit in ``PREPARE_BYTES``."""
+        gradients (a non-finite entry of G makes its whole column of P^T G non-finite, and
+        a finite G whose projection overflows is caught too). A matrix due for a refresh
+        offers ||G||_F in fp32 instead: finite iff G is and no coordinate in an orthonormal
+        basis can overflow. Only on the fast path, and projections only when they fit in
+        ``PREPARE_BYTES``."""
         if not group["check_finite"] or group["impl"] != "fast" or \
                 group["error_feedback"] != "none":          # the step projects G + E, not G
             return Prepared()
         plan = self._plan(group, params)
-        if plan.batches is None or plan.work_bytes > PREPARE_BYTES:
-            return Prepared()
         gap, state = group["update_proj_gap"], self.state
-        kept = [[p for p in b if "exp_avg" in state[p] and state[p]["step"] % gap]
-                for b in plan.batches]
-        kept = [b for b in kept if b]
+        kept = [[p for p in b if state[p].get("step", 0) % gap] for b in plan.batches or []]
+        kept = [b for b in kept if b] if plan.work_bytes <= PREPARE_BYTES else []
+        staying = {id(p) for b in kept for p in b}
+        witnesses = {p: torch.linalg.vector_norm(local(p.grad), dtype=torch.float32)
+                     for p in plan.projected if id(p) not in staying}
         if not kept:
-            return Prepared()
+            return Prepared(witnesses)
         # the last batch is projected while the host waits for the check, which then reads
         # that batch's gradients: the device has work across the wait
         ready = _Ready(deferred=kept.pop() if len(kept) > 1 else [])
         with precision(group["projection_precision"], kept[0][0].device):
             ready.batches = [(b, self._project(group, b)) for b in kept]
-        witnesses = {p: R for ps, b in ready.batches for p, R in zip(ps, b.R)}
+        witnesses.update({p: R for ps, b in ready.batches for p, R in zip(ps, b.R)})
         return Prepared(witnesses, ready)
 
     def _launch_ahead(self, group: dict[str, Any], prepared: Prepared) -> None:
@@ -483,7 +418,8 @@ class LowRankOptimizer(MemoptOptimizer):
         states = [[self.state[p] for p in params] for params, _ in batches]
         advance_steps([s for ss in states for s in ss])
         fira = common.residual == "fira"
-        items = [Coordinates(batch.R, ss, tuple(as_matrix(params[0]).shape))
+        items = [Coordinates(batch.R, ss, tuple(as_matrix(params[0]).shape),
+                             params if is_sharded(params[0]) else None)
                  for (params, batch), ss in zip(batches, states)]
         updates = rule.batched(items, store, own, keep_input=fira)
         for (params, batch), U, ss in zip(batches, updates, states):
@@ -562,72 +498,4 @@ class LowRankOptimizer(MemoptOptimizer):
             store.write(state, d.key, X)
 
 
-class LowRankAdamW(LowRankOptimizer):
-    """:class:`LowRankOptimizer` with the Adam rule (its name before the rules existed)."""
-
-
-class GaLoreAdamW(LowRankAdamW):
-    """GaLore-Adam (Zhao et al., 2024): svd x adam. :class:`LowRankOptimizer` has the
-    algorithm and the arguments; paper defaults for LLaMA pretraining: rank 128-512, gap
-    200, scale 0.25, lr 0.01."""
-
-
-class DCTAdamW(GaLoreAdamW):
-    """SVD-free GaLore (Modoranu et al., 2025): dct x adam, the r DCT-II vectors best aligned
-    with G (``projections/dct.py``), only their indices kept. Its refresh is cheap: every 50
-    steps, moments carried by "rotate_fill" (0.04 bits/byte better than GaLore's 200 and
-    "keep", recipes/bench/BENCHMARKS.md)."""
-
-    PRESET = {"projector": "dct", "update_proj_gap": 50, "moments_on_refresh": "rotate_fill"}
-
-
-class FiraAdamW(GaLoreAdamW):
-    """Fira (Chen et al., 2024): svd x adam + the limited residual S = phi (G - P R)
-    (``fira.fira_residual``); ``residual="fira"``, ``limiter_gamma=1.01``."""
-
-    PRESET = {"residual": "fira"}
-
-
-class Trion(LowRankOptimizer):
-    """Trion (Modoranu et al., 2025b, "FFT-based Dynamic Subspace Selection for Low-Rank
-    Adaptive Optimization of Large Language Models", arXiv 2505.17967): dct x orthogonalized.
-
-    Every step the r DCT-II columns best aligned with G are chosen (the authors' L1 score),
-    the momentum, kept in the r-dimensional coordinates (r x n numbers, not m x n), is
-    rotated into them (new columns start at 0), orthogonalized there by Newton-Schulz and
-    lifted back with Muon's shape factor: W <- W (1 - lr wd) - lr adj(m, n) P polar(m).
-    State per matrix: r indices and the r x n momentum. Defaults follow the authors' code
-    (ISTA-DASLab-Optimizers, ``fft_low_rank/trion.py``): lr 0.02, momentum 0.95 without
-    Nesterov, 5 Newton-Schulz steps, selection every step, scale 1. Unlike that code, whose
-    momentum is a full m x n buffer with Dion's error feedback (the in-subspace part decays
-    by mu, the rest is kept whole), ours keeps only the subspace momentum; that buffer is
-    ``error_feedback="fp32"`` here, at the matrix's size. Options: :class:`LowRankOptimizer`
-    and ``rules/orthogonalized.py``.
-    """
-
-    PRESET = {"projector": "dct", "projector_options": {"norm": "l1"}, "rule": "orthogonalized",
-              "update_proj_gap": 1, "moments_on_refresh": "rotate", "scale": 1.0, "lr": 0.02}
-
-
-class GaLoreMuon(LowRankOptimizer):
-    """GaLore x orthogonalized: the SVD basis of GaLore (refreshed every 200 steps), the
-    momentum kept in its coordinates (rotated into a new basis at a refresh) and updated
-    along its polar factor, as Muon does on the whole matrix: W <- W (1 - lr wd) - lr
-    adj(m, n) P polar(m). State per matrix: the basis (d x r) and the momentum (r x n).
-    Defaults: Muon's lr 0.02, momentum 0.95 with Nesterov, scale 1."""
-
-    PRESET = {"rule": "orthogonalized", "moments_on_refresh": "rotate", "scale": 1.0,
-              "lr": 0.02, "nesterov": True}
-
-
-for _name, _cls in (("galore", GaLoreAdamW), ("dct", DCTAdamW), ("fira", FiraAdamW),
-                    ("trion", Trion), ("galoremuon", GaLoreMuon)):
-    _cls.EIGHT_BIT = eight_bit(_cls)
-    register_optimizer(_name, _cls)
-
-GaLoreAdamW8bit, DCTAdamW8bit, FiraAdamW8bit, Trion8bit, GaLoreMuon8bit = (
-    c.EIGHT_BIT for c in (GaLoreAdamW, DCTAdamW, FiraAdamW, Trion, GaLoreMuon))
-
-__all__ = ["DCTAdamW", "DCTAdamW8bit", "FiraAdamW", "FiraAdamW8bit", "GaLoreAdamW",
-           "GaLoreAdamW8bit", "GaLoreMuon", "GaLoreMuon8bit", "LowRankAdamW", "LowRankOptimizer",
-           "LowRankOptions", "REFRESH_MODES", "Trion", "Trion8bit"]
+__all__ = ["LowRankOptimizer"]

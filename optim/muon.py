@@ -31,7 +31,8 @@ from .groups import (check_betas, check_choice, check_learning_rate, check_nonne
 from .rules.orthogonalized import (ADJUST_LR, NS_DTYPES, NUCLEAR_AVERAGE_BETA, ORTHOGONALIZERS,
                                    RELATIVE, SCALINGS, VARIANTS, adamw_rate, check_momentum,
                                    lr_adjustment, momentum_direction, nuclear_norm,
-                                   orthogonalized_direction, relative_nuclear_factor,
+                                   orthogonalized_direction, relative_factors,
+                                   relative_nuclear_factor,
                                    OrthogonalizedRule)
 from .registry import register_optimizer
 from .states import NUCLEAR_AVERAGE, MomentStore, StateSpec, nuclear_average
@@ -249,7 +250,7 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         else:
             nuclear = None if group["scaling"] == "none" else fast.nuclear_norms(filled)
             if group["scaling"] == RELATIVE:
-                nuclear = fast.relative_factors(nuclear, *zip(*(
+                nuclear = relative_factors(nuclear, *zip(*(
                     nuclear_average(s, nuclear.device, NUCLEAR_AVERAGE_BETA) for s in states)))
             if group["weight_decay"] != 0:
                 scale_(params, 1 - lr * group["weight_decay"])

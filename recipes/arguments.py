@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ..optim.registry import is_known
 from .peers import recipe_optimizers
 from .presets import get_preset
 
@@ -104,9 +105,10 @@ def show_value(value: Any) -> str:
 
 
 def optimizer_name(name: str) -> str:
-    if name.lower() not in recipe_optimizers():
+    if name.lower() not in recipe_optimizers() and not is_known(name):
         raise argparse.ArgumentTypeError(
-            f"unknown optimizer {name!r}; choose one of {', '.join(recipe_optimizers())}")
+            f"unknown optimizer {name!r}; choose one of {', '.join(recipe_optimizers())}, "
+            "or a composition PROJECTOR+RULE[+RESIDUAL][+8bit] (e.g. dct+orthogonalized)")
     return name.lower()
 
 

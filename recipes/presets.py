@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..optim.registry import lr_family, preset_options
 from .peers import PEERS
 
-#: Learning rates per optimizer family; "lowrank" covers galore, dct and fira.
-FAMILIES = {"adamw": "adamw", "galore": "lowrank", "dct": "lowrank", "fira": "lowrank",
-            "muon": "muon", "polargrad": "polargrad"}
-
+#: Learning rates per optimizer family: "lowrank" (the Adam rule: galore, dct, fira), "muon"
+#: (also the orthogonalized low-rank ones: trion, galoremuon), "polargrad", "adamw";
+#: ``memopt.optim.registry.lr_family`` says which an optimizer takes.
 
 @dataclass(frozen=True)
 class Preset:
@@ -44,11 +44,7 @@ class Preset:
     def family(self, optimizer: str) -> str:
         if optimizer in PEERS:
             return PEERS[optimizer][2]
-        base = optimizer.lower().removesuffix("8bit")
-        if base not in FAMILIES:
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of "
-                             f"{', '.join(sorted(FAMILIES))} (each also with an 8bit suffix)")
-        return FAMILIES[base]
+        return lr_family(optimizer)
 
     def eval_interval(self) -> int:
         """Steps between validations: ``eval_every``, but at least 10 validations per run, so
@@ -61,11 +57,15 @@ class Preset:
         low-rank family only)."""
         family = self.family(optimizer)
         kwargs: dict[str, Any] = {"lr": lr if lr is not None else self.lr[family]}
-        if family == "lowrank":
-            kwargs.update(rank=self.rank if rank is None else rank, scale=0.25)
-            if not optimizer.startswith("dct"):   # DCT keeps its own gap: its refresh is cheap
+        own = {} if optimizer in PEERS else preset_options(optimizer)
+        if own is not None and optimizer not in PEERS:              # a low-rank composition
+            kwargs["rank"] = self.rank if rank is None else rank
+            if "update_proj_gap" not in own:      # DCT and Trion keep their own: cheap refresh
                 kwargs["update_proj_gap"] = self.update_proj_gap
-        elif family in ("muon", "polargrad"):
+        elif family == "lowrank":                                   # a peer's GaLore or Fira
+            kwargs.update(rank=self.rank if rank is None else rank, scale=0.25,
+                          update_proj_gap=self.update_proj_gap)
+        if family in ("muon", "polargrad"):
             kwargs.update(adamw_lr=self.adamw_lr)
         return kwargs
 

@@ -81,8 +81,11 @@ def references():
 def column_side_references():
     """Under FSDP2 every low-rank basis is on the column side (rows are sharded), so the
     one-process run to match is the one with side="right"."""
-    right = {"projector_options": {"side": "right"}}
-    return {f"{n}-{b}": one_process(n, b, **(right if n in LOWRANK else {}))
+    def right(name):            # the class's own projector options (Trion's L1 score) kept
+        preset = make(name, [torch.nn.Parameter(torch.zeros(2, 2))]).PRESET
+        return {"projector_options": {**(preset.get("projector_options") or {}),
+                                      "side": "right"}}
+    return {f"{n}-{b}": one_process(n, b, **(right(n) if n in LOWRANK else {}))
             for n, b in CASES}
 
 

@@ -30,10 +30,14 @@ from ..states import MomentStore, StateDecl, StateSpec
 @dataclass
 class Coordinates:
     """Same-shape projected gradients of one step: R (b, p, q), their states (one dict per
-    matrix, in R's order) and the full shape (m, n) of the matrices they came from."""
+    matrix, in R's order) and the full shape (m, n) of the matrices they came from.
+    ``sharded``: the parameters, when R holds only this rank's rows of each matrix (FSDP2;
+    the basis is then on the column side): a rule that is not elementwise (a polar factor,
+    a norm) must combine the ranks' rows (``distributed.py``)."""
     R: Tensor
     states: list[dict[str, Any]]
     shape: tuple[int, int]
+    sharded: list[Tensor] | None = None
 
 
 class Rule:

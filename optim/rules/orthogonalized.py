@@ -32,6 +32,7 @@ from memopt.projections import orthogonalize
 from memopt.projections.polar import work_dtype
 
 from .. import executors_polar as polar_batch
+from ..distributed import all_reduce_sum, sharded_polar
 from ..groups import (check_betas, check_choice, check_nonnegative, check_positive_int,
                       learning_rate)
 from ..states import NUCLEAR_AVERAGE, MomentStore, StateDecl, StateSpec, nuclear_average
@@ -70,7 +71,7 @@ def nuclear_norm(M: Tensor, U: Tensor) -> Tensor:
     return torch.sum(M.to(dtype) * U.to(dtype))
 
 
-def relative_nuclear_factor(nu: Tensor, average: Tensor, weight: float) -> Tensor:
+def relative_nuclear_factor(nu: Tensor, average: Tensor, weight: float | Tensor) -> Tensor:
     """nu_t / abar_t, advancing ``average`` (abar, fp32) in place. a_t = beta a_{t-1} +
     (1 - beta) nu_t, abar_t = a_t / (1 - beta^t) is kept as abar_t = lerp(abar_{t-1}, nu_t,
     weight = (1 - beta) / (1 - beta^t)): abar_1 = nu_1, the first factor is exactly 1; the
@@ -78,6 +79,19 @@ def relative_nuclear_factor(nu: Tensor, average: Tensor, weight: float) -> Tenso
     nu = nu.to(average.dtype)
     average.lerp_(nu, weight)
     return torch.where(average > 0, nu / average, 0.0)
+
+
+def relative_factors(nu: Tensor, averages: tuple[Tensor, ...],
+                     weights: tuple[float, ...]) -> Tensor:
+    """:func:`relative_nuclear_factor` for a batch: nu (b,) against each matrix's fp32
+    average, all advanced in place (one stacked update)."""
+    stacked = torch.stack(averages)
+    same = len(set(weights)) == 1            # the usual case: no host-to-device copy
+    weight = weights[0] if same else torch.tensor(weights, dtype=stacked.dtype,
+                                                  device=stacked.device)
+    factors = relative_nuclear_factor(nu, stacked, weight)
+    torch._foreach_copy_(list(averages), list(stacked.unbind()))
+    return factors
 
 
 def orthogonalized_direction(G: Tensor, buf: Tensor, polar: Callable[[Tensor], Tensor], *,
@@ -178,19 +192,26 @@ class OrthogonalizedRule(Rule):
                   options: OrthogonalizedOptions, keep_input: bool) -> list[Tensor]:
         """Matrix by matrix through :func:`orthogonalized_direction`."""
         o, out = options, []
-        def polar(M: Tensor) -> Tensor:
-            return orthogonalize(M, o.orthogonalizer, o.ns_steps, NS_DTYPES[o.ns_dtype],
-                                 check_finite=False)
+        dtype = NS_DTYPES[o.ns_dtype]
         for item in items:
             U = torch.empty_like(item.R)
             factor = -lr_adjustment(item.shape, o.adjust_lr)
-            for R, state, Ui in zip(item.R.unbind(0), item.states, U.unbind(0)):
+            for i, (R, state, Ui) in enumerate(zip(item.R.unbind(0), item.states, U.unbind(0))):
                 average, weight = nuclear_average(state, R.device, NUCLEAR_AVERAGE_BETA) \
                     if o.scaling == RELATIVE else (None, 1.0)
+                if item.sharded is None:
+                    polar, total = (lambda M: orthogonalize(M, o.orthogonalizer, o.ns_steps,
+                                                            dtype, check_finite=False)), None
+                else:        # this rank's rows: the polar factor of the whole coordinates
+                    p = item.sharded[i]
+                    polar = (lambda M, p=p, i=i: sharded_polar(M, p, i, o.orthogonalizer,
+                                                               o.ns_steps, dtype, False))
+                    total = (lambda x, p=p: all_reduce_sum(x, p, "nuclear_norm"))
                 buf = store.read(state, "momentum_buffer")
                 D = orthogonalized_direction(R, buf, polar, mu=o.momentum, nesterov=o.nesterov,
                                              variant="momentum_first", scaling=o.scaling,
-                                             average=average, weight=weight)
+                                             total=total or (lambda x: x), average=average,
+                                             weight=weight)
                 store.write(state, "momentum_buffer", buf)
                 Ui.copy_(D).mul_(factor)
             out.append(U)
@@ -202,6 +223,9 @@ class OrthogonalizedRule(Rule):
         momenta advanced in one kernel, one batched polar iteration, the scales."""
         o, out = options, []
         for item in items:
+            if item.sharded is not None:          # FSDP2 rows: gathered per matrix
+                out += self.reference([item], store, options, keep_input)
+                continue
             Rs = list(item.R.unbind(0))
             momenta = store.read_all(item.states, "momentum_buffer")
             filled = polar_batch.fill(Rs, momenta, momentum=o.momentum, nesterov=o.nesterov,
@@ -216,7 +240,7 @@ class OrthogonalizedRule(Rule):
             if o.scaling != "none":
                 nu = polar_batch.nuclear_norms(filled).float()
                 if o.scaling == RELATIVE:
-                    nu = polar_batch.relative_factors(nu, *zip(*(
+                    nu = relative_factors(nu, *zip(*(
                         nuclear_average(s, nu.device, NUCLEAR_AVERAGE_BETA)
                         for s in item.states)))
                 factor = factor * nu
