@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from memopt.projections.polar import NEWTON_SCHULZ_COEFFICIENTS
+from ..projections.polar import NEWTON_SCHULZ_COEFFICIENTS
 
 #: bitsandbytes' defaults that are memopt's fixed behaviour (bitsandbytes/optim/optimizer.py).
 BNB_MIN_8BIT_SIZE = 4096

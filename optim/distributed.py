@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from memopt.projections import orthogonalize_many
-from memopt.projections.polar import work_dtype
+from ..projections import orthogonalize_many
+from ..projections.polar import work_dtype
 
 from .states import ROW_SHARDED
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 import torch
 
-from memopt.projections import lift, project_onto
+from ..projections import lift, project_onto
 
 from .distributed import is_sharded
 from .executors import as_matrix

@@ -18,8 +18,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from memopt.projections import Projector
-from memopt.projections.base import float32_matmul_precision
+from ..projections import Projector
+from ..projections.base import float32_matmul_precision
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from memopt.projections.polar import (GRAM_RESTART, _exact_polar, apply_factor, factor_dtype,
+from ..projections.polar import (GRAM_RESTART, _exact_polar, apply_factor, factor_dtype,
                                      frobenius_norms, gram_factor, gram_polynomial_iteration,
                                      polar_scales, polynomial_iteration, scale_into, schedule,
                                      uses_gram_form)

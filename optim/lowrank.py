@@ -34,8 +34,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from memopt.projections import Projector, lift, make_projector, project_onto
-from memopt.projections.base import compute_dtype, resolve_side
+from ..projections import Projector, lift, make_projector, project_onto
+from ..projections.base import compute_dtype, resolve_side
 
 from . import executors_lowrank as fast
 from .basis_change import fill_outside, rotate
@@ -343,8 +343,9 @@ class LowRankOptimizer(MemoptOptimizer):
         their basis this step, so that the check reads the projections instead of the
         gradients (a non-finite entry of G makes its whole column of P^T G non-finite, and
         a finite G whose projection overflows is caught too). A matrix due for a refresh
-        offers ||G||_F in fp32 instead: finite iff G is and no coordinate in an orthonormal
-        basis can overflow. Only on the fast path, and projections only when they fit in
+        offers ||G||_F instead (summed in fp64, then rounded to the fp32 the step computes
+        in): finite iff G is and no coordinate, nor partial sum, of G in an orthonormal basis
+        can overflow (each is at most ||G||_F). Only on the fast path, and projections only when they fit in
         ``PREPARE_BYTES``."""
         if not group["check_finite"] or group["impl"] != "fast" or \
                 group["error_feedback"] != "none":          # the step projects G + E, not G
@@ -354,8 +355,8 @@ class LowRankOptimizer(MemoptOptimizer):
         kept = [[p for p in b if state[p].get("step", 0) % gap] for b in plan.batches or []]
         kept = [b for b in kept if b] if plan.work_bytes <= PREPARE_BYTES else []
         staying = {id(p) for b in kept for p in b}
-        witnesses = {p: torch.linalg.vector_norm(local(p.grad), dtype=torch.float32)
-                     for p in plan.projected if id(p) not in staying}
+        witnesses = {p: torch.linalg.vector_norm(local(p.grad), dtype=torch.float64).to(
+            compute_dtype(p.dtype)) for p in plan.projected if id(p) not in staying}
         if not kept:
             return Prepared(witnesses)
         # the last batch is projected while the host waits for the check, which then reads

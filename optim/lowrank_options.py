@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Union
 
-from memopt.projections import PROJECTORS, Projector, make_projector
+from ..projections import PROJECTORS, Projector, make_projector
 
 from .basis_change import REFRESH_MODES
 from .error_feedback import ERROR_FEEDBACK

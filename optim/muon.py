@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from memopt.projections import orthogonalize
-from memopt.projections.polar import work_dtype
+from ..projections import orthogonalize
+from ..projections.polar import work_dtype
 
 from . import executors_polar as fast
 from .compat import muon_arguments

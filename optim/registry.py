@@ -111,7 +111,7 @@ def composition(name: str) -> dict[str, Any] | None:
     name without "+". ValueError naming the part that is not registered."""
     if "+" not in name:
         return None
-    from memopt.projections import PROJECTORS
+    from ..projections import PROJECTORS
     parts = [p.strip().lower() for p in name.split("+")]
     if len(parts) < 2:
         raise ValueError(f"composed optimizer name {name!r}: write PROJECTOR+RULE[+RESIDUAL][+8bit]")
@@ -165,6 +165,19 @@ def preset_options(name: str) -> dict[str, Any] | None:
     if key not in OPTIMIZERS:
         raise ValueError(_unknown(name))
     return dict(OPTIMIZERS[key].PRESET) if hasattr(OPTIMIZERS[key], "PRESET") else None
+
+
+def is_low_rank(name: str) -> bool:
+    """Whether optimizer ``name`` is a low-rank composition (it takes a ``rank``)."""
+    try:
+        return preset_options(name) is not None
+    except ValueError:
+        return False
+
+
+def low_rank_names() -> tuple[str, ...]:
+    """The registered names of low-rank optimizers (without their 8-bit variants)."""
+    return tuple(n for n in OPTIMIZERS if not n.endswith("8bit") and is_low_rank(n))
 
 
 def is_known(name: str) -> bool:

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..optim.registry import is_known
-from .peers import recipe_optimizers
+from ..optim.registry import is_known, is_low_rank, low_rank_names
+from .peers import is_peer, recipe_optimizers
 from .presets import get_preset
 
 
@@ -124,11 +124,8 @@ class UsageError(Exception):
 
 
 # ------------------------------------------------------------------ checks before a run
-LOW_RANK = ("galore", "dct", "fira")
-
-
 def _is_low_rank(name: str) -> bool:
-    return name.removesuffix("8bit") in LOW_RANK
+    return not is_peer(name) and is_low_rank(name)
 
 
 def check_settings(args: argparse.Namespace, optimizers: list[str], command: str) -> None:
@@ -282,7 +279,8 @@ def check_run_arguments(args: argparse.Namespace, optimizers: list[str],
     command = args.command
     if args.rank is not None and not any(_is_low_rank(n) for n in optimizers):
         raise UsageError(f"argument --rank: {', '.join(optimizers)} has no rank (--rank is for "
-                         f"{', '.join(LOW_RANK)} and their 8bit versions)")
+                         f"{', '.join(low_rank_names())}, their 8bit versions and the "
+                         "compositions PROJECTOR+RULE)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("argument --device: cuda was asked for, but torch sees no CUDA device")
     if (args.ddp or args.fsdp) and "RANK" not in os.environ:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..optim.registry import is_low_rank, low_rank_names
+
 HELP = "weights, gradients and optimizer state of a model, before training (no activations)"
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
 
@@ -34,7 +36,6 @@ NAMED_MODELS: dict[str, tuple[tuple[int, int, int, int], int]] = {
     "llama-7b": ((4096, 11008, 32, 32), 1024),
 }
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-LOW_RANK = ("galore", "dct", "fira")
 GB = 1e9
 
 
@@ -161,7 +162,7 @@ def estimate_rows(config: Any, optimizers: list[str], per_layer: list[bool],
     rows = []
     for name in optimizers:
         kwargs = settings_for(options, name)
-        low_rank = name.removesuffix("8bit") in LOW_RANK
+        low_rank = is_low_rank(name)
         if low_rank and rank is not None:
             kwargs.setdefault("rank", rank)
         for layered in per_layer:
@@ -212,10 +213,10 @@ def run(args: argparse.Namespace) -> int:
         optimizers = expand_optimizers(args.optimizers, args.bits)
         check_settings(args, optimizers, "estimate")
         rank = args.rank if args.rank is not None else default_rank
-        if args.rank is not None and not any(n.removesuffix("8bit") in LOW_RANK
-                                             for n in optimizers):
+        if args.rank is not None and not any(map(is_low_rank, optimizers)):
             raise EstimateError(f"argument --rank: none of {', '.join(optimizers)} has a rank "
-                                f"(--rank is for {', '.join(LOW_RANK)})")
+                                f"(--rank is for {', '.join(low_rank_names())} and the "
+                                "compositions)")
         per_layer = {"no": [False], "yes": [True], "both": [False, True]}[args.per_layer]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
