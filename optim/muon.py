@@ -11,7 +11,7 @@ the fast executor (``executors_polar.py``) orthogonalizes same-shape matrices in
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -23,18 +23,15 @@ from ..projections.polar import work_dtype
 from . import executors_polar as fast
 from .compat import muon_arguments
 from .distributed import all_reduce_sum, is_sharded, local, sharded_polar
-from .engine import (PREPARE_BYTES, MemoptOptimizer, Prepared, advance_steps, arguments, eight_bit, moment_dtype,
-                     refuse_unknown_arguments)
+from .engine import (PREPARE_BYTES, MemoptOptimizer, Prepared, advance_steps, arguments,
+                     eight_bit, moment_dtype, refuse_unknown_arguments)
 from .executors import MAX_BATCH_BYTES, add_to_matrix_, as_matrix, buckets, scale_
-from .groups import (check_betas, check_choice, check_learning_rate, check_nonnegative,
-                     check_positive_int, learning_rate, warn_if_no_matrix_used)
-from .rules.orthogonalized import (ADJUST_LR, NS_DTYPES, NUCLEAR_AVERAGE_BETA, ORTHOGONALIZERS,
-                                   RELATIVE, SCALINGS, VARIANTS, adamw_rate, check_momentum,
-                                   lr_adjustment, momentum_direction, nuclear_norm,
-                                   orthogonalized_direction, relative_factors,
-                                   relative_nuclear_factor,
-                                   OrthogonalizedRule)
+from .groups import learning_rate, warn_if_no_matrix_used
 from .registry import register_optimizer
+from .rules.orthogonalized import (NS_DTYPES, NUCLEAR_AVERAGE_BETA, RELATIVE, OrthogonalizedRule,
+                                   WholeMatrixOptions, adamw_rate, lr_adjustment,
+                                   momentum_direction, nuclear_norm, orthogonalized_direction,
+                                   relative_factors, relative_nuclear_factor)
 from .states import NUCLEAR_AVERAGE, MomentStore, StateSpec, nuclear_average
 
 @dataclass
@@ -106,21 +103,14 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         return frozenset({NUCLEAR_AVERAGE})      # made on first use
 
 
+    def options(self, group: dict[str, Any]) -> WholeMatrixOptions:
+        """The group's options as one typed, validated object (ValueError naming a bad one)."""
+        return WholeMatrixOptions(**{f.name: group[f.name] for f in fields(WholeMatrixOptions)})
+
     def _check_group(self, group: dict[str, Any]) -> None:
-        check_learning_rate(group["lr"])
-        check_momentum(group["momentum"])
-        check_nonnegative("weight_decay value", group["weight_decay"])
-        check_positive_int("ns_steps", group["ns_steps"])
-        for key in ("adamw_lr", "adamw_eps"):
-            check_nonnegative(key, group[key])
-        check_betas("adamw_betas", group["adamw_betas"])
-        for key, choices in (("orthogonalizer", ORTHOGONALIZERS), ("adjust_lr", ADJUST_LR),
-                             ("scaling", SCALINGS), ("variant", VARIANTS), ("ns_dtype", NS_DTYPES),
-                             ("state_bits", (8, 32)), ("nesterov", (True, False)),
-                             ("adamw", (True, False)), ("redundant", (True, False))):
-            check_choice(key, group[key], choices)
+        options = self.options(group)
         group.setdefault("lr_at_start", learning_rate(group))
-        self._store(group["state_bits"])
+        self._store(options.state_bits)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(muon_arguments(param_group))

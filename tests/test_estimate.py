@@ -10,8 +10,8 @@ pytest.importorskip("transformers")
 from memopt.recipes import cli                                    # noqa: E402
 
 #: The README's command, word for word.
-README_7B = ("memopt estimate --model llama-7b --optimizers adamw,adamw8bit,galore8bit,dct8bit "
-             "--rank 1024 --per-layer both")
+README_7B = ("memopt estimate --model llama-7b --optimizers "
+             "adamw,adamw8bit,galore8bit,dct8bit,trion8bit --rank 1024 --per-layer yes")
 
 
 def table(printed: str) -> dict[tuple[str, str], list[str]]:
@@ -34,18 +34,16 @@ def test_readme_7b_example(capsys):
     printed = estimate(README_7B.split()[1:], capsys)
     rows = table(printed)
     # weights, gradients, state, peak in GB (1e9 bytes), as the README's memory table
-    expected = {("adamw", "no"): ["13.48", "13.48", "26.95", "53.91"],
-                ("adamw", "yes"): ["13.48", "0.26", "26.95", "40.69"],
-                ("adamw8bit", "no"): ["13.48", "13.48", "13.69", "40.64"],
+    expected = {("adamw", "yes"): ["13.48", "0.26", "26.95", "40.69"],
                 ("adamw8bit", "yes"): ["13.48", "0.26", "13.69", "27.43"],
-                ("galore8bit", "no"): ["13.48", "13.48", "7.58", "34.53"],
                 ("galore8bit", "yes"): ["13.48", "0.26", "7.58", "21.32"],
-                ("dct8bit", "no"): ["13.48", "13.48", "3.82", "30.78"],
-                ("dct8bit", "yes"): ["13.48", "0.26", "3.82", "17.56"]}
+                ("dct8bit", "yes"): ["13.48", "0.26", "3.82", "17.56"],
+                ("trion8bit", "yes"): ["13.48", "0.26", "2.18", "15.92"]}
     assert list(rows) == list(expected)
     for key, numbers in expected.items():
         assert rows[key][3:7] == numbers, key
-    assert rows[("galore8bit", "yes")][1] == "1024" and rows[("adamw", "no")][1] == ""
+    assert rows[("galore8bit", "yes")][1] == "1024" and rows[("trion8bit", "yes")][1] == "1024"
+    assert rows[("adamw", "yes")][1] == ""
     assert printed.startswith("LLaMA-7B: 6.74B parameters")
     assert "activations" in printed and "not included" in printed
     # the README shows this command and, word for word, what it prints

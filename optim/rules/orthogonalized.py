@@ -33,8 +33,8 @@ from ...projections.polar import work_dtype
 
 from .. import executors_polar as polar_batch
 from ..distributed import all_reduce_sum, sharded_polar
-from ..groups import (check_betas, check_choice, check_nonnegative, check_positive_int,
-                      learning_rate)
+from ..groups import (check_betas, check_choice, check_learning_rate, check_nonnegative,
+                      check_positive_int, learning_rate)
 from ..states import NUCLEAR_AVERAGE, MomentStore, StateDecl, StateSpec, nuclear_average
 from .base import Coordinates, Rule
 
@@ -162,6 +162,30 @@ class OrthogonalizedOptions:
         for key, choices in (("orthogonalizer", ORTHOGONALIZERS), ("adjust_lr", ADJUST_LR),
                              ("scaling", SCALINGS), ("ns_dtype", tuple(NS_DTYPES)),
                              ("nesterov", (True, False))):
+            check_choice(key, getattr(self, key), choices)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WholeMatrixOptions(OrthogonalizedOptions):
+    """A Muon / PolarGrad group's options: the rule's, and what the whole-matrix optimizer
+    adds (``muon.py``). Every field is given by the group (the constructors hold the
+    defaults), so nothing here defaults silently."""
+    lr: Any
+    weight_decay: float
+    variant: str
+    state_bits: int
+    redundant: bool
+    adamw: bool
+    check_finite: bool
+    impl: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_learning_rate(self.lr)
+        check_nonnegative("weight_decay value", self.weight_decay)
+        for key, choices in (("variant", VARIANTS), ("state_bits", (8, 32)),
+                             ("redundant", (True, False)), ("adamw", (True, False)),
+                             ("check_finite", (True, False)), ("impl", ("fast", "reference"))):
             check_choice(key, getattr(self, key), choices)
 
 
