@@ -32,8 +32,8 @@ def _run_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None
                         help="learning rate (default: the preset's rate for each optimizer "
                              "family)")
     parser.add_argument("--rank", type=positive_int, default=None,
-                        help="rank of the low-rank optimizers (galore, dct, fira; default: "
-                             "the preset's)")
+                        help="rank of the low-rank optimizers (galore, dct, fira, trion, "
+                             "galoremuon, compositions; default: the preset's)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="training steps (default: the preset's)")
     parser.add_argument("--data", default=None,

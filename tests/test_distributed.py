@@ -132,6 +132,16 @@ def test_fsdp2_redundant_polar_equals_one_process(column_side_references):
     assert "polar_scatter" not in results[0]["muon-32"]["bytes"]
 
 
+def train_on_rank(model, opt, steps, rank):
+    """Steps ``steps`` of the data-parallel run: this rank's half of each batch."""
+    for t in steps:
+        x, y = small_batch(t)
+        half = x.shape[0] // WORLD
+        opt.zero_grad()
+        loss_on(model, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]).backward()
+        opt.step()
+
+
 def dcp_worker(rank, path, folder, names):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
@@ -146,13 +156,7 @@ def dcp_worker(rank, path, folder, names):
             return model, make(name, model.parameters(), bits)
 
         def train(model, opt, steps):
-            for t in steps:
-                x, y = small_batch(t)
-                half = x.shape[0] // WORLD
-                opt.zero_grad()
-                loss_on(model, x[rank * half:(rank + 1) * half],
-                        y[rank * half:(rank + 1) * half]).backward()
-                opt.step()
+            train_on_rank(model, opt, steps, rank)
 
         model, opt = build()
         train(model, opt, range(4))

@@ -101,7 +101,7 @@ WORLD = 2
 
 def fsdp_worker(rank, path, folder):
     import torch.distributed.checkpoint as dcp
-    from test_distributed import loss_on, wrap
+    from test_distributed import train_on_rank, wrap
     from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
                                                          set_optimizer_state_dict)
     import toy_sign_rule  # noqa: F401,F811  (a spawned process registers it again)
@@ -115,13 +115,7 @@ def fsdp_worker(rank, path, folder):
                                           update_proj_gap=3)
 
     def steps(model, opt, ts):
-        for t in ts:
-            x, y = small_batch(t)
-            half = x.shape[0] // WORLD
-            opt.zero_grad()
-            loss_on(model, x[rank * half:(rank + 1) * half],
-                    y[rank * half:(rank + 1) * half]).backward()
-            opt.step()
+        train_on_rank(model, opt, ts, rank)
 
     model, opt = make()
     steps(model, opt, range(4))
