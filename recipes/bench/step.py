@@ -132,6 +132,10 @@ def entries(rank: int) -> list[Entry]:
         Entry("memopt DCTAdamW8bit", lowrank(mo.DCTAdamW8bit), ours=True, lowrank=True),
         Entry("memopt FiraAdamW", lowrank(mo.FiraAdamW), ours=True, lowrank=True),
         Entry("memopt FiraAdamW8bit", lowrank(mo.FiraAdamW8bit), ours=True, lowrank=True),
+        # the orthogonalized rule in a subspace: Trion selects DCT columns every step
+        Entry("memopt Trion", lowrank(mo.Trion), ours=True, lowrank=True),
+        Entry("memopt Trion8bit", lowrank(mo.Trion8bit), ours=True, lowrank=True),
+        Entry("memopt GaLoreMuon", lowrank(mo.GaLoreMuon), ours=True, lowrank=True),
     ]
     for cls in (mo.GaLoreAdamW, mo.DCTAdamW, mo.FiraAdamW):     # bf16 factors
         out.append(Entry(f"memopt {cls.__name__} (projection_precision=medium)",
