@@ -49,9 +49,10 @@ from .fira import fira_residual
 from .groups import (check_choice, learning_rate, unknown_key_message, warn_if_no_matrix_used,
                      warn_small_matrices)
 from .lowrank_options import COMMON_DEFAULTS, COMMON_OPTIONS, LowRankOptions
-from .registry import RESIDUALS, RULES
+from .registry import COMPOSITION, RESIDUALS, RULES
 from .rules.base import Coordinates, Rule
 from .states import PROJ_PREFIX, MomentStore, StateSpec
+
 
 @dataclass
 class _Plan:
@@ -498,5 +499,7 @@ class LowRankOptimizer(MemoptOptimizer):
                 X = fill_outside(X, C, proj.side, R, 1 - group["betas"][1] ** state["step"])
             store.write(state, d.key, X)
 
+
+COMPOSITION.append(LowRankOptimizer)      # what create_optimizer("PROJECTOR+RULE") builds
 
 __all__ = ["LowRankOptimizer"]

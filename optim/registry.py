@@ -40,6 +40,8 @@ RULES: dict[str, Rule] = {}
 RESIDUALS: dict[str, Residual] = {}
 #: Optimizer classes by their name (each also reachable with an "8bit" suffix).
 OPTIMIZERS: dict[str, type] = {}
+#: The class compositions are built with (``lowrank.LowRankOptimizer``, which registers itself).
+COMPOSITION: list[type] = []
 
 
 def register_rule(rule: type[Rule]) -> type[Rule]:
@@ -216,6 +218,5 @@ def create_optimizer(name: str, model_or_params: nn.Module | Iterable[Any],
     params = (param_groups(model_or_params) if isinstance(model_or_params, nn.Module)
               else model_or_params)
     if composed is not None:
-        from .lowrank import LowRankOptimizer
-        return LowRankOptimizer(params, **{**composed, **kwargs})
+        return COMPOSITION[0](params, **{**composed, **kwargs})
     return OPTIMIZERS[key](params, **kwargs)
