@@ -114,9 +114,24 @@ class MemoptOptimizer(Optimizer, ABC):
         if isinstance(params, nn.Module):      # hidden matrices vs. the rest, by module type
             params = param_groups(params)
         self._stores: dict[int, MomentStore] = {}
+        self._typed_options: dict[int, tuple[tuple[Any, ...], Any]] = {}
         self._eight_bit_unused_checked = False
         self._check_options(dict(defaults))    # as torch: even where every group overrides one
         super().__init__(params, defaults)
+
+    def _typed(self, group: dict[str, Any], keys: tuple[str, ...],
+               build: Callable[[], Any]) -> Any:
+        """A group's typed options, built by ``build`` (which validates them) and kept until
+        one of the group's ``keys`` changes value (an LR scheduler's lr, a user's edit)."""
+        values = tuple(group.get(k) for k in keys)
+        cached = self._typed_options.get(id(group))
+        if cached is not None and len(cached[0]) == len(values) and all(
+                a is b or (type(a) is type(b) and not isinstance(a, Tensor) and a == b)
+                for a, b in zip(cached[0], values)):
+            return cached[1]
+        typed = build()
+        self._typed_options[id(group)] = (values, typed)
+        return typed
 
     def _store(self, bits: int) -> MomentStore:
         """The state store of ``bits`` (8: bitsandbytes, checked when a group is added)."""

@@ -155,7 +155,6 @@ class LowRankOptimizer(MemoptOptimizer):
             defaults["betas"] = tuple(defaults["betas"])
         self._projectors: dict[Tensor, Projector] = {}
         self._plans: dict[int, _Plan] = {}
-        self._typed: dict[int, tuple[tuple[Any, ...], LowRankOptions, Any]] = {}
         # galore-torch's convention: when some group names a rank, the others are plain AdamW
         self._ranks_named = False
         if not isinstance(params, (torch.nn.Module, Tensor)):   # torch refuses a Tensor
@@ -191,19 +190,16 @@ class LowRankOptimizer(MemoptOptimizer):
     def options(self, group: dict[str, Any]) -> tuple[LowRankOptions, Any, Rule]:
         """The group's options as typed, validated objects: (common, the rule's, the rule).
         Rebuilt (and so re-validated) when a value of the group changes."""
-        keys = COMMON_OPTIONS + RULES[group["rule"]].option_names() \
-            if group.get("rule") in RULES else COMMON_OPTIONS
-        values = tuple(group.get(k, COMMON_DEFAULTS.get(k)) for k in keys)
-        cached = self._typed.get(id(group))
-        if cached is not None and len(cached[0]) == len(values) and all(
-                a is b or (type(a) is type(b) and not isinstance(a, Tensor) and a == b)
-                for a, b in zip(cached[0], values)):
-            return cached[1], cached[2], RULES[cached[1].rule]
-        common = LowRankOptions(**{k: group[k] for k in COMMON_OPTIONS if k in group})
-        rule = RULES[common.rule]
-        own = rule.Options(**{k: group[k] for k in rule.option_names() if k in group})
-        self._typed[id(group)] = (values, common, own)
-        return common, own, rule
+        rule = RULES.get(group.get("rule")) if isinstance(group.get("rule"), str) else None
+        keys = COMMON_OPTIONS + (rule.option_names() if rule is not None else ())
+
+        def build() -> tuple[LowRankOptions, Any]:
+            common = LowRankOptions(**{k: group[k] for k in COMMON_OPTIONS if k in group})
+            own_rule = RULES[common.rule]
+            return common, own_rule.Options(**{k: group[k] for k in own_rule.option_names()
+                                               if k in group})
+        common, own = self._typed(group, keys, build)
+        return common, own, RULES[common.rule]
 
     def _check_group(self, group: dict[str, Any]) -> None:
         common, _, _ = self.options(group)

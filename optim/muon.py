@@ -34,6 +34,9 @@ from .rules.orthogonalized import (NS_DTYPES, NUCLEAR_AVERAGE_BETA, RELATIVE, Or
                                    relative_factors, relative_nuclear_factor)
 from .states import NUCLEAR_AVERAGE, MomentStore, StateSpec, nuclear_average
 
+OPTION_NAMES = tuple(f.name for f in fields(WholeMatrixOptions))
+
+
 @dataclass
 class _Plan:
     """A group's parameters with gradients: AdamW ones, same-shape batches of local
@@ -104,8 +107,10 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
 
 
     def options(self, group: dict[str, Any]) -> WholeMatrixOptions:
-        """The group's options as one typed, validated object (ValueError naming a bad one)."""
-        return WholeMatrixOptions(**{f.name: group[f.name] for f in fields(WholeMatrixOptions)})
+        """The group's options as one typed, validated object (ValueError naming a bad one),
+        rebuilt when one of the group's values changes."""
+        return self._typed(group, OPTION_NAMES, lambda: WholeMatrixOptions(
+            **{name: group[name] for name in OPTION_NAMES}))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         options = self.options(group)
@@ -125,27 +130,28 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         """The AdamW rate of ``group``'s other parameters (``rules.orthogonalized.adamw_rate``)."""
         return adamw_rate(group)
 
-    @staticmethod
-    def is_orthogonalized(group: dict[str, Any], p: Tensor) -> bool:
+    def is_orthogonalized(self, group: dict[str, Any], p: Tensor) -> bool:
         """Whether ``p`` gets the orthogonalized update under ``group``'s settings."""
-        return not group["adamw"] and p.ndim >= 2
+        o = self.options(group)
+        return not o.adamw and p.ndim >= 2
 
     def applies_method(self, group: dict[str, Any], p: Tensor) -> bool:
         return self.is_orthogonalized(group, p)
 
-    @staticmethod
-    def state_specs(group: dict[str, Any], p: Tensor) -> list[StateSpec]:
+    def state_specs(self, group: dict[str, Any], p: Tensor) -> list[StateSpec]:
         """The state of an orthogonalized matrix, as the orthogonalized rule declares it: its
         momentum buffer (matrix shape), and the fp32 average of its nuclear norm with
         ``scaling="relative_nuclear_norm"``."""
+        o = self.options(group)
         shape = tuple(as_matrix(p).shape)
         return [d.spec(shape, shape, moment_dtype(p)) for d in OrthogonalizedRule.STATE
-                if d.key != NUCLEAR_AVERAGE or group["scaling"] == RELATIVE]
+                if d.key != NUCLEAR_AVERAGE or o.scaling == RELATIVE]
 
     # ---------------------------------------------------------------------- step
     def _plan(self, group: dict[str, Any], params: list[Tensor]) -> _Plan:
         """AdamW parameters, batches of local matrices and FSDP2-sharded matrices."""
-        key = (group["adamw"], group["orthogonalizer"], group["ns_dtype"], tuple(map(id, params)))
+        o = self.options(group)
+        key = (o.adamw, o.orthogonalizer, o.ns_dtype, tuple(map(id, params)))
         plan = self._plans.get(id(group))
         if plan is None or plan.key != key:
             dense, matrices, sharded = [], [], []
@@ -162,15 +168,17 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         return plan
 
     def _work_dtype(self, group: dict[str, Any], p: Tensor) -> torch.dtype:
-        return work_dtype(group["orthogonalizer"], p, NS_DTYPES[group["ns_dtype"]])
+        o = self.options(group)
+        return work_dtype(o.orthogonalizer, p, NS_DTYPES[o.ns_dtype])
 
     def _prepare_group(self, group: dict[str, Any], params: list[Tensor]) -> Prepared:
         """Fill every batch's orthogonalizer inputs before the finiteness check, which then
         reads their norms instead of the gradients (with finite momentum an input is
         non-finite iff its gradient is); each batch is orthogonalized while the next one is
         filled. Only on the fast path and when all inputs fit in ``PREPARE_BYTES``."""
+        o = self.options(group)
         plan = self._plan(group, params)
-        if not group["check_finite"] or group["impl"] != "fast" or not plan.batches \
+        if not o.check_finite or o.impl != "fast" or not plan.batches \
                 or plan.work_bytes > PREPARE_BYTES:
             return Prepared()
         filled: list[tuple[list[Tensor], fast.Filled]] = []
@@ -187,34 +195,37 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
             self._orthogonalize(group, *prepared.data[-1])
 
     def _fill(self, group: dict[str, Any], params: list[Tensor]) -> fast.Filled:
-        store = self._store(group["state_bits"])
+        o = self.options(group)
+        store = self._store(o.state_bits)
         states = [self.state.get(p, {}) for p in params]     # (no entry made before the check)
         momenta = store.read_all(states, "momentum_buffer") if all(states) else \
             [store.read(s, "momentum_buffer") if s else None for s in states]
-        return fast.fill([p.grad for p in params], momenta, momentum=group["momentum"],
-                         nesterov=group["nesterov"], polar_first=group["variant"] == "polar_first",
+        return fast.fill([p.grad for p in params], momenta, momentum=o.momentum,
+                         nesterov=o.nesterov, polar_first=o.variant == "polar_first",
                          dtype=self._work_dtype(group, params[0]),
-                         pad=group["orthogonalizer"] != "svd")
+                         pad=o.orthogonalizer != "svd")
 
     def _orthogonalize(self, group: dict[str, Any], params: list[Tensor],
                        filled: fast.Filled) -> fast.Filled:
         """The batch's polar factors; Muon's last product is left to go into the weights."""
-        last = group["scaling"] == "none" and group["variant"] == "momentum_first" and \
+        o = self.options(group)
+        last = o.scaling == "none" and o.variant == "momentum_first" and \
             filled.buffer is not None and fast.last_product_into_weights(
                 params[0], tuple(filled.buffer.shape), filled.buffer.dtype,
-                group["orthogonalizer"], group["ns_steps"])
-        return fast.orthogonalize(filled, group["orthogonalizer"], group["ns_steps"], last)
+                o.orthogonalizer, o.ns_steps)
+        return fast.orthogonalize(filled, o.orthogonalizer, o.ns_steps, last)
 
     def adamw_settings(self, group: dict[str, Any]) -> tuple[float, tuple[float, float], float]:
         return self.adamw_lr(group), group["adamw_betas"], group["adamw_eps"]
 
     def _step_matrices(self, group: dict[str, Any], plan: _Plan, prepared: Prepared,
                        store: MomentStore) -> None:
+        o = self.options(group)
         for batch in plan.batches:
             for p in batch:
                 if not self.state[p]:
                     self.make_state(group, p, store)
-        if group["impl"] == "reference":
+        if o.impl == "reference":
             self._matrix_steps(group, [p for b in plan.batches for p in b], store)
         else:
             for batch, filled in prepared.data or [(b, self._fill(group, b)) for b in plan.batches]:
@@ -225,28 +236,29 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
     def _fast_step(self, group: dict[str, Any], params: list[Tensor], filled: fast.Filled,
                    store: MomentStore) -> None:
         """Advance the momentum, orthogonalize the batch and update its matrices."""
+        o = self.options(group)
         grads = [as_matrix(p.grad) for p in params]          # batches hold no FSDP2 shards
         states = [self.state[p] for p in params]
         advance_steps(states)
-        polar_first = group["variant"] == "polar_first"
+        polar_first = o.variant == "polar_first"
         momenta = store.read_all(states, "momentum_buffer")
         if not polar_first:
-            fast.advance_momenta(momenta, grads, group["momentum"])
+            fast.advance_momenta(momenta, grads, o.momentum)
         filled = self._orthogonalize(group, params, filled)
         lr, n = learning_rate(group), grads[0].shape[1]
-        step_size = lr * lr_adjustment(tuple(grads[0].shape), group["adjust_lr"])
-        if group["scaling"] == "none" and not polar_first:
-            fast.write(params, filled, n, step_size=step_size, decay=1 - lr * group["weight_decay"])
+        step_size = lr * lr_adjustment(tuple(grads[0].shape), o.adjust_lr)
+        if o.scaling == "none" and not polar_first:
+            fast.write(params, filled, n, step_size=step_size, decay=1 - lr * o.weight_decay)
         else:
-            nuclear = None if group["scaling"] == "none" else fast.nuclear_norms(filled)
-            if group["scaling"] == RELATIVE:
+            nuclear = None if o.scaling == "none" else fast.nuclear_norms(filled)
+            if o.scaling == RELATIVE:
                 nuclear = relative_factors(nuclear, *zip(*(
                     nuclear_average(s, nuclear.device, NUCLEAR_AVERAGE_BETA) for s in states)))
-            if group["weight_decay"] != 0:
-                scale_(params, 1 - lr * group["weight_decay"])
+            if o.weight_decay != 0:
+                scale_(params, 1 - lr * o.weight_decay)
             for i, (W, U) in enumerate(zip(params, filled.X[..., :n])):
-                D = momentum_direction(U.to(momenta[i].dtype), momenta[i], group["momentum"],
-                                       group["nesterov"]) if polar_first else U
+                D = momentum_direction(U.to(momenta[i].dtype), momenta[i], o.momentum,
+                                       o.nesterov) if polar_first else U
                 add_to_matrix_(W, D, -step_size, None if nuclear is None else nuclear[i].to(W.dtype))
         store.write_all(states, "momentum_buffer", momenta)
 
@@ -255,18 +267,19 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
         """:func:`orthogonalized_direction` matrix by matrix: the reference path, and the
         FSDP2 path (momentum on local rows, the polar factor of each whole matrix gathered
         on an owner rank or everywhere with ``redundant``, nuclear norms summed over ranks)."""
-        lr, mu, wd = learning_rate(group), group["momentum"], group["weight_decay"]
+        o = self.options(group)
+        lr, mu, wd = learning_rate(group), o.momentum, o.weight_decay
         for i, p in enumerate(params):
             state = self.state[p]
             if not state:
                 self.make_state(group, p, store)
             advance_steps([state])
             average, weight = nuclear_average(state, p.device, NUCLEAR_AVERAGE_BETA) \
-                if group["scaling"] == RELATIVE else (None, 1.0)
+                if o.scaling == RELATIVE else (None, 1.0)
             buf = store.read(state, "momentum_buffer")
             D = orthogonalized_direction(
                 as_matrix(local(p.grad)), buf, self._polar_of(group, p, i), mu=mu,
-                nesterov=group["nesterov"], variant=group["variant"], scaling=group["scaling"],
+                nesterov=o.nesterov, variant=o.variant, scaling=o.scaling,
                 total=(lambda x, p=p: all_reduce_sum(x, p, "nuclear_norm"))
                 if is_sharded(p) else (lambda x: x), average=average, weight=weight)
             store.write(state, "momentum_buffer", buf)
@@ -274,17 +287,18 @@ class OrthogonalizedOptimizer(MemoptOptimizer):
             W.mul_(1 - lr * wd)
             add_to_matrix_(W, D.to(torch.promote_types(D.dtype, W.dtype)),
                            -lr * lr_adjustment((p.shape[0], p.numel() // p.shape[0]),
-                                               group["adjust_lr"]))
+                                               o.adjust_lr))
 
-    @staticmethod
-    def _polar_of(group: dict[str, Any], p: Tensor, index: int) -> Callable[[Tensor], Tensor]:
+    def _polar_of(self, group: dict[str, Any], p: Tensor, index: int
+                  ) -> Callable[[Tensor], Tensor]:
         """M -> polar(M) for p's matrix (or the local rows of it, orthogonalized whole on
         rank ``index % world`` or, ``redundant``, everywhere)."""
-        method, steps = group["orthogonalizer"], group["ns_steps"]
-        dtype = NS_DTYPES[group["ns_dtype"]]
+        o = self.options(group)
+        method, steps = o.orthogonalizer, o.ns_steps
+        dtype = NS_DTYPES[o.ns_dtype]
         if not is_sharded(p):
             return lambda M: orthogonalize(M, method, steps, dtype, check_finite=False)
-        return lambda M: sharded_polar(M, p, index, method, steps, dtype, group["redundant"])
+        return lambda M: sharded_polar(M, p, index, method, steps, dtype, o.redundant)
 
 
 class Muon(OrthogonalizedOptimizer):
