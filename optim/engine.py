@@ -426,9 +426,9 @@ class MemoptOptimizer(Optimizer, ABC):
         """Whether ``p`` gets the method's update under ``group`` (else AdamW; subclasses)."""
         return False
 
+    @abstractmethod
     def state_specs(self, group: dict[str, Any], p: Tensor) -> list[StateSpec]:
-        """The state of a parameter the method updates (subclasses)."""
-        raise NotImplementedError
+        """The state of a parameter the method updates, from its pieces' declarations."""
 
     def expected_state(self, group: dict[str, Any], p: Tensor) -> list[StateSpec]:
         """The state tensors this optimizer keeps for ``p`` under ``group``: the method's

@@ -18,6 +18,7 @@ W <- W (1 - lr wd) + lr scale lift(U). ``keep_input`` asks a rule not to write U
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -40,7 +41,7 @@ class Coordinates:
     sharded: list[Tensor] | None = None
 
 
-class Rule:
+class Rule(ABC):
     """Base of update rules; subclasses set ``name``, ``STATE``, ``Options``, ``lr_family``
     and implement :meth:`reference` and :meth:`batched`."""
 
@@ -66,15 +67,17 @@ class Rule:
         """Declared keys a state may lack until first use (loading accepts their absence)."""
         return frozenset()
 
+    @abstractmethod
     def adamw_settings(self, group: dict[str, Any], lr: float) -> tuple[float, tuple[float, float],
                                                                      float]:
         """(lr, betas, eps) of the AdamW update of a group's unprojected parameters."""
-        raise NotImplementedError
 
+    @abstractmethod
     def reference(self, items: list[Coordinates], store: MomentStore, options: Any,
                   keep_input: bool) -> list[Tensor]:
-        raise NotImplementedError
+        """The rule one matrix at a time (the math as written in its paper)."""
 
+    @abstractmethod
     def batched(self, items: list[Coordinates], store: MomentStore, options: Any,
                 keep_input: bool) -> list[Tensor]:
-        raise NotImplementedError
+        """The same math over whole batches (fused, stacked); equal to :meth:`reference`."""
