@@ -20,7 +20,6 @@ finiteness check with one device sync, then ``_step_group``.
 
 from __future__ import annotations
 
-import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -33,8 +32,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .adam import eps_at
-from .distributed import (all_reduce_sum, as_sharded_state, from_sharded_state, is_sharded, local,
+from .distributed import (as_sharded_state, from_sharded_state, is_sharded, local,
                           trim_absmax)
+from .finite_check import FiniteCheck, PendingCheck
 from .groups import check_choice, check_known_keys, param_groups, unknown_key_message
 from .loading import ADDED_GROUP_KEYS, check_loadable, option_names
 from .rules.adam import AdamRule
@@ -69,15 +69,6 @@ class Prepared:
     data: Any = None
 
 
-@dataclass
-class _Check:
-    """A finiteness check in flight: what was checked, the sum of norms (in host memory once
-    ``ready``, a CUDA event, has passed; None on the CPU, where it is ready at once)."""
-    checked: list[tuple[Tensor, Tensor]]
-    flag: Tensor
-    ready: Any
-
-
 class MemoptOptimizer(Optimizer, ABC):
     """Base of memopt optimizers (a torch.optim.Optimizer; see the module docstring).
 
@@ -106,9 +97,8 @@ class MemoptOptimizer(Optimizer, ABC):
                 found |= option_names(c)
         return found - {"args", "kwargs", "unknown"}
 
-    #: pinned host memory and an event for the check's flag, made on first use on CUDA
-    _flag_host: Tensor | None = None
-    _flag_ready: Any = None
+    #: the finiteness check (its pinned flag and CUDA event), made on first use
+    _finite: FiniteCheck | None = None
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         if isinstance(params, nn.Module):      # hidden matrices vs. the rest, by module type
@@ -262,62 +252,22 @@ class MemoptOptimizer(Optimizer, ABC):
         return work
 
     def _start_check(self, work: list[tuple[dict[str, Any], list[Tensor]]],
-                     prepared: list[Prepared]) -> _Check | None:
-        """Enqueue the finiteness check of every checked gradient, or of its witness: the
-        sum of the 2-norms, accumulated in fp64 (which no square of an fp32 or bf16 value
-        overflows), is finite iff every tensor is. With FSDP2 each rank checks its shards
-        and the sums are all-reduced. The sum comes to the host asynchronously."""
+                     prepared: list[Prepared]) -> PendingCheck | None:
+        """Enqueue the finiteness check of every checked gradient, or of its witness
+        (``finite_check.py``)."""
         checked = []
         for (group, params), prep in zip(work, prepared):
             if group.get("check_finite", True):
                 witnesses = prep.witnesses
                 checked += [(p, witnesses.get(p, p.grad)) for p in params]
-        if not checked:
-            return None
-        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for _, t in checked:
-            t = local(t)
-            by_kind.setdefault((t.device, t.dtype), []).append(t)
-        total = None
-        for ts in by_kind.values():
-            norms = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)).sum()
-            total = norms if total is None else total + norms.to(total.device)
-        sharded = next((p.grad for p, _ in checked if is_sharded(p.grad)), None)
-        if sharded is not None:       # one 4-byte count of the ranks that saw a bad value
-            total = (~total.isfinite()).float()
-            all_reduce_sum(total, sharded, "finite_check")
-            total = total.double().mul_(math.inf).nan_to_num_(nan=0.0, posinf=math.inf)  # 0 or inf
-        if not total.is_cuda:
-            return _Check(checked, total, None)
-        if self._flag_host is None:
-            self._flag_host = torch.empty((), dtype=torch.float64, pin_memory=True)
-            self._flag_ready = torch.cuda.Event()
-        self._flag_host.copy_(total, non_blocking=True)
-        self._flag_ready.record()
-        return _Check(checked, self._flag_host, self._flag_ready)
+        if self._finite is None:
+            self._finite = FiniteCheck()
+        return self._finite.start(checked)
 
-    def _finish_check(self, check: _Check | None) -> None:
-        """Wait for the sum (not for later work) and raise FloatingPointError naming the
-        first parameter whose gradient is not finite."""
-        if check is None:
-            return
-        if check.ready is not None:
-            check.ready.synchronize()
-        if math.isfinite(float(check.flag)):
-            return
-        for p, _ in check.checked:
-            if not bool(torch.isfinite(local(p.grad)).all()):
-                raise FloatingPointError(
-                    f"non-finite gradient (inf or nan) in parameter {self._name(p)}; "
-                    "the step was not taken and nothing was changed")
-        for p, t in check.checked:
-            if not bool(torch.isfinite(local(t)).all()):
-                raise FloatingPointError(
-                    f"the gradient of parameter {self._name(p)} is finite but so large that "
-                    "its update overflows (inf or nan); the step was not taken and nothing "
-                    "was changed")
-        raise FloatingPointError("non-finite gradient (inf or nan) on another rank; the step "
-                                 "was not taken and nothing was changed")
+    def _finish_check(self, check: PendingCheck | None) -> None:
+        """Wait for the check; FloatingPointError naming the first bad parameter."""
+        if check is not None:
+            check.finish(self._name)
 
     def _name(self, param: Tensor) -> str:
         for gi, group in enumerate(self.param_groups):
