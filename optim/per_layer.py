@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine import MemoptOptimizer
+from .quantized_weights import materialized
 
 
 class PerLayerHandle:
@@ -89,7 +90,8 @@ def step_in_backward(model_or_params: nn.Module | Iterable[Tensor],
                 for key, value in groups[param].items():
                     if key not in ("params", "param_names"):
                         opt.param_groups[0][key] = value
-                opt.step()
+                with materialized([param]):     # a quantized weight: its values, rounded back
+                    opt.step()
             param.grad = None
 
         handle.hooks.append(p.register_post_accumulate_grad_hook(hook))

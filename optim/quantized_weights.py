@@ -1,0 +1,362 @@
+"""Linear layers whose weights live in INT8 (or bf16) and train with stochastic rounding.
+
+``quantize_weights(model, bits=8)`` replaces, in place, each ``nn.Linear`` of a model (but
+the output head) by a :class:`QuantizedLinear`: its weight is kept as INT8 codes with one
+fp32 scale per ``group_size`` input columns (``bits=16``: bf16), dequantized layer by layer
+in the forward and again in the backward (nothing full-size is saved for backward). No
+full-precision copy of the model exists after the call.
+
+The weight is still a parameter of the model, a :class:`QuantizedWeight`: it has the
+weight's shape, receives an fp32 gradient, and memopt optimizers (and ``step_in_backward``
+with any torch optimizer) update it. The update runs on a temporary fp32 copy of that one
+weight (``materialized``), then the result is rounded back, stochastically by default, so
+updates far below one quantization step are not lost (Q-GaLore, Zhang et al., 2024).
+Outside an update the parameter's own data holds no values (a single NaN, broadcast): read
+a weight with ``module.dequantize()``.
+
+The layer's state dict holds ``weight_codes``, ``weight_scales`` (INT8) and, as extra state,
+the rounding generator's (seed, count): it saves with ``torch.save``, loads with
+``torch.load(weights_only=True)``, and training resumes bit for bit. A full-precision
+``weight`` in a state dict (a pretrained checkpoint) is quantized while loading.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .stochastic_rounding import (ROUNDINGS, bf16_round_, generator, groups_of,
+                                  int8_dequantize, int8_quantize_)
+
+#: bits -> what the weight is stored as.
+BITS = {8: "INT8 codes with one fp32 scale per group", 16: "bf16"}
+#: The dtype a quantized weight is updated in (and its gradient's).
+UPDATE_DTYPE = torch.float32
+
+
+class QuantizedWeight(nn.Parameter):
+    """The parameter of a :class:`QuantizedLinear`: shape and gradient of the weight, values
+    in its layer (``layer``). Its data is a broadcast NaN except inside :func:`materialized`."""
+
+    layer: "QuantizedLinear"
+
+    def __new__(cls, layer: "QuantizedLinear", requires_grad: bool = True,
+                shape: torch.Size | None = None,
+                device: torch.device | None = None) -> "QuantizedWeight":
+        codes = None if shape is not None else layer.weight_codes
+        self = super().__new__(cls, _empty(shape or codes.shape, device or codes.device),
+                               requires_grad)
+        self.layer = layer
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "QuantizedWeight":
+        import copy
+        if id(self) not in memo:      # (the layer may be half-copied here: take nothing from it)
+            memo[id(self)] = QuantizedWeight(None, self.requires_grad, self.shape, self.device)
+            memo[id(self)].layer = copy.deepcopy(self.layer, memo)
+        return memo[id(self)]
+
+    def __repr__(self) -> str:
+        return f"QuantizedWeight({self.layer.describe()})"
+
+
+def _empty(shape: torch.Size, device: torch.device) -> Tensor:
+    """A tensor of ``shape`` that owns one element (NaN): a quantized weight's data."""
+    return torch.full((), float("nan"), dtype=UPDATE_DTYPE, device=device).expand(shape)
+
+
+class QuantizedLinear(nn.Linear):
+    """``nn.Linear`` with its weight in INT8 codes + per-group scales (``bits=8``) or bf16
+    (``bits=16``), updated with ``rounding`` ("stochastic" or "nearest").
+
+    Forward: y = x dequantize(W)^T + b in ``compute_dtype`` (the original weight's dtype;
+    it follows ``module.to(dtype)``). Backward: dL/dx = dL/dy dequantize(W) and the weight
+    gradient dL/dW = dL/dy^T x in fp32, the dtype the weight is updated in.
+    """
+
+    def __init__(self, linear: nn.Linear, bits: int = 8, *, group_size: int = 128,
+                 rounding: str = "stochastic", seed: int = 0) -> None:
+        nn.Module.__init__(self)
+        weight = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bits, self.group_size, self.rounding = bits, group_size, rounding
+        self.compute_dtype = weight.dtype
+        self.seed, self.count = seed, 0
+        rows, cols = weight.shape
+        if bits == 8:
+            self.register_buffer("weight_codes", torch.empty(
+                rows, cols, dtype=torch.int8, device=weight.device))
+            self.register_buffer("weight_scales", torch.empty(
+                rows, groups_of(cols, group_size), dtype=torch.float32, device=weight.device))
+        else:
+            self.register_buffer("weight_codes", torch.empty(
+                rows, cols, dtype=torch.bfloat16, device=weight.device))
+            self.register_buffer("weight_scales", None)
+        self._round(weight, "nearest")
+        self.weight = QuantizedWeight(self, linear.weight.requires_grad)
+        self.bias = linear.bias
+
+    # ------------------------------------------------------------------ values
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The weight as a new dense tensor of ``dtype`` (default: ``compute_dtype``)."""
+        dtype = dtype or self.compute_dtype
+        if self.bits == 8:
+            return int8_dequantize(self.weight_codes, self.weight_scales, self.group_size, dtype)
+        return self.weight_codes.to(dtype)
+
+    def store(self, w: Tensor) -> None:
+        """Round ``w`` (the updated weight) into the codes, by this layer's rounding."""
+        self._round(w, self.rounding)
+
+    def _round(self, w: Tensor, rounding: str) -> None:
+        g = None
+        if rounding == "stochastic":
+            g = generator(w.device, self.seed, self.count)
+            self.count += 1
+        if self.bits == 8:
+            int8_quantize_(w, self.weight_codes, self.weight_scales, self.group_size, rounding, g)
+        else:
+            bf16_round_(w, self.weight_codes, rounding, g)
+
+    def describe(self) -> str:
+        held = f"INT8, group {self.group_size}" if self.bits == 8 else "bf16"
+        return (f"({self.out_features}, {self.in_features}) {held}, {self.rounding} rounding, "
+                f"computed in {str(self.compute_dtype).removeprefix('torch.')}")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, bits={self.bits}, "
+                + (f"group_size={self.group_size}, " if self.bits == 8 else "")
+                + f"rounding={self.rounding}")
+
+    def reset_parameters(self) -> None:
+        raise RuntimeError("a QuantizedLinear is not re-initialised: quantize the layer after "
+                           "initialising it, or load a state dict")
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = self.compute_dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x = x.to(dtype)
+        y = _QuantizedMatmul.apply(x, self.weight, dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    # ------------------------------------------- device moves and state dicts
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "QuantizedLinear":
+        """Moves follow ``fn``; dtype casts change ``compute_dtype`` only: the codes keep
+        their format, the scales and the weight's update dtype stay fp32."""
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.weight_codes.device))
+        weight, codes, scales = (self._parameters["weight"], self._buffers["weight_codes"],
+                                 self._buffers["weight_scales"])
+        self._parameters["weight"] = None
+        self._buffers["weight_codes"] = self._buffers["weight_scales"] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = weight
+            self._buffers["weight_codes"] = codes.to(probe.device)
+            self._buffers["weight_scales"] = None if scales is None else scales.to(probe.device)
+        self.compute_dtype = probe.dtype
+        weight.data = _empty(codes.shape, probe.device)
+        if weight.grad is not None:
+            weight.grad = weight.grad.to(probe.device)
+        return self
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
+                            keep_vars: bool) -> None:
+        weight, self._parameters["weight"] = self._parameters["weight"], None
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self._parameters["weight"] = weight
+
+    def get_extra_state(self) -> Tensor:
+        """The rounding generator's state: (seed, number of roundings so far)."""
+        return torch.tensor([self.seed, self.count], dtype=torch.int64)
+
+    def set_extra_state(self, state: Any) -> None:
+        if not (isinstance(state, Tensor) and state.shape == (2,)
+                and state.dtype == torch.int64):
+            raise ValueError(f"QuantizedLinear: the rounding state must be an int64 tensor "
+                             f"(seed, count), got {state!r}")
+        self.seed, self.count = (int(v) for v in state)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        full = state_dict.pop(prefix + "weight", None)
+        codes = state_dict.get(prefix + "weight_codes")
+        if codes is not None and codes.dtype != self.weight_codes.dtype:
+            raise RuntimeError(
+                f"{prefix}weight_codes: the state holds {codes.dtype} codes, this layer keeps "
+                f"{self.weight_codes.dtype} (bits={self.bits}); quantize with the bits the "
+                "checkpoint was saved with")
+        if full is not None and codes is None:      # a full-precision checkpoint
+            if full.shape != self.weight_codes.shape:
+                raise RuntimeError(f"size mismatch for {prefix}weight: the checkpoint has "
+                                   f"{tuple(full.shape)}, the layer {tuple(self.weight_codes.shape)}")
+            self._round(full.to(self.weight_codes.device), "nearest")
+            for key, value in (("weight_codes", self.weight_codes),
+                               ("weight_scales", self.weight_scales)):
+                if value is not None:
+                    state_dict[prefix + key] = value
+        weight, self._parameters["weight"] = self._parameters["weight"], None
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args)
+        finally:
+            self._parameters["weight"] = weight
+
+
+class _QuantizedMatmul(torch.autograd.Function):
+    """y = x W^T with W dequantized on the fly, forward and backward (only x is saved)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: QuantizedWeight, dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.dtype = weight, dtype
+        return F.linear(x, weight.layer.dequantize(dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        (x,) = ctx.saved_tensors
+        weight = ctx.weight
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ weight.layer.dequantize(grad_out.dtype)
+        if ctx.needs_input_grad[1]:
+            g = grad_out.reshape(-1, grad_out.shape[-1]).to(UPDATE_DTYPE)
+            grad_w = g.t() @ x.reshape(-1, x.shape[-1]).to(UPDATE_DTYPE)
+        return grad_x, grad_w, None
+
+
+@contextmanager
+def materialized(params: Iterable[Tensor]) -> Iterator[None]:
+    """Give each :class:`QuantizedWeight` among ``params`` its values (fp32) for an update,
+    then round the updated values back into its codes. If the block raises, the codes are
+    left as they were."""
+    quantized = [p for p in params if isinstance(p, QuantizedWeight)]
+    for p in quantized:
+        p.data = p.layer.dequantize(UPDATE_DTYPE)
+    try:
+        yield
+        for p in quantized:
+            p.layer.store(p.data)
+    finally:
+        for p in quantized:
+            p.data = _empty(p.shape, p.device)
+
+
+def one_quantized_weight_at_a_time(work: list[tuple[Any, list[Tensor]]]
+                                   ) -> list[tuple[Any, list[Tensor]]]:
+    """A step's (group, params) work with each quantized weight in an item of its own, so
+    that only one is materialized at a time (the other parameters stay batched)."""
+    out = []
+    for group, params in work:
+        plain = [p for p in params if not isinstance(p, QuantizedWeight)]
+        if plain or not params:
+            out.append((group, plain))
+        out += [(group, [p]) for p in params if isinstance(p, QuantizedWeight)]
+    return out
+
+
+def quantize_weights(model: nn.Module, bits: int = 8, *, group_size: int = 128,
+                     rounding: str = "stochastic",
+                     modules: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
+                     seed: int = 0) -> nn.Module:
+    """Keep the weights of ``model``'s linear layers in INT8 (or bf16) from now on; in place.
+
+    Args:
+        model: any module, e.g. a transformers causal LM.
+        bits: 8 (INT8 codes, one fp32 scale per ``group_size`` input columns: 1.03 bytes per
+            weight at 128) or 16 (bf16 with stochastic rounding).
+        group_size: input columns per INT8 scale (Q-GaLore's 128 by default).
+        rounding: how updated weights are rounded back: "stochastic" (unbiased; the point of
+            this) or "nearest" (updates below half a step are lost; for comparison).
+        modules: which modules to quantize: qualified names, or a predicate
+            ``(name, module) -> bool``; default every ``nn.Linear`` but the output head
+            (``get_output_embeddings()`` of a transformers model). Embeddings and norms
+            are never quantized.
+        seed: seed of the rounding noise (each layer draws its own stream from it).
+
+    Returns ``model``. A selected module that cannot be quantized (not a plain
+    ``nn.Linear``; its weight shared with another module; not floating point; already
+    quantized) is left as it is, and all such modules are named in one warning.
+    """
+    if bits not in BITS:
+        raise ValueError(f"quantize_weights: bits={bits!r} is not supported; bits must be one "
+                         "of " + ", ".join(f"{b} ({what})" for b, what in BITS.items()))
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"quantize_weights: group_size must be an integer >= 1, got "
+                         f"{group_size!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"quantize_weights: rounding must be one of {ROUNDINGS}, got "
+                         f"{rounding!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_weights: model must be an nn.Module, got "
+                        f"{type(model).__name__}")
+    named = dict(model.named_modules())
+    chosen = _chosen(model, named, modules)
+    owners: dict[int, list[str]] = {}
+    for name, module in named.items():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    left: list[str] = []
+    done = 0
+    for index, name in enumerate(chosen):
+        module = named[name]
+        why = _cannot(name, module, owners)
+        if why:
+            left.append(f"{name or '<model>'} ({why})")
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(named[parent] if parent else model, attr,
+                QuantizedLinear(module, bits, group_size=group_size, rounding=rounding,
+                                seed=hash((seed, index)) & 0x7FFF_FFFF))
+        done += 1
+    if not done:
+        raise ValueError("quantize_weights: no module could be quantized"
+                         + (": " + "; ".join(left) if left else " (none was selected)"))
+    if left:
+        warnings.warn(f"quantize_weights: {len(left)} module(s) left as they were: "
+                      + "; ".join(left), stacklevel=2)
+    return model
+
+
+def _chosen(model: nn.Module, named: dict[str, nn.Module],
+            modules: Iterable[str] | Callable[[str, nn.Module], bool] | None) -> list[str]:
+    if modules is None:
+        head = getattr(model, "get_output_embeddings", lambda: None)()
+        return [n for n, m in named.items() if isinstance(m, nn.Linear) and m is not head]
+    if callable(modules):
+        return [n for n, m in named.items() if modules(n, m)]
+    if isinstance(modules, str):
+        raise TypeError("quantize_weights: modules must be a list of names or a predicate, "
+                        f"not the string {modules!r}")
+    names = list(modules)
+    unknown = [n for n in names if n not in named]
+    if unknown:
+        raise ValueError(f"quantize_weights: modules names {unknown[0]!r}, which the model "
+                         "does not have")
+    return names
+
+
+def _cannot(name: str, module: nn.Module, owners: dict[int, list[str]]) -> str | None:
+    """Why ``module`` cannot be quantized, or None."""
+    if isinstance(module, QuantizedLinear):
+        return "already quantized"
+    if not isinstance(module, nn.Linear):
+        return f"a {type(module).__name__}, not an nn.Linear"
+    if type(module).forward is not nn.Linear.forward:
+        return f"{type(module).__name__} has its own forward"
+    weight = module.weight
+    if not weight.is_floating_point() or weight.is_meta:
+        return f"weight is {'on the meta device' if weight.is_meta else weight.dtype}"
+    shared = [n or "<model>" for n in owners.get(id(weight), []) if n != name]
+    if shared:
+        return "its weight is shared with " + ", ".join(shared)
+    return None
