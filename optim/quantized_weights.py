@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .stochastic_rounding import (ROUNDINGS, bf16_round_, generator, groups_of,
                                   int8_dequantize, int8_quantize_)
@@ -45,6 +46,8 @@ class QuantizedWeight(nn.Parameter):
     in its layer (``layer``). Its data is a broadcast NaN except inside :func:`materialized`."""
 
     layer: "QuantizedLinear"
+    #: whether the data holds the weight's values now (inside :func:`materialized`)
+    materialized: bool = False
 
     def __new__(cls, layer: "QuantizedLinear", requires_grad: bool = True,
                 shape: torch.Size | None = None,
@@ -202,9 +205,10 @@ class QuantizedLinear(nn.Linear):
                                    f"{tuple(full.shape)}, the layer {tuple(self.weight_codes.shape)}")
             self._round(full.to(self.weight_codes.device), "nearest")
             for key, value in (("weight_codes", self.weight_codes),
-                               ("weight_scales", self.weight_scales)):
+                               ("weight_scales", self.weight_scales),
+                               ("_extra_state", self.get_extra_state())):
                 if value is not None:
-                    state_dict[prefix + key] = value
+                    state_dict.setdefault(prefix + key, value)
         weight, self._parameters["weight"] = self._parameters["weight"], None
         try:
             super()._load_from_state_dict(state_dict, prefix, *args)
@@ -242,6 +246,7 @@ def materialized(params: Iterable[Tensor]) -> Iterator[None]:
     quantized = [p for p in params if isinstance(p, QuantizedWeight)]
     for p in quantized:
         p.data = p.layer.dequantize(UPDATE_DTYPE)
+        p.materialized = True
     try:
         yield
         for p in quantized:
@@ -249,6 +254,26 @@ def materialized(params: Iterable[Tensor]) -> Iterator[None]:
     finally:
         for p in quantized:
             p.data = _empty(p.shape, p.device)
+            p.materialized = False
+
+
+def _refuse_unmaterialized(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    """A global step pre-hook: another optimizer's ``step()`` would write into a quantized
+    weight's placeholder (after changing its own state); refuse before anything changes."""
+    from .engine import MemoptOptimizer      # (the engine imports this module)
+    if isinstance(optimizer, MemoptOptimizer):
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if isinstance(p, QuantizedWeight) and p.grad is not None and not p.materialized:
+                raise RuntimeError(
+                    f"{type(optimizer).__name__}.step() cannot update a quantized weight "
+                    f"({p.layer.describe()}) by itself: use a memopt optimizer, or "
+                    "memopt.optim.step_in_backward(model, optimizer), which rounds each "
+                    "updated weight back into its codes")
+
+
+_HOOK: list[Any] = []
 
 
 def one_quantized_weight_at_a_time(work: list[tuple[Any, list[Tensor]]]
@@ -287,7 +312,7 @@ def quantize_weights(model: nn.Module, bits: int = 8, *, group_size: int = 128,
     ``nn.Linear``; its weight shared with another module; not floating point; already
     quantized) is left as it is, and all such modules are named in one warning.
     """
-    if bits not in BITS:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
         raise ValueError(f"quantize_weights: bits={bits!r} is not supported; bits must be one "
                          "of " + ", ".join(f"{b} ({what})" for b, what in BITS.items()))
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
@@ -301,6 +326,9 @@ def quantize_weights(model: nn.Module, bits: int = 8, *, group_size: int = 128,
                         f"{type(model).__name__}")
     named = dict(model.named_modules())
     chosen = _chosen(model, named, modules)
+    if not _HOOK:
+        _HOOK.append(register_optimizer_step_pre_hook(
+            _refuse_unmaterialized))
     owners: dict[int, list[str]] = {}
     for name, module in named.items():
         for p in module.parameters(recurse=False):
@@ -350,7 +378,7 @@ def _cannot(name: str, module: nn.Module, owners: dict[int, list[str]]) -> str |
     if isinstance(module, QuantizedLinear):
         return "already quantized"
     if not isinstance(module, nn.Linear):
-        return f"a {type(module).__name__}, not an nn.Linear"
+        return f"{type(module).__name__}, not an nn.Linear"
     if type(module).forward is not nn.Linear.forward:
         return f"{type(module).__name__} has its own forward"
     weight = module.weight
