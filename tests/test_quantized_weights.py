@@ -20,10 +20,14 @@ from memopt.optim.stochastic_rounding import (bf16_round_, generator, int8_dequa
                                               int8_quantize_)
 
 
+#: CUDA where there is one (.ci/gpu runs this file on a GPU machine)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 def int8_codes(w, group_size, rounding="nearest", seed=0, count=0):
     rows, cols = w.shape
-    codes = torch.empty(rows, cols, dtype=torch.int8)
-    scales = torch.empty(rows, -(-cols // group_size))
+    codes = torch.empty(rows, cols, dtype=torch.int8, device=w.device)
+    scales = torch.empty(rows, -(-cols // group_size), device=w.device)
     g = generator(w.device, seed, count) if rounding == "stochastic" else None
     int8_quantize_(w, codes, scales, group_size, rounding, g)
     return codes, scales
@@ -74,15 +78,16 @@ def test_bf16_rounding_brackets_the_value(rounding):
     assert ok.all() and lo.shape == w.shape
 
 
-def test_stochastic_rounding_is_unbiased_and_nearest_is_not():
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_rounding_is_unbiased_and_nearest_is_not(device):
     """E[SR(w)] = w: the mean of many roundings converges to w at the 1/sqrt(n) rate, for
     INT8 and bf16; rounding to nearest keeps a bias of up to half a step."""
     torch.manual_seed(2)
-    w = torch.randn(4, 128).clamp(-0.99, 0.99)
+    w = torch.randn(4, 128).clamp(-0.99, 0.99).to(device)
     w[:, 0] = 1.0                          # fixes each row's scale at 1/127
     step = 1 / 127
     n = 2000
-    total = torch.zeros_like(w, dtype=torch.float64)
+    total = torch.zeros_like(w, dtype=torch.float64)  # (on w's device)
     for count in range(n):
         codes, scales = int8_codes(w, 128, "stochastic", seed=5, count=count)
         total += int8_dequantize(codes, scales, 128, torch.float64)
@@ -92,7 +97,7 @@ def test_stochastic_rounding_is_unbiased_and_nearest_is_not():
     assert (mean - w.double()).abs().max() < bound
     near = int8_dequantize(*int8_codes(w, 128), 128, torch.float64)
     assert (near - w.double()).abs().max() > 4 * bound
-    out = torch.empty(4, 128, dtype=torch.bfloat16)
+    out = torch.empty(4, 128, dtype=torch.bfloat16, device=device)
     tot16 = torch.zeros_like(total)
     for count in range(n):
         bf16_round_(w, out, "stochastic", generator(w.device, 5, count))
@@ -244,18 +249,19 @@ def test_any_torch_optimizer_through_step_in_backward_and_refused_without():
     assert (model.model.layers[0].mlp.up_proj.dequantize() - before).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("per_layer", [False, True])
-def test_resume_is_bit_exact(per_layer, tmp_path):
+def test_resume_is_bit_exact(per_layer, device, tmp_path):
     """Train 4 steps, save model + optimizer, load both (weights_only) into a freshly
     quantized model, train 4 more: the codes, scales and rounding counts equal 8 uninterrupted
     steps (a DCT basis refresh every 3 steps falls inside both halves)."""
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2)).to(device)
 
     def make(model):
         return DCTAdamW(model, lr=3e-3, rank=16, update_proj_gap=3)
 
     def fresh():
-        model = tiny_llama()
+        model = tiny_llama().to(device)
         memopt.quantize_weights(model, seed=7)
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
