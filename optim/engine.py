@@ -37,7 +37,7 @@ from .distributed import (as_sharded_state, from_sharded_state, is_sharded, loca
 from .finite_check import FiniteCheck, PendingCheck
 from .groups import check_choice, check_known_keys, param_groups, unknown_key_message
 from .loading import ADDED_GROUP_KEYS, check_loadable, option_names
-from .quantized_weights import materialized, one_quantized_weight_at_a_time
+from .quantized_weights import materialized, materialize_in_turns
 from .rules.adam import AdamRule
 from .states import (MIN_8BIT_NUMEL, ROW_SHARDED, MomentStore, StateSpec, eight_bit_unused,
                      tensor_bytes)
@@ -222,9 +222,10 @@ class MemoptOptimizer(Optimizer, ABC):
         gradient anywhere raises before any parameter or state of any group changes. While
         the host waits for the check's flag, the device runs work that changes nothing
         (``_launch_ahead``), so the wait leaves no gap. Quantized weights
-        (``quantized_weights.py``) are updated one at a time, each on a temporary fp32 copy
-        rounded back into its codes, so no full-precision copy of the model ever exists."""
-        work = one_quantized_weight_at_a_time(work)
+        (``quantized_weights.py``) are updated in turns of at most ``MATERIALIZE_BYTES``, on
+        temporary fp32 copies rounded back into their codes, so no full-precision copy of
+        the model ever exists."""
+        work = materialize_in_turns(work)
         prepared = [self._prepare_group(group, params) for group, params in work]
         check = self._start_check(work, prepared)
         for (group, _), prep in zip(work, prepared):

@@ -39,6 +39,9 @@ from .stochastic_rounding import (ROUNDINGS, bf16_round_, generator, groups_of,
 BITS = {8: "INT8 codes with one fp32 scale per group", 16: "bf16"}
 #: The dtype a quantized weight is updated in (and its gradient's).
 UPDATE_DTYPE = torch.float32
+#: Most bytes of quantized weights an update materializes at once (the engine batches the
+#: weights of a step up to it; a larger weight is materialized alone).
+MATERIALIZE_BYTES = 256 * 2**20
 
 
 class QuantizedWeight(nn.Parameter):
@@ -276,16 +279,30 @@ def _refuse_unmaterialized(optimizer: torch.optim.Optimizer, *_: Any) -> None:
 _HOOK: list[Any] = []
 
 
-def one_quantized_weight_at_a_time(work: list[tuple[Any, list[Tensor]]]
-                                   ) -> list[tuple[Any, list[Tensor]]]:
-    """A step's (group, params) work with each quantized weight in an item of its own, so
-    that only one is materialized at a time (the other parameters stay batched)."""
+def materialize_in_turns(work: list[tuple[Any, list[Tensor]]],
+                         budget: int | None = None) -> list[tuple[Any, list[Tensor]]]:
+    """A step's (group, params) work with its quantized weights in items of their own, each
+    holding at most ``budget`` bytes of materialized (fp32) weights (one weight at least):
+    the update batches small weights and never holds a full-precision copy of the model."""
+    budget = MATERIALIZE_BYTES if budget is None else budget
     out = []
     for group, params in work:
         plain = [p for p in params if not isinstance(p, QuantizedWeight)]
         if plain or not params:
             out.append((group, plain))
-        out += [(group, [p]) for p in params if isinstance(p, QuantizedWeight)]
+        turn: list[Tensor] = []
+        held = 0
+        for p in params:
+            if not isinstance(p, QuantizedWeight):
+                continue
+            size = p.numel() * UPDATE_DTYPE.itemsize
+            if turn and held + size > budget:
+                out.append((group, turn))
+                turn, held = [], 0
+            turn.append(p)
+            held += size
+        if turn:
+            out.append((group, turn))
     return out
 
 

@@ -415,3 +415,32 @@ def test_a_tied_head_stays_and_is_listed_when_asked():
     with pytest.warns(UserWarning, match="lm_head .*shared with model.embed_tokens"):
         memopt.quantize_weights(model, modules=lambda n, m: isinstance(m, nn.Linear))
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_materialize_in_turns_bounds_the_fp32_bytes_held(monkeypatch):
+    """The engine materializes at most MATERIALIZE_BYTES of quantized weights at once (one
+    weight at least), keeping the other parameters in their own batch."""
+    from memopt.optim import quantized_weights as qw
+    model = tiny_llama()
+    memopt.quantize_weights(model)
+    params = list(model.parameters())
+    quantized = [p for p in params if isinstance(p, QuantizedWeight)]
+    group = {"name": "all"}
+    turns = qw.materialize_in_turns([(group, params)], budget=64 * 160 * 4 * 2)
+    plain, rest = turns[0][1], turns[1:]
+    assert plain == [p for p in params if not isinstance(p, QuantizedWeight)]
+    assert [p for _, t in rest for p in t] == quantized
+    assert all(sum(p.numel() * 4 for p in t) <= 64 * 160 * 4 * 2 for _, t in rest)
+    assert len(qw.materialize_in_turns([(group, params)], budget=1)) == 1 + len(quantized)
+    assert len(qw.materialize_in_turns([(group, params)], budget=2**40)) == 2
+    # and the updates do not depend on how the weights are batched
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+    codes = []
+    for budget in (2**40, 1):
+        monkeypatch.setattr(qw, "MATERIALIZE_BYTES", budget)
+        model = tiny_llama()
+        memopt.quantize_weights(model)
+        run_steps(model, 3, False, lambda m: Muon(m, lr=0.02), ids)
+        codes.append(model.state_dict())
+    for key in codes[0]:
+        assert torch.equal(codes[0][key], codes[1][key]), key
