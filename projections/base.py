@@ -174,9 +174,17 @@ class Projector(ABC):
         """min(rank, d): the number of columns of ``basis()``."""
         return min(self.rank, self.dim)
 
+    @property
+    def orthonormal(self) -> bool:
+        """Whether ``basis()`` is orthonormal to working precision, so that identities such
+        as ||G - B B^T G||^2 = ||G||^2 - ||B^T G||^2 hold (False for a basis kept in INT8 /
+        INT4 codes, which is only approximately orthonormal)."""
+        return True
+
     @abstractmethod
     def basis(self) -> Tensor:
-        """The orthonormal basis as a dense (d x r) tensor."""
+        """The orthonormal basis as a dense (d x r) tensor (approximately orthonormal where
+        :attr:`orthonormal` is False)."""
 
     @abstractmethod
     def state_shapes(self, dim: int, r: int, dtype: torch.dtype
