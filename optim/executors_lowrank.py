@@ -36,7 +36,9 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 class Batch:
     """Same-shape projected matrices of one step: weights and gradients (matrix views of
     the local tensors), bases (fp32, or bf16 for "medium"), the coordinates R (b, r, n) or
-    (b, m, r), and the stacked (zero-padded) bases when the products are batched."""
+    (b, m, r), and the stacked (zero-padded) bases when the products are batched;
+    ``orthonormal``: whether the bases are orthonormal to working precision (INT8 / INT4
+    ones are not)."""
     weights: list[Tensor]
     grads: list[Tensor]
     bases: list[Tensor]
@@ -44,6 +46,7 @@ class Batch:
     R: Tensor
     stacked: Tensor | None = None
     sq_norms: Tensor | None = None       # Fira: ||G_j||^2 per column (left) or row (right)
+    orthonormal: bool = True
 
     def gradient_sq_norms(self) -> Tensor:
         """(b, n) or (b, m) squared column (left) or row (right) norms of the gradients."""
@@ -63,8 +66,9 @@ def _batchable(weights: list[Tensor], grads: list[Tensor], dtype: torch.dtype) -
 
 
 def project(weights: list[Tensor], grads: list[Tensor], bases: list[Tensor], side: str,
-            medium: bool, fira: bool) -> Batch:
-    """R = project(G) for a batch (bases generated together; bf16 factors for ``medium``)."""
+            medium: bool, fira: bool, orthonormal: bool = True) -> Batch:
+    """R = project(G) for a batch (bases generated together; bf16 factors for ``medium``;
+    ``orthonormal``: as :attr:`Batch.orthonormal`)."""
     G0 = as_matrix(grads[0])
     r = bases[0].shape[1]
     R = torch.empty((len(grads), *projected_shape(tuple(G0.shape), side, r)),
@@ -74,7 +78,7 @@ def project(weights: list[Tensor], grads: list[Tensor], bases: list[Tensor], sid
     if medium and bases[0].dtype == torch.float32:     # products from bf16 factors
         stacked = torch.stack(bases).to(torch.bfloat16)
         bases = list(stacked.unbind(0))
-    batch = Batch(weights, grads, bases, side, R)
+    batch = Batch(weights, grads, bases, side, R, orthonormal=orthonormal)
     n, width = G0.shape[1], aligned_width(G0.shape[1], bases[0])
     batched = width != n or len(grads) > 1 and 2 * G0.numel() * r < BATCHED_PRODUCT_FLOPS
     if plain and batched:
@@ -129,8 +133,10 @@ def apply(batch: Batch, U: Tensor, states: list[dict], *, lr: float, scale: floa
         dim = norm_dim(batch.side)
         previous = torch.stack([s["residual_norm"] if "residual_norm" in s else
                                 torch.full((), math.inf, device=U.device) for s in states])
+        grams = None if batch.orthonormal else \
+            torch.stack([B.mT @ B for B in batch.bases]).to(batch.R.dtype)
         phi, norms = fira_scales(batch.R, U, batch.gradient_sq_norms(), batch.side, previous,
-                                 fira_gamma, sum_over_shards)
+                                 fira_gamma, sum_over_shards, grams)
         U.addcmul_(batch.R, phi.unsqueeze(dim + 1), value=1 / scale)
         kept = [s.get("residual_norm") for s in states]
         if all(t is not None for t in kept):

@@ -46,15 +46,24 @@ def fira_residual(G: Tensor, R: Tensor, U: Tensor, P_R: Tensor, side: str,
 
 
 def fira_scales(R: Tensor, U: Tensor, sq_norms: Tensor, side: str, previous: Tensor,
-                gamma: float, sum_over_shards: Callable[[Tensor], Tensor] | None = None
-                ) -> tuple[Tensor, Tensor]:
+                gamma: float, sum_over_shards: Callable[[Tensor], Tensor] | None = None,
+                grams: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Fira's limited scale phi per column (left) or row (right) of a batch, and ||S||
     after the limiter (:func:`fira_residual` for b matrices at once, with
-    ||G_j - B R_j||^2 = ||G_j||^2 - ||R_j||^2 instead of a pass over the residual)."""
+    ||G_j - B R_j||^2 = ||G_j||^2 - ||R_j||^2 instead of a pass over the residual).
+
+    ``grams``: the (b, r, r) matrices M = B^T B of bases that are not orthonormal (INT8 /
+    INT4 ones); then ||G_j - B R_j||^2 = ||G_j||^2 - 2 ||R_j||^2 + R_j^T M R_j, as R_j = B^T G_j.
+    """
     dim = 1 if side == "left" else 2
     R_norms = torch.linalg.vector_norm(R, dim=dim)
     phi = torch.linalg.vector_norm(U, dim=dim).div_(R_norms + FIRA_EPS)
-    residual_sq = sq_norms.sub_(R_norms.square_()).clamp_(min=0)
+    if grams is None:
+        residual_sq = sq_norms.sub_(R_norms.square_()).clamp_(min=0)
+    else:
+        MR = grams @ R if side == "left" else R @ grams
+        quadratic = (MR * R).sum(dim=dim)
+        residual_sq = sq_norms.sub_(R_norms.square_(), alpha=2).add_(quadratic).clamp_(min=0)
     squared = (phi.square() * residual_sq).sum(dim=1)
     if sum_over_shards is not None:
         squared = sum_over_shards(squared)

@@ -383,7 +383,8 @@ class LowRankOptimizer(MemoptOptimizer):
         return fast.project([local(p) if shards else p for p in params],
                             [local(p.grad) if shards else p.grad for p in params],
                             bases(projectors), projectors[0].side, group["projection_precision"]
-                            == "medium", group["residual"] == "fira")
+                            == "medium", group["residual"] == "fira",
+                            orthonormal=all(proj.orthonormal for proj in projectors))
 
     def adamw_settings(self, group: dict[str, Any]) -> tuple[float, tuple[float, float], float]:
         return RULES[group["rule"]].adamw_settings(group, learning_rate(group))
