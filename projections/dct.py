@@ -193,6 +193,10 @@ class DCTProjector(Projector):
             longer a set of DCT columns, so the state is the dense (d, r) basis in fp32
             (fp64 for fp64 input), r d floats instead of r integers, as for the SVD
             projector. The basis depends only on G (no warm start from the previous one).
+
+    No ``bits`` option: without ``refine`` the state is r integer indices, with nothing to
+    quantize, and the refined dense basis is kept in fp32 (INT8 / INT4 bases are the SVD
+    projector's ``bits``); ``projector_options={"bits": ...}`` with "dct" is a ValueError.
     """
 
     name = "dct"
