@@ -159,6 +159,8 @@ def run_config(args: argparse.Namespace, optimizer: str, out: str | None) -> Any
                      progress=not args.no_progress, per_layer=args.per_layer,
                      activation_checkpointing=args.activation_checkpointing,
                      distributed="ddp" if args.ddp else "fsdp" if args.fsdp else None,
+                     quantize_weights=args.quantize_weights,
+                     weight_rounding=args.weight_rounding,
                      optimizer_options=dict(args.options))
 
 
@@ -245,6 +247,17 @@ def check_resume(args: argparse.Namespace) -> None:
                          f"{'; '.join(differences)}")
 
 
+def check_quantized_weights(args: argparse.Namespace, optimizers: list[str]) -> None:
+    """--quantize-weights and --weight-rounding: rounding only with quantized weights, and
+    quantized weights only where every optimizer of the run updates them (train.py's
+    :func:`~.train.quantized_weights_refusal`)."""
+    from .train import quantized_weights_refusal
+    for name in optimizers:
+        refusal = quantized_weights_refusal(run_config(args, name, None))
+        if refusal:
+            raise UsageError("argument {}: {}".format(*refusal))
+
+
 def check_out(out: str, command: str, args: argparse.Namespace) -> None:
     """--out is not a file, and `train` replaces a run there only with --overwrite."""
     from .train import RUN_FILES
@@ -287,6 +300,7 @@ def check_run_arguments(args: argparse.Namespace, optimizers: list[str],
         raise UsageError(f"argument {'--ddp' if args.ddp else '--fsdp'}: needs torchrun "
                          "(torchrun --nproc_per_node N -m memopt.recipes train ...)")
     check_settings(args, optimizers, command)
+    check_quantized_weights(args, optimizers)
     if getattr(args, "resume", False):
         check_resume(args)
     if out:

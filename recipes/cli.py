@@ -49,6 +49,18 @@ def _run_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None
                         help="update each parameter in the backward pass (frees gradients early)")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute activations in backward instead of keeping them")
+    parser.add_argument("--quantize-weights", type=int, choices=[8, 16], default=None,
+                        metavar="{8,16}",
+                        help="keep the weights of the linear layers but the output head in "
+                             "INT8 codes with one fp32 scale per 128 columns (8) or in bf16 "
+                             "(16), updated on a full-precision copy one layer at a time and "
+                             "rounded back (memopt.quantize_weights; default: full-precision "
+                             "weights). memopt optimizers; any other with --per-layer; not "
+                             "with --ddp / --fsdp")
+    parser.add_argument("--weight-rounding", choices=["stochastic", "nearest"], default=None,
+                        help="how an updated quantized weight is rounded back: stochastic "
+                             "(default; unbiased, so updates below one step still count) or "
+                             "nearest; only with --quantize-weights")
     parser.add_argument("--set", action="append", default=[], metavar="[NAME.]KEY=VALUE",
                         type=option, dest="options",
                         help="extra optimizer argument: KEY=VALUE for every optimizer, "
@@ -99,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--resume", action="store_true",
                        help="continue from --out/checkpoint.pt; refused where the run there "
                             "had other arguments (optimizer, preset, steps, lr, rank, seed, "
-                            "data, --set, --fsdp)")
+                            "data, --set, --fsdp, --quantize-weights, --weight-rounding)")
     again.add_argument("--overwrite", action="store_true",
                        help="replace the run already in --out (without it or --resume, a "
                             "folder holding a run is refused)")
@@ -211,7 +223,7 @@ def _compare(args: argparse.Namespace) -> int:
     out = args.out or f"runs/compare-{args.preset}"
     corpus = check_run_arguments(args, args.optimizers, out)
     base = run_config(args, args.optimizers[0], None)
-    print(describe_setting(get_preset(args.preset, steps=args.steps)), flush=True)
+    print(describe_setting(get_preset(args.preset, steps=args.steps), base), flush=True)
     if Path(out, RESULTS).exists() and not args.resume_runs:
         print(f"note: replacing the comparison in {out} (--resume keeps its finished runs)",
               flush=True)

@@ -34,7 +34,8 @@ from .data import ByteCorpus, load_corpus
 from .presets import get_preset
 from .machine import environment, resolve_device
 from .report import markdown_table
-from .train import LN2, Diverged, RunConfig, config_from, run_identity, train
+from .train import (LN2, WEIGHT_FORMATS, Diverged, RunConfig, config_from, run_identity,
+                    train, weight_rounding)
 
 DEFAULT_OPTIMIZERS = ("adamw", "galore", "dct", "fira", "muon", "polargrad")
 DEFAULT_PRESET = "quick"
@@ -133,15 +134,20 @@ def result_header(optimizers: list[str], base: RunConfig, corpus: ByteCorpus) ->
     preset = get_preset(base.preset, steps=base.steps)
     return {"environment": environment(resolve_device(base.device)),
             "corpus": corpus.describe(), "preset": preset.name,
-            "setting": describe_setting(preset), "optimizers": list(optimizers),
+            "setting": describe_setting(preset, base), "optimizers": list(optimizers),
             "complete": False, "wall_s": 0.0, "runs": []}
 
 
-def describe_setting(preset: Any) -> str:
-    """One line: the model and schedule every optimizer runs."""
-    return (f"preset {preset.name}: LLaMA hidden {preset.hidden}, {preset.layers} layers, "
+def describe_setting(preset: Any, config: RunConfig | None = None) -> str:
+    """One line: the model and schedule every optimizer runs (and, when ``config``
+    quantizes them, how its weights are kept)."""
+    line = (f"preset {preset.name}: LLaMA hidden {preset.hidden}, {preset.layers} layers, "
             f"{preset.steps} steps of {preset.batch_size} x {preset.seq_len} bytes, "
             f"validation every {preset.eval_interval()} steps")
+    if config is not None and config.quantize_weights is not None:
+        line += (f"; {WEIGHT_FORMATS[config.quantize_weights]} weights, "
+                 f"{weight_rounding(config)} rounding")
+    return line
 
 
 def format_duration(seconds: float) -> str:

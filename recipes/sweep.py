@@ -149,7 +149,9 @@ def train_command(base: RunConfig, run: SweepRun, folder: Path) -> list[str]:
            "--seed", str(run.seed), "--preset", base.preset, "--device", base.device]
     low_rank = get_preset(base.preset).family(run.optimizer) == "lowrank"
     for flag, value in (("--steps", base.steps), ("--data", base.data),
-                        ("--warmup", base.warmup), ("--rank", base.rank if low_rank else None)):
+                        ("--warmup", base.warmup), ("--rank", base.rank if low_rank else None),
+                        ("--quantize-weights", base.quantize_weights),
+                        ("--weight-rounding", base.weight_rounding)):
         if value is not None:
             cmd += [flag, str(value)]
     for key, value in settings_for(base.optimizer_options, run.optimizer).items():

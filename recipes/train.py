@@ -7,6 +7,11 @@ that load with ``torch.load(weights_only=True)``; ``--resume`` continues exactly
 checkpoint stopped (batches depend only on the seed and the step). What makes a run what it
 is (:func:`run_identity`) is kept beside the checkpoint in ``config.json``, so that a resume
 under other arguments is refused before anything is loaded.
+
+With ``quantize_weights`` (8 or 16) the model's linear layers but the output head keep their
+weights in INT8 codes + per-group scales (or bf16) from the moment it is built
+(``memopt.quantize_weights``), trained with stochastic (or nearest) rounding; the codes and
+the rounding generator's state are part of the checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +78,8 @@ class RunConfig:
     per_layer: bool = False                 # update each parameter during backward
     activation_checkpointing: bool = False
     distributed: str | None = None          # "ddp" or "fsdp", under torchrun
+    quantize_weights: int | None = None     # 8 (INT8 codes) or 16 (bf16); None: full precision
+    weight_rounding: str | None = None      # with quantize_weights; None: "stochastic"
     #: extra optimizer arguments: KEY for every optimizer, NAME.KEY for optimizer NAME only
     optimizer_options: dict[str, Any] = field(default_factory=dict)
 
@@ -79,14 +89,21 @@ IDENTITY_FLAGS = {"optimizer": "--optimizer", "preset": "--preset", "steps": "--
                   "lr": "--lr", "rank": "--rank", "seed": "--seed", "data": "--data",
                   "warmup": "--warmup", "options": "--set", "fsdp": "--fsdp",
                   "device": "--device", "per_layer": "--per-layer",
-                  "activation_checkpointing": "--activation-checkpointing"}
+                  "activation_checkpointing": "--activation-checkpointing",
+                  "quantize_weights": "--quantize-weights",
+                  "weight_rounding": "--weight-rounding"}
+#: An identity field a run recorded before the field existed had this value.
+IDENTITY_DEFAULTS = {"quantize_weights": None, "weight_rounding": None}
+#: --quantize-weights' bits -> what the summary calls the weights.
+WEIGHT_FORMATS = {8: "int8", 16: "bf16"}
+WEIGHT_ROUNDINGS = ("stochastic", "nearest")
 
 
 def run_identity(config: RunConfig, measured: bool = False) -> dict[str, Any]:
     """What makes ``config`` the run it is, with the preset's defaults resolved (a rate left
     to the preset and the same rate given by --lr are one run): optimizer, preset, steps,
-    lr, rank, seed, data, warm-up, the optimizer's --set options and FSDP (its checkpoint is
-    sharded).
+    lr, rank, seed, data, warm-up, the optimizer's --set options, FSDP (its checkpoint is
+    sharded) and the quantized weights with their rounding.
     With ``measured``, also what changes the measured times and memory (device, per-layer,
     activation checkpointing), which a resumed run may change but a kept result may not.
     JSON values, as read back from ``config.json``."""
@@ -97,7 +114,9 @@ def run_identity(config: RunConfig, measured: bool = False) -> dict[str, Any]:
                 "lr": kwargs["lr"], "rank": kwargs.get("rank"), "seed": config.seed,
                 "data": config.data or "stdlib", "warmup": preset.warmup,
                 "options": {k: v for k, v in options.items() if k not in ("lr", "rank")},
-                "fsdp": config.distributed == "fsdp"}
+                "fsdp": config.distributed == "fsdp",
+                "quantize_weights": config.quantize_weights,
+                "weight_rounding": weight_rounding(config)}
     if measured:
         identity.update(device=config.device, per_layer=config.per_layer,
                         activation_checkpointing=config.activation_checkpointing)
@@ -130,27 +149,120 @@ def recorded_identity(folder: str | Path, measured: bool = False) -> dict[str, A
         return None
 
 
+def weight_rounding(config: RunConfig) -> str | None:
+    """How the run's quantized weights are rounded ("stochastic" unless said); None when its
+    weights are not quantized."""
+    if config.quantize_weights is None:
+        return None
+    return config.weight_rounding or "stochastic"
+
+
 def identity_differences(recorded: dict[str, Any], requested: dict[str, Any]) -> list[str]:
-    """Each field where two identities differ, as flags: "--optimizer dct, not galore"."""
+    """Each field where two identities differ, as flags: "--optimizer dct, not galore";
+    "without --quantize-weights, not with --quantize-weights 8". A field the recorded run
+    predates is compared with its :data:`IDENTITY_DEFAULTS` value, else skipped."""
     def shown(value: Any) -> str:
         if isinstance(value, dict):
             return " ".join(f"{k}={v!r}" for k, v in value.items()) or "none"
         return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
     parts = []
     for key, new in requested.items():
-        if key not in recorded or recorded[key] == new:
+        if key not in recorded and key not in IDENTITY_DEFAULTS:
             continue
-        flag, old = IDENTITY_FLAGS.get(key, key), recorded[key]
-        parts.append(f"{'with' if old else 'without'} {flag}" if isinstance(new, bool)
-                     else f"with {flag} {shown(old)}, not {shown(new)}")
+        flag, old = IDENTITY_FLAGS.get(key, key), recorded.get(key, IDENTITY_DEFAULTS.get(key))
+        if old == new:
+            continue
+        if isinstance(new, bool):
+            parts.append(f"{'with' if old else 'without'} {flag}")
+        elif key in IDENTITY_DEFAULTS and None in (old, new):
+            parts.append(f"without {flag}, not with {flag} {shown(new)}" if old is None
+                         else f"with {flag} {shown(old)}, not without it")
+        else:
+            parts.append(f"with {flag} {shown(old)}, not {shown(new)}")
     return parts
 
 
-def build_model(preset: Preset, device: torch.device, seed: int) -> torch.nn.Module:
-    """A LLaMA of the preset's shape, initialised from ``seed``."""
+def quantized_weights_refusal(config: RunConfig) -> tuple[str, str] | None:
+    """Why ``config``'s quantized weights cannot be trained as asked, as (the flag, what is
+    wrong), or None. Only memopt's optimizers round an updated quantized weight back into
+    its codes in ``step()``; any other torch optimizer does so under ``step_in_backward``
+    (--per-layer), which the peers do not run with. FSDP and DDP are not supported with
+    quantized weights."""
+    flag = "--quantize-weights"
+    if config.quantize_weights is None:
+        return None if config.weight_rounding is None else (
+            "--weight-rounding", "says how quantized weights are rounded; it needs "
+                                 "--quantize-weights 8 or 16")
+    if config.quantize_weights not in WEIGHT_FORMATS:
+        return flag, (f"must be one of {', '.join(map(str, WEIGHT_FORMATS))}, got "
+                      f"{config.quantize_weights!r}")
+    if weight_rounding(config) not in WEIGHT_ROUNDINGS:
+        return "--weight-rounding", (f"must be one of {', '.join(WEIGHT_ROUNDINGS)}, got "
+                                     f"{config.weight_rounding!r}")
+    if config.distributed:
+        return flag, (f"not with --{config.distributed}: quantized layers are not sharded or "
+                      "kept in step across processes; train on one device")
+    if is_peer(config.optimizer):
+        return flag, (f"{config.optimizer}'s step() does not update quantized weights, and "
+                      "the peers run without --per-layer; use a memopt optimizer")
+    if not config.per_layer and not is_memopt_optimizer(config.optimizer):
+        return flag, (f"{config.optimizer} is not a memopt optimizer: its step() does not "
+                      "update quantized weights; add --per-layer (each weight is then updated "
+                      "in the backward pass on a full-precision copy and rounded back)")
+    return None
+
+
+def is_memopt_optimizer(name: str) -> bool:
+    """Whether ``name`` (a registry name or composition) builds a memopt optimizer rather
+    than a torch or bitsandbytes baseline; decided on a meta-device layer, no memory used."""
+    from ..optim import create_optimizer
+    from ..optim.engine import MemoptOptimizer
+    with torch.device("meta"):
+        layer = torch.nn.Linear(8, 8)
+    try:
+        with warnings.catch_warnings():       # (a layer this small is not projected: fine)
+            warnings.simplefilter("ignore")
+            return isinstance(create_optimizer(name, layer, lr=1e-3), MemoptOptimizer)
+    except (ValueError, TypeError, ImportError):
+        return False
+
+
+def build_model(preset: Preset, device: torch.device, seed: int,
+                quantize: int | None = None, rounding: str | None = None) -> torch.nn.Module:
+    """A LLaMA of the preset's shape, initialised from ``seed``; with ``quantize`` (8 or 16)
+    its linear layers but the head keep their weights quantized from then on, rounded by
+    ``rounding`` (default stochastic) with noise seeded from ``seed``."""
     from transformers import LlamaForCausalLM
+
+    from ..optim.quantized_weights import quantize_weights
     torch.manual_seed(seed)
-    return LlamaForCausalLM(preset.llama_config()).to(device)
+    model = LlamaForCausalLM(preset.llama_config()).to(device)
+    if quantize is not None:
+        quantize_weights(model, bits=quantize, rounding=rounding or "stochastic", seed=seed)
+    return model
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing of each decoder layer of a transformers model
+    (``activation_checkpointing_enable``; ``gradient_checkpointing_enable`` before
+    transformers 5 named it so)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model's weights take: the parameters that hold their values, plus the codes
+    and scales of each quantized layer (whose weight parameter holds none)."""
+    from ..optim.quantized_weights import QuantizedLinear, QuantizedWeight
+    held = [p for p in model.parameters() if not isinstance(p, QuantizedWeight)]
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            held += [b for b in (module.weight_codes, module.weight_scales) if b is not None]
+    return sum(t.numel() * t.element_size() for t in held)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -194,11 +306,15 @@ class Run:
         else:
             device = resolve_device(config.device)
         self.device = device
+        refusal = quantized_weights_refusal(config)
+        if refusal:
+            raise ValueError("{}: {}".format(*refusal))
         self.corpus = corpus or load_corpus(config.data)
-        self.model = build_model(self.preset, self.device, config.seed)
+        # quantized before anything holds its weights: optimizer, wrapper, checkpoint
+        self.model = build_model(self.preset, self.device, config.seed,
+                                 config.quantize_weights, config.weight_rounding)
         if config.activation_checkpointing:
-            self.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.model)
         self.trained = self.model            # what forward runs: maybe a DDP wrapper
         if config.distributed:
             self.trained = wrap_model(self.model, config.distributed, self.device)
@@ -221,10 +337,22 @@ class Run:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.out = Path(config.out) if config.out else None
-        if config.resume:
-            self.load_checkpoint()
+        # the checkpoint first: step_in_backward reads the param groups the optimizer loads
+        private = self.load_checkpoint() if config.resume else None
         self.per_layer = step_in_backward(self.model, self.optimizer) if config.per_layer \
             else None
+        if config.resume:
+            self.load_per_layer_optimizers(private)
+
+    def per_layer_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The private optimizers that hold the state under --per-layer when the optimizer
+        is not memopt's (``step_in_backward`` gives any other one a copy per parameter), in
+        the order of the model's parameters; empty otherwise."""
+        if self.per_layer is None:
+            return []
+        owned = self.per_layer.optimizers
+        return [owned[p] for p in self.model.parameters()
+                if p in owned and owned[p] is not self.optimizer]
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -237,26 +365,52 @@ class Run:
             return self.out / CHECKPOINT
         path = self.out / CHECKPOINT
         tmp = path.with_suffix(".tmp")
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "step": self.step,
-                    "history": self.history}, tmp)
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "step": self.step,
+                 "history": self.history}
+        private = self.per_layer_optimizers()
+        if private:
+            state["per_layer_optimizers"] = [o.state_dict() for o in private]
+        torch.save(state, tmp)
         tmp.replace(path)
         return path
 
-    def load_checkpoint(self) -> None:
+    def load_checkpoint(self) -> list[dict[str, Any]] | None:
         """Model, optimizer, scheduler, step and history from the checkpoint in ``out``;
-        :class:`CheckpointMismatch` (one line) where it does not fit this run."""
+        :class:`CheckpointMismatch` (one line) where it does not fit this run. Returns the
+        states of the per-layer private optimizers it holds (for
+        :meth:`load_per_layer_optimizers`), else None."""
         if self.out is None or not (self.out / CHECKPOINT).exists():
             raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {self.out}")
-        try:
+        with self._mismatch():
             if self.config.distributed == "fsdp":
                 load_sharded(self)
-                return
+                return None
             state = torch.load(self.out / CHECKPOINT, map_location="cpu", weights_only=True)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.step, self.history = int(state["step"]), list(state["history"])
+            return state.get("per_layer_optimizers")
+
+    def load_per_layer_optimizers(self, states: list[dict[str, Any]] | None) -> None:
+        """Give the per-layer private optimizers (:meth:`per_layer_optimizers`) the states a
+        checkpoint saved; a resumed run that has them needs the checkpoint to hold them."""
+        private = self.per_layer_optimizers()
+        if not private and states is None:
+            return
+        with self._mismatch():
+            if states is None or not private:
+                raise ValueError(f"the checkpoint holds {len(states or [])} per-layer "
+                                 f"optimizer states, this run has {len(private)}")
+            for optimizer, saved in zip(private, states, strict=True):
+                optimizer.load_state_dict(saved)
+
+    @contextmanager
+    def _mismatch(self) -> Iterator[None]:
+        """Errors of loading the checkpoint as one :class:`CheckpointMismatch` line."""
+        try:
+            yield
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
             said = " ".join(str(exc).split()) or type(exc).__name__
             said = said if len(said) <= 200 else said[:197] + "..."
@@ -342,7 +496,8 @@ class Run:
     def summary(self) -> dict[str, Any]:
         """Final train loss (mean of the last 10 steps), validation loss (nats per byte, and
         in bits per byte: divided by ln 2), median ms per step (after the first 5),
-        optimizer-state MB and, on CUDA only, peak GPU MB."""
+        optimizer-state MB, the weights' format ("full precision", "int8", "bf16"), rounding
+        and MB and, on CUDA only, peak GPU MB."""
         losses = [h["loss"] for h in self.history[-10:]]
         vals = [h for h in self.history if "val_loss" in h]
         times = sorted(h["ms"] for h in self.history[5:]) or [math.nan]
@@ -352,8 +507,12 @@ class Run:
                "train_loss": sum(losses) / max(1, len(losses)),
                "val_loss": vals[-1]["val_loss"] if vals else math.nan,
                "ms_per_step": times[len(times) // 2],
-               "optimizer_state_mb": optimizer_state_bytes(self.optimizer) / 2**20,
+               "optimizer_state_mb": sum(optimizer_state_bytes(o) for o in
+                                         [self.optimizer, *self.per_layer_optimizers()]) / 2**20,
                "lr": self.optimizer_kwargs["lr"],
+               "weights": WEIGHT_FORMATS.get(self.config.quantize_weights, "full precision"),
+               "weight_rounding": weight_rounding(self.config),
+               "weights_mb": weight_bytes(self.model) / 2**20,
                "config": asdict(self.config), "corpus": self.corpus.describe(),
                "history": self.history}
         out["train_bits_per_byte"] = out["train_loss"] / LN2
