@@ -317,11 +317,13 @@ class MomentStore:
 
 def eight_bit_unused(states: list[dict]) -> bool | None:
     """Whether the states of 8-bit parameters quantized nothing (every tensor under
-    ``MIN_8BIT_NUMEL`` elements); None while none has a floating-point tensor yet."""
+    ``MIN_8BIT_NUMEL`` elements); None while none has a floating-point tensor yet. Only
+    8-bit codes with their absmax count (an INT4 basis's packed uint8 codes do not)."""
     values = [v for s in states for v in s.values() if isinstance(v, Tensor)]
     if not any(v.is_floating_point() for v in values):
         return None
-    return not any(v.dtype == torch.uint8 for v in values)
+    return not any(isinstance(v, Tensor) and v.dtype == torch.uint8 and k + ABSMAX_SUFFIX in s
+                   for s in states for k, v in s.items())
 
 
 def tensor_bytes(value: Any) -> int:

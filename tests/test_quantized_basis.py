@@ -372,3 +372,13 @@ def test_command_line_trains_and_resumes_with_an_int4_basis(micro, tmp_path):
     assert codes and all(c.dtype == torch.uint8 for c in codes)
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_int4_codes_do_not_hide_that_8bit_state_quantized_nothing():
+    """state_bits=8 on matrices whose moments are all under 4096 elements warns that
+    nothing is quantized; the uint8 codes of an INT4 basis are not 8-bit moments."""
+    model = SmallNet()
+    opt = mo.GaLoreAdamW8bit(model, lr=1e-2, rank=4, projector_options={"bits": 4})
+    with pytest.warns(UserWarning, match="state_bits=8, but every state tensor"):
+        train(model, opt, 1)
+    assert any(s.get("proj_basis_codes") is not None for s in opt.state.values())
