@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from helpers import SmallNet, round_trip, tiny_llama, train
+from helpers import SmallNet, round_trip, small_batch, tiny_llama, train
 from memopt import optim as mo
 from memopt.optim import create_optimizer, state_bytes
 from memopt.optim.memory import estimate_memory
@@ -159,7 +159,7 @@ def test_quantized_basis_is_orthonormal_to_the_measured_tolerance(fp32_bases, ki
     for (k, side, shape, r), (G, B) in fp32_bases.items():
         if k != kind:
             continue
-        # SVDProjector(bits=bits) gives exactly this (test_quantized_basis_is_the_fp32_basis_rounded)
+        # what SVDProjector(bits=bits) gives (test_quantized_basis_is_the_fp32_basis_rounded)
         Q = dequantize_columns(*quantize_columns(B, bits), bits, B.shape[0]).double()
         E = Q.mT @ Q - torch.eye(Q.shape[1], dtype=torch.float64)
         where = f"{kind} {shape} rank {r} {side}"
@@ -382,3 +382,60 @@ def test_int4_codes_do_not_hide_that_8bit_state_quantized_nothing():
     with pytest.warns(UserWarning, match="state_bits=8, but every state tensor"):
         train(model, opt, 1)
     assert any(s.get("proj_basis_codes") is not None for s in opt.state.values())
+
+
+# ------------------------------------------------------------------ FSDP2
+FSDP_STEPS = 5                               # gap 3: crosses a refresh
+
+
+def fsdp_optimizer(name, params, **options):
+    return OPTIMIZERS[name](params, rank=4, update_proj_gap=3,
+                            projector_options={"bits": 4, **options})
+
+
+def fsdp_worker(rank, path, out, names):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    results = {}
+    for name in names:
+        torch.manual_seed(0)
+        model, mesh = SmallNet(), init_device_mesh("cpu", (2,))
+        for module in (model.conv, model.fc1, model.fc2, model.norm, model.head):
+            fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = fsdp_optimizer(name, model.parameters())
+        for t in range(FSDP_STEPS):
+            x, y = small_batch(t)
+            half = slice(rank * 16, (rank + 1) * 16)
+            opt.zero_grad()
+            ((model(x[half]) - y[half]) ** 2).mean().backward()
+            opt.step()
+        results[name] = {k: v.full_tensor().detach().clone() if hasattr(v, "full_tensor")
+                         else v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save(results, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_fsdp2_with_an_int4_basis_equals_one_process(tmp_path):
+    """Two gloo processes, rows sharded: every rank builds the same INT4 basis (on the
+    column side, as FSDP2 asks) and the parameters are the one-process ones to rounding."""
+    import torch.multiprocessing as mp
+    names = ["galore", "fira"]
+    mp.spawn(fsdp_worker, args=(str(tmp_path / "store"), str(tmp_path / "out"), names),
+             nprocs=2)
+    results = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
+    for name in names:
+        torch.manual_seed(0)
+        model = SmallNet()
+        opt = fsdp_optimizer(name, model.parameters(), side="right")
+        for t in range(FSDP_STEPS):
+            opt.zero_grad()
+            x, y = small_batch(t)
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+        for k, v in model.state_dict().items():
+            for result in results:
+                torch.testing.assert_close(result[name][k], v, rtol=1e-4, atol=2e-5)
