@@ -1,13 +1,14 @@
-"""`memopt estimate`: will it fit? Weights, gradients and optimizer state before training.
+"""`memopt estimate`: will it fit? The peak memory of a training step, before training.
 
-    memopt estimate --model llama-7b --optimizers adamw,adamw8bit,galore8bit,dct8bit \\
-        --rank 1024 --per-layer both
+    memopt estimate --model llama-7b --weights int8 --optimizers dct8bit,galore8bit \\
+        --rank 1024 --per-layer yes --batch 1 --seq-len 256
 
 One row per (optimizer, per-layer) from memopt.optim.estimate_memory, which builds the
 model on the meta device (nothing is allocated) and counts, byte for byte, the state each
-optimizer holds after its first step. peak = weights + gradients + optimizer state;
-activations and temporaries are NOT included (they depend on batch, sequence length and
-activation checkpointing): add them for the memory a training step needs.
+optimizer holds after its first step. peak = weights + gradients + optimizer state +
+activations (+ the temporaries of updating INT8 weights): activations for --batch
+sequences of --seq-len tokens, with activation checkpointing unless --checkpointing no
+(memopt.optim.activations names every term). Kernels' own workspaces are not counted.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ import torch
 
 from ..optim.registry import is_low_rank, low_rank_names
 
-HELP = "weights, gradients and optimizer state of a model, before training (no activations)"
+HELP = ("peak memory of a training step (weights, gradients, optimizer state, activations), "
+        "before training")
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
 
 #: LLaMA shapes (hidden, intermediate, heads, layers), vocabulary 32000, and the GaLore
@@ -36,6 +39,11 @@ NAMED_MODELS: dict[str, tuple[tuple[int, int, int, int], int]] = {
     "llama-7b": ((4096, 11008, 32, 32), 1024),
 }
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: --weights int8: memopt.quantize_weights' INT8 linears, the rest (and the compute) in bf16.
+INT8 = "int8"
+#: Tokens per sequence without --seq-len, unless --model is a preset (its own): the GaLore
+#: paper's LLaMA pretraining length, which the presets 60m ... 1b and bench.memory use.
+SEQ_LEN = 256
 GB = 1e9
 
 
@@ -69,8 +77,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gradients freed one parameter at a time in the backward pass "
                         "(step_in_backward): only the largest gradient is counted "
                         "(default: no; both: a row for each)")
-    p.add_argument("--weights", default="bf16", choices=list(WEIGHT_DTYPES),
-                   help="dtype of the weights and gradients (default: bf16)")
+    p.add_argument("--weights", default="bf16", choices=[*WEIGHT_DTYPES, INT8],
+                   help="dtype of the weights and gradients (default: bf16); int8: the "
+                        "linear layers but the output head in INT8 codes with one fp32 scale "
+                        "per 128 input columns (memopt.quantize_weights), fp32 gradients for "
+                        "them, the rest in bf16")
+    p.add_argument("--batch", type=positive_int, default=1,
+                   help="sequences per step, for the activations (default: 1)")
+    p.add_argument("--seq-len", type=positive_int, default=None, metavar="N",
+                   help=f"tokens per sequence, for the activations (default: a preset's own, "
+                        f"else {SEQ_LEN})")
+    p.add_argument("--checkpointing", default="yes", choices=["yes", "no"],
+                   help="activation checkpointing of every decoder layer (non-reentrant, as "
+                        "model.gradient_checkpointing_enable): each layer keeps its input and "
+                        "is recomputed in the backward pass (default: yes)")
     p.add_argument("--set", action="append", default=[], metavar="[NAME.]KEY=VALUE",
                    type=option, dest="options",
                    help="extra optimizer argument: KEY=VALUE for every optimizer, "
@@ -148,10 +168,43 @@ def expand_optimizers(names: list[str], bits: str | None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def estimate_rows(config: Any, optimizers: list[str], per_layer: list[bool],
-                  weight_dtype: torch.dtype, rank: int | None,
-                  options: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (optimizer, per-layer): bytes of weights, gradients, state and peak."""
+@dataclass(frozen=True)
+class Step:
+    """What a training step holds besides the optimizer: weights and activations."""
+
+    weights: str                   # a WEIGHT_DTYPES key or INT8
+    batch: int
+    seq_len: int
+    checkpointing: bool
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.weights == INT8 else WEIGHT_DTYPES[self.weights]
+
+    def estimate_kwargs(self) -> dict[str, Any]:
+        """``estimate_memory``'s arguments for this step."""
+        return {"weight_dtype": self.weight_dtype, "weights": INT8 if self.weights == INT8
+                else None, "batch": self.batch, "seq_len": self.seq_len,
+                "checkpointing": self.checkpointing}
+
+    def activations(self, config: Any) -> Any:
+        """The ``ActivationEstimate`` of this step (the same for every optimizer)."""
+        from ..optim.activations import estimate_activations
+        from ..optim.memory import quantizable_linears
+        largest = 0
+        if self.weights == INT8:
+            import transformers
+            with torch.device("meta"):
+                model = transformers.AutoModelForCausalLM.from_config(config)
+            largest = max((m.weight.numel() for m in quantizable_linears(model)), default=0)
+        return estimate_activations(config, batch=self.batch, seq_len=self.seq_len,
+                                    dtype=self.weight_dtype, checkpointing=self.checkpointing,
+                                    quantized_numel=largest)
+
+
+def estimate_rows(config: Any, optimizers: list[str], per_layer: list[bool], step: Step,
+                  rank: int | None, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (optimizer, per-layer): bytes of each term and of the peak."""
     import transformers
 
     from ..optim import estimate_memory
@@ -167,7 +220,7 @@ def estimate_rows(config: Any, optimizers: list[str], per_layer: list[bool],
             kwargs.setdefault("rank", rank)
         for layered in per_layer:
             try:
-                e = estimate_memory(model, name, per_layer=layered, weight_dtype=weight_dtype,
+                e = estimate_memory(model, name, per_layer=layered, **step.estimate_kwargs(),
                                     **kwargs)
             except TypeError as exc:
                 raise EstimateError(f"argument --set: {name}: {exc}") from None
@@ -177,19 +230,26 @@ def estimate_rows(config: Any, optimizers: list[str], per_layer: list[bool],
                          "per_layer": "yes" if layered else "no",
                          "parameters": e["parameters"], "weights": e["weights"],
                          "gradients": e["gradients"], "optimizer_state": e["optimizer_state"],
-                         "peak": e["total"],
-                         "state_bytes_per_param": e["optimizer_state"] / e["parameters"]})
+                         "activations": e["activations"],
+                         "update_temporaries": e["update_temporaries"], "peak": e["total"],
+                         "state_bytes_per_param": e["optimizer_state"] / e["parameters"],
+                         "batch": step.batch, "seq_len": step.seq_len,
+                         "checkpointing": "yes" if step.checkpointing else "no"})
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     from .report import markdown_table
-    columns = ["optimizer", "rank", "per_layer", "weights_gb", "gradients_gb", "state_gb",
-               "peak_gb", "state_bytes_per_param"]
-    headers = ["optimizer", "rank", "per-layer", "weights GB", "gradients GB", "state GB",
-               "peak GB", "state bytes/param"]
-    shown = [{**r, "weights_gb": r["weights"] / GB, "gradients_gb": r["gradients"] / GB,
-              "state_gb": r["optimizer_state"] / GB, "peak_gb": r["peak"] / GB} for r in rows]
+    terms = [("weights", "weights"), ("gradients", "gradients"), ("optimizer_state", "state"),
+             ("activations", "activations")]
+    if any(r["update_temporaries"] for r in rows):
+        terms.append(("update_temporaries", "update temporaries"))
+    terms.append(("peak", "peak"))
+    columns = ["optimizer", "rank", "per_layer", *(f"{key}_gb" for key, _ in terms),
+               "state_bytes_per_param"]
+    headers = ["optimizer", "rank", "per-layer", *(f"{label} GB" for _, label in terms),
+               "state bytes/param"]
+    shown = [{**r, **{f"{key}_gb": r[key] / GB for key, _ in terms}} for r in rows]
     formats = {c: ".2f" for c in columns if c.endswith("_gb")}
     formats["state_bytes_per_param"] = ".3f"
     return markdown_table(shown, columns, headers=headers, formats=formats)
@@ -201,13 +261,29 @@ def describe_model(config: Any, title: str, parameters: int, weights: str) -> st
         ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
         ("vocab", "vocab_size")) if getattr(config, key, None) is not None)
     count = f"{parameters / 1e9:.2f}B" if parameters >= 1e9 else f"{parameters / 1e6:.2f}M"
-    return f"{title}: {count} parameters ({shape}), {weights} weights and gradients"
+    held = (f"{weights} weights and gradients" if weights != INT8 else
+            "INT8 linear weights (one fp32 scale per 128 input columns) with fp32 gradients, "
+            "embeddings, norms and head in bf16")
+    return f"{title}: {count} parameters ({shape}), {held}"
+
+
+def describe_activations(step: Step, activations: Any) -> str:
+    """One line: the step the activations are for, their peak moment and its largest terms."""
+    terms = sorted(((v, k) for k, v in activations.moments[activations.moment].items() if v),
+                   reverse=True)
+    largest = ", ".join(f"{k.replace('_', ' ')} {v / GB:.2f}" for v, k in terms[:4])
+    checkpointing = "activation checkpointing" if step.checkpointing else "no checkpointing"
+    dtype = "bf16" if step.weights == INT8 else step.weights
+    return (f"activations: batch {step.batch} x {step.seq_len} tokens, {checkpointing}, "
+            f"{dtype}; peak {activations.peak / GB:.2f} GB at {activations.moment} "
+            f"({largest}, ...)")
 
 
 def run(args: argparse.Namespace) -> int:
     """The `memopt estimate` command: print the table (and write --json)."""
     from .. import optim, projections
     from .arguments import UsageError, check_settings
+    from .presets import PRESETS
     try:
         config, title, default_rank = model_config(args)
         optimizers = expand_optimizers(args.optimizers, args.bits)
@@ -218,20 +294,33 @@ def run(args: argparse.Namespace) -> int:
                                 f"(--rank is for {', '.join(low_rank_names())} and the "
                                 "compositions)")
         per_layer = {"no": [False], "yes": [True], "both": [False, True]}[args.per_layer]
+        seq_len = args.seq_len if args.seq_len is not None else (
+            PRESETS[args.model].seq_len if args.model in PRESETS else SEQ_LEN)
+        step = Step(args.weights, args.batch, seq_len, args.checkpointing == "yes")
+        try:
+            activations = step.activations(config)
+        except ValueError as exc:
+            raise EstimateError(f"argument --model: {exc}") from None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            rows = estimate_rows(config, optimizers, per_layer, WEIGHT_DTYPES[args.weights],
-                                 rank, dict(args.options))
+            rows = estimate_rows(config, optimizers, per_layer, step, rank, dict(args.options))
     except EstimateError as exc:
         raise UsageError(str(exc)) from None
     print(describe_model(config, title, rows[0]["parameters"], args.weights))
     print(format_table(rows))
-    print("peak = weights + gradients + optimizer state (memopt.optim.estimate_memory); "
-          "activations and temporaries are not included. GB = 1e9 bytes.")
+    print(describe_activations(step, activations))
+    temporaries = " + update temporaries" if any(r["update_temporaries"] for r in rows) else ""
+    print(f"peak = weights + gradients + optimizer state + activations{temporaries} "
+          "(memopt.optim.estimate_memory), each at its own peak; kernels' workspaces are not "
+          "included. GB = 1e9 bytes.")
     ours = tuple(str(Path(m.__file__).parent) for m in (optim, projections))
     for message in dict.fromkeys(str(w.message) for w in caught if w.filename.startswith(ours)):
         print(f"note: {message}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": title, "weights": args.weights,
-                                               "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps(
+            {"model": title, "weights": args.weights, "batch": step.batch,
+             "seq_len": step.seq_len, "checkpointing": args.checkpointing,
+             "activation_moment": activations.moment,
+             "activation_terms": activations.moments[activations.moment], "rows": rows},
+            indent=1))
     return 0
