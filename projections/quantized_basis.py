@@ -92,7 +92,9 @@ def quantize_columns(B: Tensor, bits: int, group_size: int = GROUP_SIZE
     levels = LEVELS[bits]
     d = B.shape[0]
     grouped = _grouped(B, group_size)
-    scales = (grouped.abs().amax(dim=1) / levels).to(torch.float32)       # (groups, r)
+    # times the reciprocal, not a division: CUDA divides by a scalar that way, so this gives
+    # the same scales (and basis) on every device type
+    scales = (grouped.abs().amax(dim=1).to(torch.float32) * (1.0 / levels))   # (groups, r)
     divisor = torch.where(scales > 0, scales, torch.ones_like(scales)).to(B.dtype)
     codes = torch.round(grouped / divisor[:, None, :]).clamp_(-levels, levels)
     codes = codes.reshape(-1, B.shape[1])[:d].to(torch.int8)
