@@ -92,8 +92,9 @@ def quantize_columns(B: Tensor, bits: int, group_size: int = GROUP_SIZE
     levels = LEVELS[bits]
     d = B.shape[0]
     grouped = _grouped(B, group_size)
-    # times the reciprocal, not a division: CUDA divides by a scalar that way, so this gives
-    # the same scales (and basis) on every device type
+    # times the reciprocal, not a division: CUDA divides a tensor by a scalar through its
+    # reciprocal (on an H100 the division gave scales 1 ulp from the CPU's), so every device
+    # type multiplies by the same fp32 1/L (not yet rerun on a GPU)
     scales = (grouped.abs().amax(dim=1).to(torch.float32) * (1.0 / levels))   # (groups, r)
     divisor = torch.where(scales > 0, scales, torch.ones_like(scales)).to(B.dtype)
     codes = torch.round(grouped / divisor[:, None, :]).clamp_(-levels, levels)
