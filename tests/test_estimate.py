@@ -49,9 +49,6 @@ def test_readme_7b_example(capsys):
     assert "not included" not in printed.replace("workspaces are not included", "")
 
 
-@pytest.mark.xfail(strict=True, reason="README.md's estimate block still shows the table "
-                   "without activations (issue 29); once it shows what the command prints, "
-                   "this passes and the marker goes")
 def test_readme_shows_what_the_7b_example_prints(capsys):
     pytest.importorskip("bitsandbytes")
     printed = estimate(README_7B.split()[1:], capsys)
