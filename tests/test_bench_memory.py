@@ -149,3 +149,12 @@ def test_each_row_runs_in_a_fresh_process_and_a_failure_is_reported():
     assert good["weights"] == "int8" and good["seq_len"] == 16
     bad = bench.run_row(Row("7b", "dct8bit", True, {"rank": 0}, "int8"), 16, 1, 2, **TINY)
     assert "rank" in bad["error"] and bad["optimizer"] == "dct8bit"
+
+
+def test_ranks_keep_rows_at_those_ranks_and_rows_without_one():
+    rows = bench.select_rows(["7b"], None, None, [512])
+    assert rows and all(r.kwargs.get("rank") in (None, 512) for r in rows)
+    assert any(r.kwargs.get("rank") is None for r in rows)
+    assert not any(r.kwargs.get("rank") == 1024 for r in rows)
+    with pytest.raises(ValueError, match="--ranks"):
+        bench.select_rows(["7b"], ["dct8bit"], ["int8"], [7])

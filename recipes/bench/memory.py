@@ -106,6 +106,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=names, default=list(WEIGHTS),
                    help="comma-separated: only the rows with these weights, bf16 or int8 "
                         "(default: both)")
+    p.add_argument("--ranks", type=lambda t: [_positive(x) for x in names(t)], default=None,
+                   help="comma-separated: only the rows at these ranks (and those without one)")
     p.add_argument("--seq-len", type=_positive, default=SEQ_LEN,
                    help=f"tokens per sequence (default: {SEQ_LEN}; issue 29 also asks 2048)")
     p.add_argument("--batch", type=_positive, default=BATCH,
@@ -130,9 +132,10 @@ def _positive(text: str) -> int:
 
 
 def select_rows(models: list[str], optimizers: list[str] | None = None,
-                weights: list[str] | None = None) -> list[Row]:
-    """The rows of ``models`` (in that order), kept to ``optimizers`` and ``weights`` when
-    given; ValueError naming the flag for a name that selects nothing."""
+                weights: list[str] | None = None, ranks: list[int] | None = None) -> list[Row]:
+    """The rows of ``models`` (in that order), kept to ``optimizers``, ``weights`` and
+    ``ranks`` (rows without a rank stay) when given; ValueError naming the flag for a name
+    that selects nothing."""
     unknown = [m for m in models if m not in ROWS]
     if unknown:
         raise ValueError(f"--models: unknown model {unknown[0]!r}; choose from "
@@ -145,9 +148,10 @@ def select_rows(models: list[str], optimizers: list[str] | None = None,
     if missing:
         raise ValueError(f"--optimizers: no row of {', '.join(models)} has {missing[0]!r}")
     rows = [r for r in rows if (optimizers is None or r.optimizer in optimizers)
-            and (weights is None or r.weights in weights)]
+            and (weights is None or r.weights in weights)
+            and (ranks is None or r.kwargs.get("rank") in (None, *ranks))]
     if not rows:
-        raise ValueError("--optimizers / --weights: together they select no row")
+        raise ValueError("--optimizers / --weights / --ranks: together they select no row")
     return rows
 
 
@@ -308,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(child(json.loads(args.one))), flush=True)
         return 0
     try:
-        rows = select_rows(args.models, args.optimizers, args.weights)
+        rows = select_rows(args.models, args.optimizers, args.weights, args.ranks)
     except ValueError as exc:
         p.error(str(exc))
     if not torch.cuda.is_available():
