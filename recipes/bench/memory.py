@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ..arguments import positive_int
 from ..machine import environment
 from ..report import markdown_table, write_json
 
@@ -106,29 +107,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=names, default=list(WEIGHTS),
                    help="comma-separated: only the rows with these weights, bf16 or int8 "
                         "(default: both)")
-    p.add_argument("--ranks", type=lambda t: [_positive(x) for x in names(t)], default=None,
+    p.add_argument("--ranks", type=lambda t: [positive_int(x) for x in names(t)], default=None,
                    help="comma-separated: only the rows at these ranks (and those without one)")
-    p.add_argument("--seq-len", type=_positive, default=SEQ_LEN,
+    p.add_argument("--seq-len", type=positive_int, default=SEQ_LEN,
                    help=f"tokens per sequence (default: {SEQ_LEN}; issue 29 also asks 2048)")
-    p.add_argument("--batch", type=_positive, default=BATCH,
+    p.add_argument("--batch", type=positive_int, default=BATCH,
                    help=f"sequences per step (default: {BATCH})")
-    p.add_argument("--steps", type=_positive, default=STEPS,
+    p.add_argument("--steps", type=positive_int, default=STEPS,
                    help=f"training steps per row, the first untimed (default: {STEPS})")
-    p.add_argument("--timeout", type=_positive, default=ROW_TIMEOUT_S, metavar="S",
+    p.add_argument("--timeout", type=positive_int, default=ROW_TIMEOUT_S, metavar="S",
                    help=f"seconds a row may take (default: {ROW_TIMEOUT_S})")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # child process
     return p
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def select_rows(models: list[str], optimizers: list[str] | None = None,
