@@ -55,11 +55,11 @@ def int8_dequantize(codes: Tensor, scales: Tensor, group_size: int,
     """w = q s, in ``dtype``: (out, in) from INT8 codes (out, in) and scales (out, groups)."""
     rows, cols = codes.shape
     groups = scales.shape[1]
-    if cols == groups * group_size:
-        w = codes.view(rows, groups, group_size).to(dtype) * scales.to(dtype).unsqueeze(-1)
-        return w.view(rows, cols)
+    if cols == groups * group_size:                      # (one full-size tensor made)
+        w = codes.view(rows, groups, group_size).to(dtype)
+        return w.mul_(scales.to(dtype).unsqueeze(-1)).view(rows, cols)
     per_column = scales.to(dtype).repeat_interleave(group_size, dim=1)[:, :cols]
-    return codes.to(dtype) * per_column
+    return codes.to(dtype).mul_(per_column)
 
 
 def int8_quantize_(w: Tensor, codes: Tensor, scales: Tensor, group_size: int,

@@ -96,6 +96,12 @@ def dct_table_bytes(d: int, device: torch.device, dtype: torch.dtype = torch.flo
     return sum(t.numel() * t.element_size() for t in _dct_tables(d, device, dtype))
 
 
+#: Elements of G transformed at once by ``dct_energy``: the energy is a sum over rows, taken
+#: in chunks of rows so that the FFT's temporaries (about 8 copies of what it transforms)
+#: stay near 128 MiB for any matrix; a matrix up to this size is transformed whole.
+ENERGY_CHUNK = 1 << 22
+
+
 def dct2(x: Tensor) -> Tensor:
     """Orthonormal DCT-II along the last dimension by one real FFT (Makhoul, 1980).
 
@@ -121,12 +127,20 @@ def dct_energy(G: Tensor, side: str, method: str = "auto", norm: str = "l2") -> 
     if method == "auto":
         method = "fft" if d >= FFT_MIN_DIM.get(G.device.type, 1024) else "matmul"
     rows = G if side == "right" else G.mT                 # transform along the last dim
-    if method == "fft":
-        coefficients = dct2(rows)
-    else:
-        with full_fp32_matmul():
-            coefficients = rows @ dct_columns(d, torch.arange(d, device=G.device), G.dtype)
-    return (coefficients.abs() if norm == "l1" else coefficients.square()).sum(dim=0)
+    table = None if method == "fft" else dct_columns(d, torch.arange(d, device=G.device),
+                                                      G.dtype)
+    step = max(1, ENERGY_CHUNK // d)
+    energy = None
+    for start in range(0, rows.shape[0], step):         # bounded temporaries (the FFT's: ~8x)
+        part = rows[start:start + step]
+        if table is None:
+            coefficients = dct2(part)
+        else:
+            with full_fp32_matmul():
+                coefficients = part @ table
+        e = (coefficients.abs() if norm == "l1" else coefficients.square()).sum(dim=0)
+        energy = e if energy is None else energy.add_(e)
+    return energy
 
 
 def select_dct_indices(G: Tensor, side: str, r: int, method: str = "auto",

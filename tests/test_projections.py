@@ -484,3 +484,19 @@ def test_a_bf16_basis_sums_bf16_products_in_fp32(side):
     exact = G.double() @ B.double() if side == "right" else B.double().T @ G.double()
     assert (R.double() - rounded).norm() / rounded.norm() < 1e-6       # fp32 sums
     assert 1e-4 < (R.double() - exact).norm() / exact.norm() < 1e-2     # bf16 factors
+
+
+@pytest.mark.parametrize("method", ["fft", "matmul"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_dct_energy_in_row_chunks_equals_the_whole(monkeypatch, method, side, norm):
+    """dct_energy sums over G's rows in chunks of ENERGY_CHUNK elements (bounding the FFT's
+    temporaries at any size): the same energies as one transform, and the same selection."""
+    from memopt.projections import dct as dct_module
+    G = torch.randn(96, 80, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    whole = dct_module.dct_energy(G, side, method, norm)
+    monkeypatch.setattr(dct_module, "ENERGY_CHUNK", 200)          # 2-3 rows a chunk
+    chunked = dct_module.dct_energy(G, side, method, norm)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    assert torch.equal(dct_module.select_dct_indices(G, side, 16, method, norm=norm),
+                       torch.topk(whole, 16, sorted=True).indices)
