@@ -29,9 +29,11 @@ WEIGHT_FORMATS = (None, "int8")
 #: Bytes of a quantized layer's rounding state, (seed, count) as two int64.
 ROUNDING_STATE_BYTES = 16
 #: fp32 copies of the largest INT8 weight live while it is updated: the weight
-#: ``materialized`` for the update, and the optimizer's full-size update or the INT8 codes
-#: cast to fp32 while dequantizing. A first guess, to be calibrated on the GPU.
-UPDATE_FP32_COPIES = 2
+#: ``materialized`` for the update, the optimizer's full-size update (the lift of its
+#: low-rank direction) and, at a refresh, the basis fit's chunked work. Counted with
+#: ``python -m memopt.recipes.bench.update_peak``: 2.75-2.84 for every 8-bit low-rank
+#: optimizer (results/issue29_update_peak_cpu.txt); the GPU's solvers may add workspace.
+UPDATE_FP32_COPIES = 3
 
 
 def estimate_memory(model_or_config: Any, optimizer_name: str, *, per_layer: bool = False,

@@ -10,17 +10,15 @@ the activations is at most one weight gradient.
 from __future__ import annotations
 
 import warnings
-import weakref
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 transformers = pytest.importorskip("transformers")
 
 from memopt.optim.activations import (DecoderShape, estimate_activations,     # noqa: E402
                                       layer_saved_bytes)
+from memopt.recipes.bench.update_peak import LiveBytes                        # noqa: E402
 
 #: (hidden, intermediate, heads, kv_heads, layers, vocab, batch, seq_len): MHA and GQA, a
 #: vocabulary large enough for the loss to dominate and one small enough for the layers to.
@@ -78,35 +76,6 @@ def saved_bytes(model, ids) -> int:
         loss = model(input_ids=ids, labels=ids).loss
     del loss
     return sum(seen.values())
-
-
-class LiveBytes(TorchDispatchMode):
-    """The peak of the bytes of storages made by operators and not yet freed."""
-
-    def __init__(self, exclude: set[int]) -> None:
-        super().__init__()
-        self.exclude, self.live, self.refs = exclude, {}, {}
-        self.now = self.peak = 0
-
-    def _follow(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key in self.live or key in self.exclude:
-            return
-        self.live[key] = storage.nbytes()
-        self.now += storage.nbytes()
-
-        def freed(_, key=key):
-            self.now -= self.live.pop(key)
-        self.refs[key] = weakref.ref(storage, freed)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._follow(t)
-        self.peak = max(self.peak, self.now)
-        return out
 
 
 def live_peak(model, ids) -> int:

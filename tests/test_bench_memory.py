@@ -158,3 +158,11 @@ def test_ranks_keep_rows_at_those_ranks_and_rows_without_one():
     assert not any(r.kwargs.get("rank") == 1024 for r in rows)
     with pytest.raises(ValueError, match="--ranks"):
         bench.select_rows(["7b"], ["dct8bit"], ["int8"], [7])
+
+
+def test_update_peak_counts_at_least_the_materialized_weight():
+    """bench.update_peak: the temporaries of a quantized weight's update hold its fp32 copy
+    (materialized) and the lifted update, and stay within a few copies."""
+    from memopt.recipes.bench.update_peak import update_peak
+    peak = update_peak("dct8bit", (96, 64), 16)
+    assert 2 * 4 * 96 * 64 <= peak <= 12 * 4 * 96 * 64
