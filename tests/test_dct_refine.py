@@ -411,6 +411,7 @@ def fsdp_worker(rank, path, out):
         opt.step()
     params = {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
     torch.save({"params": params, "bytes": communication_bytes()}, f"{out}.{rank}")
+    dist.barrier()    # every rank done before teardown (gloo aborted at exit otherwise)
     dist.destroy_process_group()
 
 

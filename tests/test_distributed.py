@@ -62,6 +62,7 @@ def worker(rank, mode, path, out, kwargs):
                   for k, v in module.state_dict().items()}
         results[f"{name}-{bits}"] = {"params": params, "bytes": communication_bytes()}
     torch.save(results, f"{out}.{rank}")
+    dist.barrier()    # every rank done before teardown (gloo aborted at exit otherwise)
     dist.destroy_process_group()
 
 
@@ -173,6 +174,7 @@ def dcp_worker(rank, path, folder, names):
         out[f"{name}-{bits}"] = max(float((a.full_tensor() - b.full_tensor()).abs().max())
                                     for a, b in zip(model.parameters(), model2.parameters()))
     torch.save(out, os.path.join(folder, f"dcp.{rank}"))
+    dist.barrier()    # every rank done before teardown (gloo aborted at exit otherwise)
     dist.destroy_process_group()
 
 

@@ -258,6 +258,7 @@ def _fsdp_worker(rank, path, out):
     params = {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
     averages = [s[NUCLEAR_AVERAGE] for s in opt.state.values() if NUCLEAR_AVERAGE in s]
     torch.save({"params": params, "averages": averages}, f"{out}.{rank}")
+    dist.barrier()    # every rank done before teardown (gloo aborted at exit otherwise)
     dist.destroy_process_group()
 
 

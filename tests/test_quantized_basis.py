@@ -416,6 +416,7 @@ def fsdp_worker(rank, path, out, names):
         results[name] = {k: v.full_tensor().detach().clone() if hasattr(v, "full_tensor")
                          else v.detach().clone() for k, v in model.state_dict().items()}
     torch.save(results, f"{out}.{rank}")
+    dist.barrier()    # every rank done before teardown (gloo aborted at exit otherwise)
     dist.destroy_process_group()
 
 

@@ -133,6 +133,7 @@ def fsdp_worker(rank, path, folder):
     resumed = max(float((a.full_tensor() - b.full_tensor()).abs().max())
                   for a, b in zip(model.parameters(), model2.parameters()))
     torch.save({"params": full, "resumed": resumed}, os.path.join(folder, f"out.{rank}"))
+    dist.barrier()    # every rank done before teardown (gloo aborted at exit otherwise)
     dist.destroy_process_group()
 
 
