@@ -87,6 +87,9 @@ class MemoptOptimizer(Optimizer, ABC):
     STRUCTURE: tuple[str, ...] = ("state_bits", "adamw")
     #: Group keys an optimizer sets itself, beyond its options (subclasses).
     INTERNAL_GROUP_KEYS: frozenset[str] = frozenset()
+    #: ``step()`` updates quantized weights (``quantized_weights.materialized``), so the
+    #: step pre-hook that refuses other optimizers lets it through.
+    MATERIALIZES_QUANTIZED_WEIGHTS = True
     @classmethod
     def all_options(cls) -> set[str]:
         """The options of every memopt optimizer class defined so far."""
