@@ -131,8 +131,8 @@ def estimate_activations(config_or_shape: Any, *, batch: int, seq_len: int,
       the gradients of SiLU(gate) up, SiLU(gate) and up live at once, the product freed).
     - With INT8 weights (``quantized_numel``: elements of the largest quantized weight),
       two more moments of that layer: backward_layer_dequantize, while its largest weight
-      is dequantized for the input gradient (dequantized_weight, 2 E numel: the codes cast
-      to E bytes and their product with the scales), and backward_layer_fp32_grad, while
+      is dequantized for the input gradient (dequantized_weight, E numel: the codes cast
+      to E bytes, scaled in place), and backward_layer_fp32_grad, while
       its fp32 weight gradient is formed (grad_product, E T I, and grad_fp32_inputs,
       4 T (h + I): the fp32 casts of the output gradient and of the input).
 
@@ -187,7 +187,7 @@ def estimate_activations(config_or_shape: Any, *, batch: int, seq_len: int,
     }
     if quantized_numel:
         moments["backward_layer_dequantize"] = {
-            **layer_moment, "dequantized_weight": 2 * element * quantized_numel}
+            **layer_moment, "dequantized_weight": element * quantized_numel}
         moments["backward_layer_fp32_grad"] = {
             **layer_moment, "grad_product": element * tokens * inter,
             "grad_fp32_inputs": FP32 * tokens * (h + inter)}
