@@ -5,6 +5,7 @@ share (``memopt.projections``) and the recipes that measure them (``memopt.recip
 them with stochastic rounding (``memopt.optim.quantized_weights``).
 """
 
-from .optim.quantized_weights import QuantizedLinear, quantize_weights
+from .optim.quantize_model import quantize_weights
+from .optim.quantized_weights import QuantizedLinear
 
 __all__ = ["QuantizedLinear", "quantize_weights"]

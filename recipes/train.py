@@ -234,7 +234,7 @@ def build_model(preset: Preset, device: torch.device, seed: int,
     ``rounding`` (default stochastic) with noise seeded from ``seed``."""
     from transformers import LlamaForCausalLM
 
-    from ..optim.quantized_weights import quantize_weights
+    from ..optim.quantize_model import quantize_weights
     torch.manual_seed(seed)
     model = LlamaForCausalLM(preset.llama_config()).to(device)
     if quantize is not None:

@@ -207,7 +207,7 @@ def measure(model: str, optimizer: str, per_layer: bool, kwargs: dict[str, Any],
     from transformers import LlamaForCausalLM
 
     from ...optim import create_optimizer, step_in_backward
-    from ...optim.quantized_weights import quantize_weights
+    from ...optim.quantize_model import quantize_weights
     from ..train import enable_activation_checkpointing, weight_bytes
     row = Row(model, optimizer, per_layer, kwargs, weights)
     if weights not in WEIGHTS:
