@@ -97,12 +97,7 @@ def estimate_memory(model_or_config: Any, optimizer_name: str, *, per_layer: boo
     if weights == "int8":
         weight_dtype = weight_dtype or torch.bfloat16
     model = _meta_copy(source, weight_dtype)
-    held = {id(m.weight): _quantized_bytes(m) for m in model.modules()
-            if isinstance(m, QuantizedLinear)}            # a model quantized already
-    if weights == "int8":
-        held.update({id(m.weight): int8_linear_bytes(m.out_features, m.in_features,
-                                                     weight_group_size)
-                     for m in _quantize_meta(model)})
+    held = _quantized_weight_bytes(model, weights, weight_group_size)
     optimizer = create_optimizer(optimizer_name, model, **optimizer_kwargs)
     params = list(model.parameters())
     grads = [tensor_bytes(p) for p in params if p.requires_grad]
@@ -114,20 +109,38 @@ def estimate_memory(model_or_config: Any, optimizer_name: str, *, per_layer: boo
            "gradients": max(grads, default=0) if per_layer else sum(grads),
            "optimizer_state": state}
     largest = max((p.numel() for p in params if id(p) in held), default=0)
-    out["activations"] = 0
-    if seq_len is not None:
-        config = model_or_config if not isinstance(model_or_config, nn.Module) \
-            else getattr(model_or_config, "config", None)
-        if config is None:
-            raise ValueError("estimate_memory: activations (seq_len) need a transformers "
-                             "config, or a model with one (model.config)")
-        out["activations"] = estimate_activations(
-            config, batch=batch, seq_len=seq_len, dtype=_compute_dtype(model, weight_dtype),
-            checkpointing=checkpointing, quantized_numel=largest).peak
+    out["activations"] = 0 if seq_len is None else estimate_activations(
+        _config_of(model_or_config), batch=batch, seq_len=seq_len,
+        dtype=_compute_dtype(model, weight_dtype), checkpointing=checkpointing,
+        quantized_numel=largest).peak
     out["update_temporaries"] = (UPDATE_FP32_COPIES * _element_size(UPDATE_DTYPE) * largest)
     out["total"] = sum(out.values())
     out["parameters"] = sum(p.numel() for p in params)
     return out
+
+
+def _quantized_weight_bytes(model: nn.Module, weights: str | None,
+                            group_size: int) -> dict[int, int]:
+    """Bytes each quantized weight takes, by the id of its parameter: the layers of a model
+    quantized already, and with ``weights="int8"`` every linear ``quantize_weights`` would
+    quantize (the meta copy's layers are swapped for it)."""
+    held = {id(m.weight): _quantized_bytes(m) for m in model.modules()
+            if isinstance(m, QuantizedLinear)}
+    if weights == "int8":
+        held.update({id(m.weight): int8_linear_bytes(m.out_features, m.in_features,
+                                                     group_size)
+                     for m in _quantize_meta(model)})
+    return held
+
+
+def _config_of(model_or_config: Any) -> Any:
+    """The transformers config activations are estimated from (a model's ``config``)."""
+    config = model_or_config if not isinstance(model_or_config, nn.Module) \
+        else getattr(model_or_config, "config", None)
+    if config is None:
+        raise ValueError("estimate_memory: activations (seq_len) need a transformers "
+                         "config, or a model with one (model.config)")
+    return config
 
 
 def int8_linear_bytes(out_features: int, in_features: int, group_size: int = 128) -> int:
